@@ -1,0 +1,139 @@
+"""Attention kernel backends: how a varlen attention call's thread blocks land on the SMs.
+
+A roofline misses attention by 15–20% because step time is set by the kernel's grid: tile
+padding (a decode row occupies a whole 128-row tile), the split-KV heuristic, and the longest
+block chain. Each backend reproduces its kernel's grid in closed form:
+
+* ``work``  – key-columns of tile work summed over every block (padding included),
+* ``chain`` – key-columns of the heaviest single block (a lower bound on the makespan),
+* ``blocks``– thread blocks launched that do work,
+
+and the estimator turns them into seconds with fitted per-SM rates. ``exact_makespan`` is the
+block-by-block list schedule the closed forms are checked against in the tests.
+
+Backends are named; add FlashInfer or FA3 as another ``AttentionBackend`` with its own rules.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBackend:
+    """Tile shapes and grid rules of one kernel family (head dim 128 figures by default)."""
+
+    name: str
+    block_m: int  # query rows per tile, standard kernel
+    block_n: int  # keys per tile, standard kernel
+    split_block_m: int  # split-KV kernel
+    split_block_n: int
+    ctas_per_sm: int  # co-resident thread blocks per SM
+    max_splits: int
+    # FA2 folds the GQA query heads of a decode batch into the row dimension
+    # (seqlenq_ngroups_swapped) and only then considers splitting the KV axis.
+    decode_swaps_groups: bool = True
+
+
+# FlashAttention-2 varlen forward (aten._flash_attention_forward) on sm80/sm90, d = 128:
+# Flash_fwd_kernel_traits<128, 128, 64, 4> and the split-KV kernel's 64 x 128 tiles.
+FA2 = AttentionBackend(
+    name="fa2",
+    block_m=128,
+    block_n=64,
+    split_block_m=64,
+    split_block_n=128,
+    ctas_per_sm=2,
+    max_splits=128,
+)
+
+BACKENDS = {b.name: b for b in (FA2,)}
+
+
+def _ceil_div(a, b, xp):
+    return xp.ceil(a / b)
+
+
+def prefill_features(cache_len, new_len, mask, heads, window, be: AttentionBackend, xp):
+    """Standard causal kernel, grid (ceil(max_q / BM), R, heads); bottom-right causal mask.
+
+    Per (request, head) with M = ceil(n / BM) m-blocks, m-block i (0-based) iterates
+    min(ceil((c+n)/BN), (BM/BN)(i+1) + ceil(c/BN)) key tiles, so the request's total is
+    (BM/BN) M(M-1)/2 + (M-1) ceil(c/BN) + ceil((c+n)/BN) tiles. A sliding window caps the
+    visible prefix at ``window`` tokens.
+    """
+    c = xp.where(window > 0, xp.minimum(cache_len, window), cache_len)
+    n = new_len
+    bm, bn = float(be.block_m), float(be.block_n)
+    m_blocks = _ceil_div(n, bm, xp) * mask
+    tiles = (bm / bn) * m_blocks * (m_blocks - 1.0) / 2.0
+    tiles = tiles + xp.maximum(m_blocks - 1.0, 0.0) * _ceil_div(c, bn, xp)
+    tiles = tiles + _ceil_div(c + n, bn, xp) * mask
+    work = heads * xp.sum(tiles) * bn
+    chain = xp.max(_ceil_div(c + n, bn, xp) * mask) * bn
+    blocks = heads * xp.sum(m_blocks)
+    return work, chain, blocks
+
+
+def decode_features(cache_len, mask, window, be: AttentionBackend, xp):
+    """Inputs of a decode call (every request has one new token) that do not depend on the GPU."""
+    keys = xp.where(window > 0, xp.minimum(cache_len, window), cache_len) + 1.0
+    keys = keys * mask
+    n_req = xp.sum(mask)
+    std_keys = xp.sum(_ceil_div(keys, be.block_n, xp)) * be.block_n
+    split_tiles = _ceil_div(keys, be.split_block_n, xp)
+    split_keys = xp.sum(split_tiles) * be.split_block_n
+    max_split_tiles = xp.max(split_tiles)
+    std_chain = xp.max(_ceil_div(keys, be.block_n, xp)) * be.block_n
+    return n_req, std_keys, split_keys, max_split_tiles, std_chain
+
+
+def num_splits(batch_heads_mblocks, sm_count, n_blocks, be: AttentionBackend, xp):
+    """FA2's num_splits_heuristic, vectorized over the candidate split counts.
+
+    Slots are 2 x SMs (two 128-thread CTAs per SM); none if the grid already fills 80% of them;
+    otherwise the smallest eligible split count reaching 85% of the best wave efficiency.
+    """
+    slots = sm_count * be.ctas_per_sm
+    cand = xp.arange(
+        1, be.max_splits + 1, dtype=n_blocks.dtype if hasattr(n_blocks, "dtype") else float
+    )
+    limit = xp.minimum(xp.minimum(float(be.max_splits), slots), n_blocks)
+    waves = batch_heads_mblocks * cand / slots
+    eff = waves / xp.ceil(waves)
+    per_split = xp.ceil(n_blocks / cand)
+    per_split_prev = xp.ceil(n_blocks / xp.maximum(cand - 1.0, 1.0))
+    eligible = (cand <= limit) & ((cand == 1.0) | (per_split != per_split_prev))
+    best = xp.max(xp.where(eligible, eff, 0.0))
+    ok = eligible & (eff >= 0.85 * best)
+    first = xp.min(xp.where(ok, cand, float(be.max_splits + 1)))
+    first = xp.minimum(first, xp.maximum(limit, 1.0))
+    return xp.where(batch_heads_mblocks >= 0.8 * slots, 1.0, first)
+
+
+def exact_makespan(block_costs: np.ndarray, slots: int) -> float:
+    """Greedy list schedule of blocks in launch order onto ``slots`` identical workers."""
+    free = [0.0] * slots
+    heapq.heapify(free)
+    for cost in block_costs:
+        t = heapq.heappop(free)
+        heapq.heappush(free, t + float(cost))
+    return max(free)
+
+
+def exact_prefill_blocks(batch, heads: int, be: AttentionBackend = FA2) -> np.ndarray:
+    """Key-columns of every non-empty block of the standard kernel, in launch order
+    (m-block fastest, then request, then head)."""
+    bm, bn = be.block_m, be.block_n
+    out = []
+    for _h in range(heads):
+        for c, n in batch:
+            m_blocks = -(-n // bm)
+            for i in range(m_blocks):
+                rows_end = min((i + 1) * bm, n)
+                tiles = min(-(-(c + n) // bn), -(-(c + rows_end) // bn))
+                out.append(tiles * bn)
+    return np.asarray(out, float)

@@ -1,0 +1,336 @@
+"""Fit the estimator's scale factors to measured profiles with optax, and report the fit.
+
+Inputs are tables in the formats of ``../shared/profiles`` (see ``data/profiles/README.md``):
+
+* ``steps.csv``      whole forward steps replayed as CUDA graphs: the main target;
+* ``gemm.csv``       single eager GEMMs: pin the GEMM efficiencies apart from the elementwise
+                     coefficients, with which they are collinear on prefill steps;
+* ``attention.csv``  single eager FlashAttention calls: pin the attention rates likewise.
+
+Eager calls carry a launch floor the graph-replayed steps do not, so each micro table gets its
+own additive floor (``eager_*_s``) that only exists during the fit. The loss is the mean squared
+log error (a symmetric relative error), plus a weak pull of every parameter towards its physics
+prior so that near-collinear pairs (a per-layer and a per-step constant) stay physical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+
+from hisim_jax import attention as attn
+from hisim_jax import ops
+from hisim_jax.batch import Batch, pack, parse_batch
+from hisim_jax.estimator import (
+    FIT_NAMES,
+    PARAM_NAMES,
+    Params,
+    _attention_s,
+    _roofline_s,
+    as_float_params,
+    features,
+    params_to_dict,
+    step_s,
+    step_seconds_rows,
+)
+from hisim_jax.specs import HardwareSpec, SpecError, load_model
+
+STEPS_COLUMNS = ("model", "batch")
+STEP_TIME_COLUMN = "step_ms"
+PRIOR_WEIGHT = 1.0e-3
+MICRO_WEIGHT = 0.3
+# Micro rows this close to the eager launch floor say nothing about the kernel.
+GEMM_MIN_MS = 0.08
+ATTN_MIN_MS = 0.15
+
+
+class ProfileError(SpecError):
+    """A bad profile table: one line naming the file, row and field."""
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """Rows of a steps table as stacked arrays; each row has its own model."""
+
+    frame: pd.DataFrame
+    dims: ops.ModelDims  # leaves [N]
+    batches: Batch  # leaves [N, R]
+    measured_s: np.ndarray  # [N]
+
+
+def _float_tree(tree):
+    return jax.tree.map(ops._float, tree)
+
+
+def read_steps(path: str | Path, require_time: bool = True) -> StepRows:
+    """Read a steps table (``model``, ``batch`` and, for fitting, ``step_ms``)."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    needed = STEPS_COLUMNS + ((STEP_TIME_COLUMN,) if require_time else ())
+    for col in needed:
+        if col not in frame.columns:
+            raise ProfileError(f"{path}: missing column '{col}' (have: {', '.join(frame.columns)})")
+    if frame.empty:
+        raise ProfileError(f"{path}: no rows")
+    batches, models = [], {}
+    for i, row in enumerate(frame.itertuples(index=False)):
+        line = i + 2  # header is line 1
+        try:
+            batches.append(parse_batch(str(row.batch), where=f"{path}: line {line}: field 'batch'"))
+        except ValueError as e:
+            raise ProfileError(str(e)) from None
+        name = str(row.model)
+        if name not in models:
+            try:
+                models[name] = load_model(name)
+            except SpecError as e:
+                raise ProfileError(f"{path}: line {line}: field 'model': {e}") from None
+    measured = np.full(len(frame), np.nan)
+    if STEP_TIME_COLUMN in frame.columns:
+        measured = pd.to_numeric(frame[STEP_TIME_COLUMN], errors="coerce").to_numpy() / 1e3
+        if require_time:
+            bad = np.flatnonzero(~(measured > 0))
+            if len(bad):
+                i = int(bad[0])
+                raise ProfileError(
+                    f"{path}: line {i + 2}: field '{STEP_TIME_COLUMN}' must be a positive number, "
+                    f"got {frame[STEP_TIME_COLUMN].iloc[i]!r}"
+                )
+    dims_by_model = {n: ops.model_dims(m) for n, m in models.items()}
+    dims = ops.stack([dims_by_model[str(m)] for m in frame["model"]])
+    return StepRows(frame, _float_tree(dims), _float_tree(pack(batches)), measured)
+
+
+def predict_steps_s(
+    params: Params, rows: StepRows, hw: HardwareSpec, chunk: int = 512
+) -> np.ndarray:
+    """Predicted seconds for every row of a steps table, in chunks to bound memory."""
+    hwa = ops.hw_arrays(hw)
+    p = as_float_params(params)
+    out = []
+    n = len(rows.measured_s)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(n, start + chunk))
+        d = jax.tree.map(lambda x: x[sl], rows.dims)
+        b = jax.tree.map(lambda x: x[sl], rows.batches)
+        out.append(np.asarray(step_seconds_rows(p, d, b, hwa)))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# micro tables
+
+
+class GemmRows(eqx.Module):
+    m: np.ndarray
+    k: np.ndarray
+    n: np.ndarray
+    weight_bytes: np.ndarray
+    measured_s: np.ndarray
+
+
+class AttnRows(eqx.Module):
+    dims: ops.ModelDims
+    batches: Batch
+    measured_s: np.ndarray
+
+
+def read_gemm(path: Path) -> GemmRows:
+    g = pd.read_csv(path)
+    for col in ("dtype", "m", "k", "n", "ms"):
+        if col not in g.columns:
+            raise ProfileError(f"{path}: missing column '{col}'")
+    g = g[g["ms"] >= GEMM_MIN_MS]
+    wb = g["dtype"].map(ops.DTYPE_BYTES)
+    if wb.isna().any():
+        bad = g["dtype"][wb.isna()].iloc[0]
+        raise ProfileError(f"{path}: field 'dtype' has unknown value {bad!r}")
+    f = ops._float
+    return GemmRows(f(g.m.values), f(g.k.values), f(g.n.values), f(wb.values), f(g.ms.values / 1e3))
+
+
+def read_attention(path: Path, template: ops.ModelDims) -> AttnRows:
+    a = pd.read_csv(path)
+    for col in ("nq", "nkv", "d", "batch", "ms"):
+        if col not in a.columns:
+            raise ProfileError(f"{path}: missing column '{col}'")
+    a = a[a["ms"] >= ATTN_MIN_MS]
+    dims = []
+    for row in a.itertuples(index=False):
+        dims.append(
+            eqx.tree_at(
+                lambda d: (d.q_heads, d.kv_heads, d.head_dim),
+                template,
+                (ops._float(row.nq), ops._float(row.nkv), ops._float(row.d)),
+            )
+        )
+    batches = [parse_batch(str(b), where=f"{path}: field 'batch'") for b in a["batch"]]
+    return AttnRows(
+        _float_tree(ops.stack(dims)), _float_tree(pack(batches)), ops._float(a.ms.values / 1e3)
+    )
+
+
+def _gemm_kernel_s(p: Params, g: GemmRows, hw: ops.HwArrays):
+    peak = jnp.where(g.weight_bytes < 1.5, hw.fp8_flops_per_s, hw.bf16_flops_per_s)
+    flops = 2.0 * g.m * g.k * g.n
+    bytes_ = g.k * g.n * g.weight_bytes + g.m * g.k * g.weight_bytes + g.m * g.n * 2.0
+    return _roofline_s(
+        flops,
+        bytes_,
+        peak * p.gemm_flops_eff,
+        hw.hbm_bytes_per_s * p.gemm_bytes_eff,
+        p.gemm_blend,
+        jnp,
+    )
+
+
+def _attn_kernel_s(p: Params, a: AttnRows, hw: ops.HwArrays):
+    def one(d, b):
+        return _attention_s(p, d, features(d, b), hw, attn.FA2, jnp)
+
+    return jax.vmap(one)(a.dims, a.batches)
+
+
+# ------------------------------------------------------------------------------------------------
+# the fit
+
+
+def _log_mse(pred, meas):
+    return jnp.mean((jnp.log(pred) - jnp.log(meas)) ** 2)
+
+
+@eqx.filter_jit
+def _loss(log_fit, fixed: Params, prior_log, steps, gemm, attn_rows, hw):
+    p = _with_fitted(fixed, log_fit)
+    step_pred = jax.vmap(lambda d, b: step_s(p, d, b, hw))(steps[0], steps[1])
+    loss = _log_mse(step_pred, steps[2])
+    if gemm is not None:
+        loss = loss + MICRO_WEIGHT * _log_mse(
+            _gemm_kernel_s(p, gemm, hw) + jnp.exp(log_fit["eager_gemm_s"]), gemm.measured_s
+        )
+    if attn_rows is not None:
+        loss = loss + MICRO_WEIGHT * _log_mse(
+            _attn_kernel_s(p, attn_rows, hw) + jnp.exp(log_fit["eager_attn_s"]),
+            attn_rows.measured_s,
+        )
+    prior = sum((log_fit[k] - prior_log[k]) ** 2 for k in prior_log)
+    return loss + PRIOR_WEIGHT * prior
+
+
+def _with_fitted(fixed: Params, log_fit) -> Params:
+    names = [n for n in PARAM_NAMES if n in log_fit]
+    return eqx.tree_at(
+        lambda p: [getattr(p, n) for n in names], fixed, [jnp.exp(log_fit[n]) for n in names]
+    )
+
+
+@dataclass(frozen=True)
+class FitResult:
+    params: Params
+    loss_history: list[float]
+    eager_s: dict[str, float]
+
+
+def fit(
+    steps: StepRows,
+    hw: HardwareSpec,
+    gemm: GemmRows | None = None,
+    attention_rows: AttnRows | None = None,
+    init: Params | None = None,
+    fit_names: tuple[str, ...] = FIT_NAMES,
+    steps_n: int = 1500,
+    learning_rate: float = 0.03,
+    progress=None,
+) -> FitResult:
+    """Adam on log-parameters; deterministic for given inputs."""
+    init = as_float_params(init or Params())
+    hwa = ops.hw_arrays(hw)
+    log_fit = {n: jnp.log(getattr(init, n)) for n in fit_names}
+    if gemm is not None:
+        log_fit["eager_gemm_s"] = ops._float(np.log(20e-6))
+    if attention_rows is not None:
+        log_fit["eager_attn_s"] = ops._float(np.log(50e-6))
+    prior_log = {n: jnp.log(getattr(Params(), n) * 1.0) for n in fit_names}
+    prior_log = jax.tree.map(ops._float, prior_log)
+    step_data = (steps.dims, steps.batches, ops._float(steps.measured_s))
+    opt = optax.adam(learning_rate)
+    state = opt.init(log_fit)
+    grad_fn = eqx.filter_jit(eqx.filter_value_and_grad(_loss))
+
+    history = []
+    for i in range(steps_n):
+        loss, grads = grad_fn(log_fit, init, prior_log, step_data, gemm, attention_rows, hwa)
+        updates, state = opt.update(grads, state, log_fit)
+        log_fit = optax.apply_updates(log_fit, updates)
+        if i % 50 == 0 or i == steps_n - 1:
+            history.append(float(loss))
+        if progress is not None:
+            progress(i + 1, steps_n)
+    params = _with_fitted(init, {n: log_fit[n] for n in fit_names})
+    eager = {k: float(jnp.exp(v)) for k, v in log_fit.items() if k.startswith("eager_")}
+    return FitResult(params, history, eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+
+
+def error_report(frame: pd.DataFrame, predicted_s: np.ndarray, measured_s: np.ndarray) -> dict:
+    """MAPE overall, per model and per kind (where the column exists), p90 and max error."""
+    err = np.abs(predicted_s / measured_s - 1.0)
+    out = {
+        "rows": int(len(err)),
+        "mape": float(np.mean(err)),
+        "p90": float(np.quantile(err, 0.9)),
+        "max": float(np.max(err)),
+        "bias": float(np.mean(predicted_s / measured_s - 1.0)),
+    }
+    for col in ("model", "kind"):
+        if col in frame.columns:
+            out[f"per_{col}"] = {
+                str(k): float(np.mean(err[idx]))
+                for k, idx in frame.groupby(col, sort=True).indices.items()
+            }
+    return out
+
+
+def calibration_document(
+    params: Params, hw: HardwareSpec, report: dict, profiles: str, eager_s: dict[str, float]
+) -> dict:
+    return {
+        "hardware": hw.name,
+        "backend": "fa2",
+        "profiles": profiles,
+        "params": {k: float(f"{v:.6g}") for k, v in params_to_dict(params).items()},
+        "eager_launch_floor_s": {k: float(f"{v:.6g}") for k, v in sorted(eager_s.items())},
+        "fit": json.loads(json.dumps(report)),
+    }
+
+
+def calibrate_dir(profiles_dir: str | Path, hw: HardwareSpec, steps_n: int = 1500, progress=None):
+    """Fit on ``DIR/steps.csv`` (+ ``gemm.csv``, ``attention.csv`` when present)."""
+    d = Path(profiles_dir)
+    if not d.is_dir():
+        raise ProfileError(f"{d}: not a directory of profiles")
+    steps = read_steps(d / "steps.csv")
+    gemm = read_gemm(d / "gemm.csv") if (d / "gemm.csv").is_file() else None
+    attn_rows = None
+    if (d / "attention.csv").is_file():
+        attn_rows = read_attention(d / "attention.csv", jax.tree.map(lambda x: x[0], steps.dims))
+    result = fit(steps, hw, gemm, attn_rows, steps_n=steps_n, progress=progress)
+    pred = predict_steps_s(result.params, steps, hw)
+    report = error_report(steps.frame, pred, steps.measured_s)
+    return result, report

@@ -1,0 +1,347 @@
+"""Step latency: operator FLOPs and bytes (ops.py) + attention grid (attention.py) + roofline
+shaped by fitted efficiencies → seconds. The one jit(vmap) boundary of the package.
+
+Two stages keep the vectorized call cheap: ``features`` reduces a padded batch to a handful of
+hardware-independent scalars (O(R) work, done once per batch), and ``costs`` turns those into
+per-operator seconds for one GPU (O(1) plus the split-KV candidate scan), vmapped over GPUs.
+
+Fitted parameters are relative to the hardware's datasheet peaks (efficiencies) or are small
+absolute fixed costs (kernels that do little), so they transfer to GPUs never profiled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hisim_jax import attention as attn
+from hisim_jax import ops
+from hisim_jax.batch import Batch, bucket_size, pack
+from hisim_jax.ops import HwArrays, ModelDims
+from hisim_jax.paths import data_dir
+from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model
+
+DEFAULT_CALIBRATION = "h100-sxm"
+_MOE_BLOCK_M = 64.0  # fused-MoE kernel M tile (SGLang/vLLM triton fused_moe default config)
+
+
+class Params(eqx.Module):
+    """Fitted scale factors. Efficiencies are fractions of datasheet peaks; ``*_s`` are seconds."""
+
+    gemm_flops_eff: jnp.ndarray = 0.72
+    gemm_bytes_eff: jnp.ndarray = 0.80
+    gemm_blend: jnp.ndarray = 0.2  # how much of the non-binding roofline side still shows
+    attn_flops_eff: jnp.ndarray = 0.5
+    attn_bytes_eff: jnp.ndarray = 0.8
+    attn_blend: jnp.ndarray = 0.3  # tail of the block schedule beyond max(work, chain)
+    attn_block_s: jnp.ndarray = 1.0e-6  # per thread block: Q load, softmax epilogue, O write
+    elem_hidden: jnp.ndarray = 40.0  # unfused passes over hidden-width vectors per token-layer
+    elem_inter: jnp.ndarray = 5.0  # ... over MLP-width vectors
+    elem_qkv: jnp.ndarray = 8.0  # ... over q/k/v-width vectors
+    layer_s: jnp.ndarray = 70.0e-6  # fixed cost per layer (small kernels, even in a CUDA graph)
+    step_s: jnp.ndarray = 50.0e-6  # fixed cost per step (embedding, final norm, argmax)
+    comm_eff: jnp.ndarray = 0.75  # all-reduce bus efficiency vs the interconnect's peak
+    comm_latency_s: jnp.ndarray = 8.0e-6  # per all-reduce
+
+
+PARAM_NAMES = tuple(Params.__dataclass_fields__)
+# What calibration fits by default; communication has no profiles yet, so it keeps its prior.
+FIT_NAMES = tuple(n for n in PARAM_NAMES if not n.startswith("comm"))
+
+
+def params_from_dict(values: dict[str, float]) -> Params:
+    unknown = set(values) - set(PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    defaults = Params()
+    return Params(**{n: ops._float(values.get(n, getattr(defaults, n))) for n in PARAM_NAMES})
+
+
+def params_to_dict(params: Params) -> dict[str, float]:
+    return {n: float(getattr(params, n)) for n in PARAM_NAMES}
+
+
+def as_float_params(params: Params) -> Params:
+    return jax.tree.map(ops._float, params)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 1: hardware-independent features of one padded batch
+
+
+def features(dims: ModelDims, batch: Batch, backend: attn.AttentionBackend = attn.FA2, xp=jnp):
+    c, n, m = batch.cache_len, batch.new_len, batch.mask
+    tokens = xp.sum(n * m)
+    n_req = xp.sum(m)
+    work, chain, blocks = attn.prefill_features(c, n, m, dims.q_heads, dims.window, backend, xp)
+    _, std_keys, split_keys, max_split_tiles, std_chain = attn.decode_features(
+        c, m, dims.window, backend, xp
+    )
+    is_decode = xp.max(n * m) <= 1.0
+    return dict(
+        tokens=tokens,
+        n_req=n_req,
+        pf_work=work,
+        pf_chain=chain,
+        pf_blocks=blocks,
+        is_decode=is_decode,
+        dec_std_keys=std_keys,
+        dec_split_keys=split_keys,
+        dec_max_split_tiles=max_split_tiles,
+        dec_std_chain=std_chain,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 2: seconds per operator on one GPU
+
+
+def _roofline_s(flops, bytes_, flops_per_s, bytes_per_s, blend, xp):
+    tc = flops / flops_per_s
+    tm = bytes_ / bytes_per_s
+    return xp.maximum(tc, tm) + blend * xp.minimum(tc, tm)
+
+
+def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.AttentionBackend, xp):
+    """Seconds of one layer's attention call."""
+    d = dims.head_dim
+    slots = hw.sm_count * be.ctas_per_sm
+    slot_flops = hw.bf16_flops_per_s * p.attn_flops_eff / slots
+    slot_bytes = hw.hbm_bytes_per_s * p.attn_bytes_eff / slots
+    bytes_per_key = 2.0 * d * dims.kv_bytes
+
+    def key_s(rows):  # seconds for one block to process one key column of a rows x BN tile
+        return xp.maximum(4.0 * rows * d / slot_flops, bytes_per_key / slot_bytes)
+
+    def kernel_s(work, chain, blocks, rows):
+        w = work * key_s(rows) / slots
+        ch = chain * key_s(rows)
+        return (
+            xp.maximum(w, ch) + p.attn_blend * xp.minimum(w, ch) + blocks * p.attn_block_s / slots
+        )
+
+    prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m))
+
+    # Decode with GQA: query heads folded into rows, grid R x kv_heads, optional KV split.
+    groups = dims.q_heads / dims.kv_heads
+    swapped = f["is_decode"] & (groups > 1.0) & be.decode_swaps_groups
+    n_blocks = xp.ceil(f["dec_max_split_tiles"])
+    bhm = f["n_req"] * dims.kv_heads * xp.ceil(groups / be.split_block_m)
+    splits = attn.num_splits(bhm, hw.sm_count, xp.maximum(n_blocks, 1.0), be, xp)
+    std = kernel_s(
+        dims.kv_heads * f["dec_std_keys"],
+        f["dec_std_chain"],
+        f["n_req"] * dims.kv_heads,
+        float(be.block_m),
+    )
+    per_split = xp.ceil(n_blocks / splits)
+    split_chain = xp.minimum(f["dec_max_split_tiles"], per_split) * be.split_block_n
+    # the combine kernel reads and writes fp32 partial outputs of every split
+    combine_bytes = splits * f["n_req"] * dims.q_heads * (d + 1.0) * 4.0 * 2.0
+    split = (
+        kernel_s(
+            dims.kv_heads * f["dec_split_keys"], split_chain, bhm * splits, float(be.split_block_m)
+        )
+        + combine_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff)
+        + p.attn_block_s
+    )
+    decode = xp.where(splits > 1.0, split, std)
+    return xp.where(swapped, decode, prefill)
+
+
+def costs(
+    p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.AttentionBackend = attn.FA2, xp=jnp
+):
+    """Seconds per operator group for one step on one GPU (per TP rank; ranks run in lockstep)."""
+    t, r = f["tokens"], f["n_req"]
+    peak = ops.gemm_peak_flops(dims, hw, xp) * p.gemm_flops_eff
+    bw = hw.hbm_bytes_per_s * p.gemm_bytes_eff
+    wb, ab = dims.weight_bytes, dims.act_bytes
+
+    def gemm_s(m, k, n):
+        return _roofline_s(
+            ops.gemm_flops(m, k, n), ops.gemm_bytes(m, k, n, wb, ab), peak, bw, p.gemm_blend, xp
+        )
+
+    out = {}
+    shapes = ops.layer_gemm_shapes(dims)
+    out["qkv_proj"] = dims.layers * gemm_s(t, shapes[0][1], shapes[0][2])
+    out["o_proj"] = dims.layers * gemm_s(t, shapes[1][1], shapes[1][2])
+    out["mlp"] = dims.dense_layers * (
+        gemm_s(t, shapes[2][1], shapes[2][2]) + gemm_s(t, shapes[3][1], shapes[3][2])
+    )
+    # MoE: router GEMM, then the fused expert GEMMs over the touched experts' weights.
+    h, e, k, im = dims.hidden, dims.experts, dims.top_k, dims.moe_inter
+    rows = ops.moe_padded_rows(t, e, k, _MOE_BLOCK_M, xp)
+    touched = ops.moe_experts_touched(t, e, k, xp)
+    moe_flops = 2.0 * rows * 3.0 * h * im
+    moe_bytes = touched * 3.0 * h * im * wb + t * k * (2.0 * h + 3.0 * im) * ab
+    out["moe"] = dims.moe_layers * (
+        gemm_s(t, h, e) + _roofline_s(moe_flops, moe_bytes, peak, bw, p.gemm_blend, xp)
+    )
+    out["attention"] = dims.layers * _attention_s(p, dims, f, hw, be, xp)
+    elems = ops.elementwise_elems_per_token(dims, p.elem_hidden, p.elem_inter, p.elem_qkv)
+    out["elementwise"] = dims.layers * t * elems * ab / bw
+    # LM head for every request's last token, then argmax over the logits.
+    out["lm_head"] = gemm_s(r, h, dims.vocab) + r * dims.vocab * ab / bw
+    out["embedding"] = 2.0 * t * h * ab / bw
+    # Two all-reduces per layer (after attention and after the MLP) and a logits all-gather.
+    tp_on = xp.where(dims.tp > 1.0, 1.0, 0.0)
+    ic = hw.interconnect_bytes_per_s * p.comm_eff
+    ar_s = ops.allreduce_bytes_per_rank(t * h, dims) / ic + p.comm_latency_s
+    gather_s = (dims.tp - 1.0) * r * dims.vocab * ab / ic + p.comm_latency_s
+    out["communication"] = tp_on * (2.0 * dims.layers * ar_s + gather_s)
+    out["fixed"] = dims.layers * p.layer_s + p.step_s
+    return out
+
+
+def breakdown_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp):
+    return costs(p, dims, features(dims, batch, be, xp), hw, be, xp)
+
+
+def step_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp):
+    parts = breakdown_s(p, dims, batch, hw, be, xp)
+    return sum(parts.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# jitted public entry points (module level: compiled once per shape)
+
+
+@eqx.filter_jit
+def breakdown_one(p: Params, dims: ModelDims, batch: Batch, hw: HwArrays, be=attn.FA2):
+    """Per-operator seconds of one batch ``[R]`` on one GPU."""
+    return breakdown_s(p, dims, batch, hw, be)
+
+
+@eqx.filter_jit
+def step_seconds_grid(p: Params, dims: ModelDims, batches: Batch, hws: HwArrays, be=attn.FA2):
+    """Seconds for batches ``[N, R]`` × GPUs ``[H]`` → ``[N, H]``; features once per batch."""
+
+    def one_batch(b):
+        f = features(dims, b, be)
+        return jax.vmap(lambda hw: sum(costs(p, dims, f, hw, be).values()))(hws)
+
+    return jax.vmap(one_batch)(batches)
+
+
+@eqx.filter_jit
+def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, be=attn.FA2):
+    """Seconds for rows that each carry their own model: dims ``[N]``, batches ``[N, R]``."""
+    return jax.vmap(lambda d, b: step_s(p, d, b, hw, be))(dims, batches)
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration files
+
+
+def calibration_path(hardware_name: str) -> Path:
+    """The GPU's own calibration if shipped, else the H100 one (the default for every GPU)."""
+    base = data_dir("hardware_specs") / "calibration"
+    own = base / f"{hardware_name}.json"
+    return own if own.is_file() else base / f"{DEFAULT_CALIBRATION}.json"
+
+
+def load_calibration(path: str | Path | None = None, hardware_name: str = DEFAULT_CALIBRATION):
+    """Params from a calibration JSON (``{"params": {...}}``); defaults if none is shipped."""
+    p = Path(path) if path is not None else calibration_path(hardware_name)
+    if path is None and not p.is_file():
+        return Params()
+    try:
+        doc = json.loads(Path(p).read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such calibration file") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    values = doc.get("params") if isinstance(doc, dict) else None
+    if not isinstance(values, dict):
+        raise SpecError(f"{p}: field 'params' must be an object of parameter values")
+    for k, v in values.items():
+        if k not in PARAM_NAMES:
+            raise SpecError(f"{p}: field 'params.{k}' is not a known parameter")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise SpecError(f"{p}: field 'params.{k}' must be a positive number, got {v!r}")
+    return params_from_dict(values)
+
+
+# ------------------------------------------------------------------------------------------------
+# Python API
+
+
+class Estimator:
+    """Step latency of one model (at a TP degree and dtypes) on one or more GPUs.
+
+    >>> est = Estimator("llama-3.1-8b", "h100-sxm")
+    >>> est.step_latency_s([[(0, 2048), (4096, 1)]])       # -> array of shape [1]
+    """
+
+    def __init__(
+        self,
+        model: str | Path | ModelSpec,
+        hardware: str | Path | HardwareSpec | Sequence[str | Path | HardwareSpec],
+        tp: int = 1,
+        weight_dtype: str = "bf16",
+        kv_dtype: str = "bf16",
+        calibration: str | Path | Params | None = None,
+        backend: str = "fa2",
+    ):
+        self.model = model if isinstance(model, ModelSpec) else load_model(model)
+        hw_list = [hardware] if isinstance(hardware, (str, Path, HardwareSpec)) else list(hardware)
+        if not hw_list:
+            raise ValueError("at least one hardware spec is needed")
+        self.hardware = [h if isinstance(h, HardwareSpec) else load_hardware(h) for h in hw_list]
+        if backend not in attn.BACKENDS:
+            raise ValueError(
+                f"attention backend {backend!r} unknown (choose from {', '.join(attn.BACKENDS)})"
+            )
+        self.backend = attn.BACKENDS[backend]
+        self.tp = tp
+        self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype)
+        if isinstance(calibration, Params):
+            self.params = as_float_params(calibration)
+        else:
+            self.params = as_float_params(load_calibration(calibration, self.hardware[0].name))
+        self.hws = ops.stack([ops.hw_arrays(h) for h in self.hardware])
+
+    def _pack(self, batches) -> Batch:
+        if (
+            batches
+            and isinstance(batches[0], (tuple, list))
+            and batches[0]
+            and isinstance(batches[0][0], (int, np.integer))
+        ):
+            batches = [batches]  # a single batch
+        b = pack(batches)
+        return jax.tree.map(ops._float, b)
+
+    def step_latency_s(self, batches) -> np.ndarray:
+        """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several."""
+        out = np.asarray(
+            step_seconds_grid(self.params, self.dims, self._pack(batches), self.hws, self.backend)
+        )
+        return out[:, 0] if len(self.hardware) == 1 else out
+
+    def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:
+        """Per-operator seconds of one batch on one of the GPUs."""
+        b = self._pack([batch] if batch and isinstance(batch[0][0], (int, np.integer)) else batch)
+        b = jax.tree.map(lambda x: x[0], b)
+        hw = jax.tree.map(lambda x: x[hardware_index], self.hws)
+        parts = breakdown_one(self.params, self.dims, b, hw, self.backend)
+        return {k: float(v) for k, v in parts.items()}
+
+
+__all__ = [
+    "Estimator",
+    "Params",
+    "bucket_size",
+    "breakdown_one",
+    "step_seconds_grid",
+    "step_seconds_rows",
+    "load_calibration",
+]
