@@ -28,7 +28,10 @@ from hisim_jax.paths import data_dir
 from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model
 
 DEFAULT_CALIBRATION = "h100-sxm"
-_MOE_BLOCK_M = 64.0  # fused-MoE kernel M tile (SGLang/vLLM triton fused_moe default config)
+_MOE_BLOCK_M = 64.0
+# Elementwise kernels stream at the device-to-device copy ceiling: 2.97 of 3.35 TB/s measured
+# on the H100 (data/profiles/h100/device.json). Their fitted pass counts absorb the rest.
+COPY_BW_FRACTION = 0.886  # fused-MoE kernel M tile (SGLang/vLLM triton fused_moe default config)
 
 
 class Params(eqx.Module):
@@ -39,6 +42,8 @@ class Params(eqx.Module):
     gemm_blend: jnp.ndarray = 0.2  # how much of the non-binding roofline side still shows
     attn_flops_eff: jnp.ndarray = 0.5
     attn_bytes_eff: jnp.ndarray = 0.8
+    attn_chain_flops_eff: jnp.ndarray = 0.4  # one CTA alone on an SM, vs the SM's share of peak
+    attn_chain_bytes_eff: jnp.ndarray = 2.0  # a lone SM can pull more than 1/SMs of HBM
     attn_blend: jnp.ndarray = 0.3  # tail of the block schedule beyond max(work, chain)
     attn_block_s: jnp.ndarray = 1.0e-6  # per thread block: Q load, softmax epilogue, O write
     elem_hidden: jnp.ndarray = 40.0  # unfused passes over hidden-width vectors per token-layer
@@ -109,27 +114,40 @@ def _roofline_s(flops, bytes_, flops_per_s, bytes_per_s, blend, xp):
 
 
 def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.AttentionBackend, xp):
-    """Seconds of one layer's attention call."""
+    """Seconds of one layer's attention call.
+
+    Work (all blocks) runs at the whole GPU's rates; the heaviest block's chain runs on one SM,
+    alone or nearly so, at per-SM rates with their own efficiencies (one 4-warp CTA cannot
+    saturate an SM). In the standard kernel every query head's block reads its KV head's keys,
+    so the ``groups`` heads sharing a KV head hit L2 instead of HBM.
+    """
     d = dims.head_dim
-    slots = hw.sm_count * be.ctas_per_sm
-    slot_flops = hw.bf16_flops_per_s * p.attn_flops_eff / slots
-    slot_bytes = hw.hbm_bytes_per_s * p.attn_bytes_eff / slots
-    bytes_per_key = 2.0 * d * dims.kv_bytes
+    groups = dims.q_heads / dims.kv_heads
+    sm_flops = hw.bf16_flops_per_s / hw.sm_count
+    sm_bytes = hw.hbm_bytes_per_s / hw.sm_count
+    kv_bytes_per_key = 2.0 * d * dims.kv_bytes
 
-    def key_s(rows):  # seconds for one block to process one key column of a rows x BN tile
-        return xp.maximum(4.0 * rows * d / slot_flops, bytes_per_key / slot_bytes)
-
-    def kernel_s(work, chain, blocks, rows):
-        w = work * key_s(rows) / slots
-        ch = chain * key_s(rows)
-        return (
-            xp.maximum(w, ch) + p.attn_blend * xp.minimum(w, ch) + blocks * p.attn_block_s / slots
+    def kernel_s(work, chain, blocks, rows, heads_per_kv):
+        # seconds per key column: across the whole GPU, and for one block alone on an SM
+        key_gpu_s = xp.maximum(
+            4.0 * rows * d / (hw.bf16_flops_per_s * p.attn_flops_eff),
+            kv_bytes_per_key / heads_per_kv / (hw.hbm_bytes_per_s * p.attn_bytes_eff),
         )
+        key_lone_s = xp.maximum(
+            4.0 * rows * d / (sm_flops * p.attn_chain_flops_eff),
+            kv_bytes_per_key / (sm_bytes * p.attn_chain_bytes_eff),
+        )
+        work_s = work * key_gpu_s
+        chain_s = chain * key_lone_s
+        # The heaviest block may start late only if some blocks wait for an SM; with every
+        # block resident at once the makespan is max(work, chain).
+        late = 1.0 - xp.minimum(1.0, hw.sm_count / xp.maximum(blocks, 1.0))
+        tail = p.attn_blend * late * xp.minimum(work_s, chain_s)
+        return xp.maximum(work_s, chain_s) + tail + blocks * p.attn_block_s / hw.sm_count
 
-    prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m))
+    prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m), groups)
 
     # Decode with GQA: query heads folded into rows, grid R x kv_heads, optional KV split.
-    groups = dims.q_heads / dims.kv_heads
     swapped = f["is_decode"] & (groups > 1.0) & be.decode_swaps_groups
     n_blocks = xp.ceil(f["dec_max_split_tiles"])
     bhm = f["n_req"] * dims.kv_heads * xp.ceil(groups / be.split_block_m)
@@ -139,6 +157,7 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
         f["dec_std_chain"],
         f["n_req"] * dims.kv_heads,
         float(be.block_m),
+        1.0,
     )
     per_split = xp.ceil(n_blocks / splits)
     split_chain = xp.minimum(f["dec_max_split_tiles"], per_split) * be.split_block_n
@@ -146,7 +165,11 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
     combine_bytes = splits * f["n_req"] * dims.q_heads * (d + 1.0) * 4.0 * 2.0
     split = (
         kernel_s(
-            dims.kv_heads * f["dec_split_keys"], split_chain, bhm * splits, float(be.split_block_m)
+            dims.kv_heads * f["dec_split_keys"],
+            split_chain,
+            bhm * splits,
+            float(be.split_block_m),
+            1.0,
         )
         + combine_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff)
         + p.attn_block_s
@@ -187,10 +210,11 @@ def costs(
     )
     out["attention"] = dims.layers * _attention_s(p, dims, f, hw, be, xp)
     elems = ops.elementwise_elems_per_token(dims, p.elem_hidden, p.elem_inter, p.elem_qkv)
-    out["elementwise"] = dims.layers * t * elems * ab / bw
+    copy_bw = hw.hbm_bytes_per_s * COPY_BW_FRACTION
+    out["elementwise"] = dims.layers * t * elems * ab / copy_bw
     # LM head for every request's last token, then argmax over the logits.
-    out["lm_head"] = gemm_s(r, h, dims.vocab) + r * dims.vocab * ab / bw
-    out["embedding"] = 2.0 * t * h * ab / bw
+    out["lm_head"] = gemm_s(r, h, dims.vocab) + r * dims.vocab * ab / copy_bw
+    out["embedding"] = 2.0 * t * h * ab / copy_bw
     # Two all-reduces per layer (after attention and after the MLP) and a logits all-gather.
     tp_on = xp.where(dims.tp > 1.0, 1.0, 0.0)
     ic = hw.interconnect_bytes_per_s * p.comm_eff
