@@ -70,8 +70,15 @@ def _float_tree(tree):
     return jax.tree.map(ops._float, tree)
 
 
-def read_steps(path: str | Path, require_time: bool = True) -> StepRows:
-    """Read a steps table (``model``, ``batch`` and, for fitting, ``step_ms``)."""
+def read_steps(
+    path: str | Path,
+    require_time: bool = True,
+    tp: int = 1,
+    weight_dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+) -> StepRows:
+    """Read a steps table (``model``, ``batch`` and, for fitting, ``step_ms``); other columns
+    are kept in ``frame`` and otherwise ignored."""
     path = Path(path)
     try:
         frame = pd.read_csv(path)
@@ -109,7 +116,12 @@ def read_steps(path: str | Path, require_time: bool = True) -> StepRows:
                     f"{path}: line {i + 2}: field '{STEP_TIME_COLUMN}' must be a positive number, "
                     f"got {frame[STEP_TIME_COLUMN].iloc[i]!r}"
                 )
-    dims_by_model = {n: ops.model_dims(m) for n, m in models.items()}
+    try:
+        dims_by_model = {
+            n: ops.model_dims(m, tp, weight_dtype, kv_dtype) for n, m in models.items()
+        }
+    except ValueError as e:
+        raise ProfileError(f"{path}: {e}") from None
     dims = ops.stack([dims_by_model[str(m)] for m in frame["model"]])
     return StepRows(frame, _float_tree(dims), _float_tree(pack(batches)), measured)
 

@@ -1,0 +1,323 @@
+"""The ``hisim`` command line: thin commands that parse options and call the package.
+
+Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a traceback;
+files are written to a temporary name and renamed, so nothing already written is corrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from hisim_jax.paths import data_dir
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="hisim-jax: predict LLM-serving step latency (and more) on CPUs.",
+)
+validate_app = typer.Typer(add_completion=False, help="Compare predictions with measurements.")
+app.add_typer(validate_app, name="validate")
+
+DEFAULT_MODEL = "llama-3.1-8b"
+DEFAULT_HARDWARE = "h100-sxm"
+DEFAULT_BATCH = "[[0,2048],[4096,1]]"
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _default_profiles() -> Path:
+    return data_dir("data") / "profiles" / "h100"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def handles_errors(fn):
+    """Turn expected input errors into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from hisim_jax.specs import SpecError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, ValueError, FileNotFoundError, IsADirectoryError, KeyError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _fail(msg)
+
+    return wrapper
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary sibling and rename, so a failure leaves the old file intact."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise ValueError(f"{path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    )
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(
+            c, justify="right" if c not in ("name", "op", "scope", "model", "kind") else "left"
+        )
+    for r in rows:
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    Console().print(t)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handles_errors
+def estimate(
+    model: str = typer.Option(DEFAULT_MODEL, help="Name in models/ or path to a HF config.json."),
+    hardware: list[str] = typer.Option(
+        [DEFAULT_HARDWARE],
+        "--hardware",
+        "-H",
+        help="GPU name in hardware_specs/ or YAML path; repeatable.",
+    ),
+    batch: str = typer.Option(
+        None, help=f"JSON list of [cache_len, new_len] (default {DEFAULT_BATCH})."
+    ),
+    batches: Path = typer.Option(
+        None, help="CSV with columns 'model' and 'batch' (the layout of profiles' steps.csv)."
+    ),
+    out: Path = typer.Option(
+        None, help="With --batches: write input rows + hardware + predicted_ms."
+    ),
+    tp: int = typer.Option(1, help="Tensor-parallel degree."),
+    weight_dtype: str = typer.Option("bf16", help="bf16, fp8 or fp4."),
+    kv_dtype: str = typer.Option("bf16", help="bf16 or fp8."),
+    calibration: Path = typer.Option(
+        None, help="Calibration JSON (default: the shipped H100 fit)."
+    ),
+    breakdown: bool = typer.Option(False, help="Add a per-operator table."),
+    fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
+):
+    """Predict the latency of one forward step (or of every row of a CSV of batches)."""
+    from hisim_jax.batch import parse_batch
+    from hisim_jax.estimator import Estimator
+
+    if batches is not None:
+        if batch is not None:
+            raise ValueError("give either --batch or --batches, not both")
+        return _estimate_csv(batches, out, hardware, tp, weight_dtype, kv_dtype, calibration, fmt)
+    if out is not None:
+        raise ValueError("--out goes with --batches")
+    parsed = parse_batch(batch or DEFAULT_BATCH, where="--batch")
+    est = Estimator(model, hardware, tp, weight_dtype, kv_dtype, calibration)
+    lat = est.step_latency_s([parsed]).reshape(1, -1)[0]
+    parts = [est.breakdown_s(parsed, i) for i in range(len(hardware))] if breakdown else None
+    rows = [
+        {"model": est.model.name, "hardware": hw.name, "tp": tp, "predicted_ms": float(v) * 1e3}
+        for hw, v in zip(est.hardware, lat, strict=True)
+    ]
+    if fmt == Format.json:
+        if parts:
+            for r, p in zip(rows, parts, strict=True):
+                r["breakdown_ms"] = {k: v * 1e3 for k, v in p.items()}
+        typer.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    elif fmt == Format.csv:
+        typer.echo("model,hardware,tp,predicted_ms")
+        for r in rows:
+            typer.echo(f"{r['model']},{r['hardware']},{r['tp']},{r['predicted_ms']:.6g}")
+        if parts:
+            typer.echo("hardware,op,ms")
+            for hw, p in zip(est.hardware, parts, strict=True):
+                for k, v in p.items():
+                    typer.echo(f"{hw.name},{k},{v * 1e3:.6g}")
+    else:
+        _table(
+            f"{est.model.name}, batch of {len(parsed)} requests, {sum(n for _, n in parsed)} new tokens",
+            ["hardware", "tp", "predicted_ms"],
+            [[r["hardware"], r["tp"], r["predicted_ms"]] for r in rows],
+        )
+        if parts:
+            for hw, p in zip(est.hardware, parts, strict=True):
+                total = sum(p.values())
+                _table(
+                    f"breakdown on {hw.name}",
+                    ["op", "ms", "share"],
+                    [[k, v * 1e3, f"{v / total:.1%}"] for k, v in p.items() if v > 0],
+                )
+
+
+def _estimate_csv(path, out, hardware, tp, weight_dtype, kv_dtype, calibration, fmt):
+    import pandas as pd
+
+    from hisim_jax.calibrate import predict_steps_s, read_steps
+    from hisim_jax.estimator import load_calibration
+    from hisim_jax.specs import load_hardware
+
+    rows = read_steps(path, require_time=False, tp=tp, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+    hws = [load_hardware(h) for h in hardware]
+    frames = []
+    with _progress() as prog:
+        task = prog.add_task("estimating", total=len(hws))
+        for hw in hws:
+            params = load_calibration(calibration, hw.name)
+            f = rows.frame.copy()
+            f["hardware"] = hw.name
+            f["predicted_ms"] = predict_steps_s(params, rows, hw) * 1e3
+            frames.append(f)
+            prog.advance(task)
+    result = pd.concat(frames, ignore_index=True)
+    if out is not None:
+        _write_atomic(out, lambda p: result.to_csv(p, index=False))
+        typer.echo(f"wrote {len(result)} rows to {out}", err=True)
+    elif fmt == Format.json:
+        typer.echo(result.to_json(orient="records", indent=2))
+    elif fmt == Format.csv or len(result) > 40:
+        typer.echo(result.to_csv(index=False), nl=False)
+    else:
+        cols = [c for c in ("model", "kind", "hardware", "predicted_ms") if c in result.columns]
+        _table(str(path), cols, result[cols].values.tolist())
+
+
+@app.command()
+@handles_errors
+def calibrate(
+    profiles: Path = typer.Option(None, help="Folder with steps.csv (+ gemm.csv, attention.csv)."),
+    hardware: str = typer.Option(DEFAULT_HARDWARE, help="The GPU the profiles were taken on."),
+    out: Path = typer.Option(..., help="Calibration JSON to write."),
+    iterations: int = typer.Option(1500, min=1, help="Adam steps."),
+):
+    """Fit the estimator's scale factors to measured profiles and write a calibration JSON."""
+    from hisim_jax.calibrate import calibrate_dir, calibration_document
+    from hisim_jax.specs import load_hardware
+
+    hw = load_hardware(hardware)
+    profiles = profiles or _default_profiles()
+    with _progress() as prog:
+        task = prog.add_task("fitting", total=iterations)
+        result, report = calibrate_dir(
+            profiles, hw, steps_n=iterations, progress=lambda i, n: prog.update(task, completed=i)
+        )
+    doc = calibration_document(result.params, hw, report, str(profiles), result.eager_s)
+    _write_atomic(
+        out, lambda p: Path(p).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    )
+    _table(
+        f"fit on {profiles} ({report['rows']} steps)",
+        ["scope", "name", "MAPE"],
+        [[s, n, f"{v:.2%}"] for s, n, v in _report_rows(report)],
+    )
+    typer.echo(f"p90 {report['p90']:.2%}  max {report['max']:.2%}  -> {out}")
+
+
+def _report_rows(report):
+    from hisim_jax.validate import report_rows
+
+    return report_rows(report)
+
+
+@validate_app.command("steps")
+@handles_errors
+def validate_steps_cmd(
+    profile: Path = typer.Option(
+        None, help="steps.csv with measured step_ms (default: shipped H100)."
+    ),
+    hardware: str = typer.Option(DEFAULT_HARDWARE, help="The GPU the profile was measured on."),
+    calibration: Path = typer.Option(
+        None, help="Calibration JSON (default: the shipped H100 fit)."
+    ),
+    tp: int = typer.Option(1),
+    plot: Path = typer.Option(Path("validate_steps.png"), help="Predicted-vs-measured PNG."),
+    out: Path = typer.Option(None, help="Also write per-row predictions as CSV."),
+    fmt: Format = typer.Option(Format.table, "--format"),
+):
+    """Step-latency error against measurements: MAPE overall, per model and per kind."""
+    from hisim_jax.estimator import load_calibration
+    from hisim_jax.plots import predicted_vs_measured
+    from hisim_jax.specs import load_hardware
+    from hisim_jax.validate import validate_steps
+
+    hw = load_hardware(hardware)
+    profile = profile or (_default_profiles() / "steps.csv")
+    params = load_calibration(calibration, hw.name)
+    result = validate_steps(profile, hw, params, tp=tp)
+    f = result.frame
+    if out is not None:
+        _write_atomic(out, lambda p: f.to_csv(p, index=False))
+    if plot is not None:
+        groups = f["kind"].to_numpy() if "kind" in f.columns else None
+        if not plot.parent.exists():
+            raise ValueError(f"{plot}: directory {plot.parent} does not exist")
+        predicted_vs_measured(  # writes through a temporary file itself
+            f["measured_ms"].to_numpy(),
+            f["predicted_ms"].to_numpy(),
+            groups,
+            plot,
+            title=f"{Path(profile).name} on {hw.name}: MAPE {result.report['mape']:.1%}",
+        )
+    if fmt == Format.json:
+        typer.echo(json.dumps(result.report, indent=2))
+    elif fmt == Format.csv:
+        typer.echo("scope,name,mape")
+        for s, n, v in _report_rows(result.report):
+            typer.echo(f"{s},{n},{v:.6g}")
+    else:
+        _table(
+            f"{profile} on {hw.name}: {result.report['rows']} steps",
+            ["scope", "name", "MAPE"],
+            [[s, n, f"{v:.2%}"] for s, n, v in _report_rows(result.report)],
+        )
+        typer.echo(
+            f"p90 {result.report['p90']:.2%}  max {result.report['max']:.2%}  "
+            f"bias {result.report['bias']:+.2%}" + (f"  plot -> {plot}" if plot else "")
+        )
+
+
+@app.command("list")
+def list_cmd():
+    """Models and GPUs known by name."""
+    from hisim_jax.specs import available_hardware, available_models
+
+    typer.echo("models:   " + ", ".join(available_models()))
+    typer.echo("hardware: " + ", ".join(available_hardware()))
+
+
+def main():  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

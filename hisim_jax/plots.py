@@ -1,0 +1,49 @@
+"""Figures. Matplotlib with the non-interactive Agg backend: no display needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def predicted_vs_measured(
+    measured_ms: np.ndarray,
+    predicted_ms: np.ndarray,
+    groups: np.ndarray | None,
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Log-log scatter of predicted against measured step times, coloured by group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=120)
+    labels = np.asarray(groups) if groups is not None else np.full(len(measured_ms), "all")
+    for g in sorted(set(labels.tolist())):
+        sel = labels == g
+        ax.scatter(measured_ms[sel], predicted_ms[sel], s=14, alpha=0.8, label=str(g))
+    lo = float(min(measured_ms.min(), predicted_ms.min())) * 0.8
+    hi = float(max(measured_ms.max(), predicted_ms.max())) * 1.25
+    xs = np.array([lo, hi])
+    ax.plot(xs, xs, "k-", lw=0.8, label="exact")
+    ax.plot(xs, xs * 1.1, "k:", lw=0.6, label="±10%")
+    ax.plot(xs, xs / 1.1, "k:", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured step (ms)")
+    ax.set_ylabel("predicted step (ms)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
