@@ -126,6 +126,17 @@ def read_steps(
     return StepRows(frame, _float_tree(dims), _float_tree(pack(batches)), measured)
 
 
+def subset(rows: StepRows, index) -> StepRows:
+    """The rows at positions ``index`` (for cross-validation)."""
+    idx = np.asarray(index)
+    return StepRows(
+        rows.frame.iloc[idx].reset_index(drop=True),
+        jax.tree.map(lambda x: x[idx], rows.dims),
+        jax.tree.map(lambda x: x[idx], rows.batches),
+        rows.measured_s[idx],
+    )
+
+
 def predict_steps_s(
     params: Params, rows: StepRows, hw: HardwareSpec, chunk: int = 512
 ) -> np.ndarray:
@@ -160,12 +171,15 @@ class AttnRows(eqx.Module):
     measured_s: np.ndarray
 
 
-def read_gemm(path: Path) -> GemmRows:
+def read_gemm(path: Path, models: set[str] | None = None) -> GemmRows:
+    """Eager GEMM timings (rows near the launch floor dropped); optionally only some models'."""
     g = pd.read_csv(path)
     for col in ("dtype", "m", "k", "n", "ms"):
         if col not in g.columns:
             raise ProfileError(f"{path}: missing column '{col}'")
     g = g[g["ms"] >= GEMM_MIN_MS]
+    if models is not None and "model" in g.columns:
+        g = g[g["model"].isin(models)]
     wb = g["dtype"].map(ops.DTYPE_BYTES)
     if wb.isna().any():
         bad = g["dtype"][wb.isna()].iloc[0]
@@ -174,12 +188,17 @@ def read_gemm(path: Path) -> GemmRows:
     return GemmRows(f(g.m.values), f(g.k.values), f(g.n.values), f(wb.values), f(g.ms.values / 1e3))
 
 
-def read_attention(path: Path, template: ops.ModelDims) -> AttnRows:
+def read_attention(
+    path: Path, template: ops.ModelDims, heads: set[tuple[int, int]] | None = None
+) -> AttnRows:
+    """Eager attention timings; optionally only the (q heads, kv heads) shapes in ``heads``."""
     a = pd.read_csv(path)
     for col in ("nq", "nkv", "d", "batch", "ms"):
         if col not in a.columns:
             raise ProfileError(f"{path}: missing column '{col}'")
     a = a[a["ms"] >= ATTN_MIN_MS]
+    if heads is not None:
+        a = a[[(int(q), int(k)) in heads for q, k in zip(a["nq"], a["nkv"], strict=True)]]
     dims = []
     for row in a.itertuples(index=False):
         dims.append(
