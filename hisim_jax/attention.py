@@ -54,63 +54,74 @@ BACKENDS = {b.name: b for b in (FA2,)}
 
 
 def _ceil_div(a, b, xp):
-    return xp.ceil(a / b)
+    # tile sizes are powers of two, so multiplying by the reciprocal is exact (and cheaper)
+    return xp.ceil(a * (1.0 / b))
 
 
-def prefill_features(cache_len, new_len, mask, heads, window, be: AttentionBackend, xp):
-    """Standard causal kernel, grid (ceil(max_q / BM), R, heads); bottom-right causal mask.
+def request_tiles(cache_len, new_len, mask, window, be: AttentionBackend, xp):
+    """Per-request tile counts ``[R]`` (zero for padding), for both kernels.
 
-    Per (request, head) with M = ceil(n / BM) m-blocks, m-block i (0-based) iterates
-    min(ceil((c+n)/BN), (BM/BN)(i+1) + ceil(c/BN)) key tiles, so the request's total is
-    (BM/BN) M(M-1)/2 + (M-1) ceil(c/BN) + ceil((c+n)/BN) tiles. A sliding window caps the
+    Standard causal kernel, grid (ceil(max_q / BM), R, heads), bottom-right causal mask: with
+    M = ceil(n / BM) m-blocks, m-block i (0-based) iterates min(ceil((c+n)/BN),
+    (BM/BN)(i+1) + ceil(c/BN)) key tiles, so a request's total per head is
+    (BM/BN) M(M-1)/2 + (M-1) ceil(c/BN) + ceil((c+n)/BN) tiles; its heaviest block (the last
+    m-block) iterates ceil((c+n)/BN). A decode (n = 1) sees c + 1 keys: ceil((c+1)/BN) tiles in
+    the standard kernel, ceil((c+1)/BN_split) in the split-KV kernel. A sliding window caps the
     visible prefix at ``window`` tokens.
     """
     c = xp.where(window > 0, xp.minimum(cache_len, window), cache_len)
     n = new_len
     bm, bn = float(be.block_m), float(be.block_n)
     m_blocks = _ceil_div(n, bm, xp) * mask
-    tiles = (bm / bn) * m_blocks * (m_blocks - 1.0) / 2.0
-    tiles = tiles + xp.maximum(m_blocks - 1.0, 0.0) * _ceil_div(c, bn, xp)
-    tiles = tiles + _ceil_div(c + n, bn, xp) * mask
-    work = heads * xp.sum(tiles) * bn
-    chain = xp.max(_ceil_div(c + n, bn, xp) * mask) * bn
-    blocks = heads * xp.sum(m_blocks)
-    return work, chain, blocks
+    last = _ceil_div(c + n, bn, xp) * mask
+    tiles = (bm / bn) * m_blocks * (m_blocks - 1.0) * 0.5
+    tiles = tiles + xp.maximum(m_blocks - 1.0, 0.0) * _ceil_div(c, bn, xp) + last
+    keys = (c + 1.0) * mask
+    return dict(
+        m_blocks=m_blocks,
+        tiles=tiles,
+        last=last,
+        dec_std=_ceil_div(keys, bn, xp),
+        dec_split=_ceil_div(keys, float(be.split_block_n), xp),
+    )
 
 
-def decode_features(cache_len, mask, window, be: AttentionBackend, xp):
-    """Inputs of a decode call (every request has one new token) that do not depend on the GPU."""
-    keys = xp.where(window > 0, xp.minimum(cache_len, window), cache_len) + 1.0
-    keys = keys * mask
-    n_req = xp.sum(mask)
-    std_keys = xp.sum(_ceil_div(keys, be.block_n, xp)) * be.block_n
-    split_tiles = _ceil_div(keys, be.split_block_n, xp)
-    split_keys = xp.sum(split_tiles) * be.split_block_n
-    max_split_tiles = xp.max(split_tiles)
-    std_chain = xp.max(_ceil_div(keys, be.block_n, xp)) * be.block_n
-    return n_req, std_keys, split_keys, max_split_tiles, std_chain
+def prefill_features(cache_len, new_len, mask, heads, window, be: AttentionBackend, xp):
+    """(work, chain, blocks) of the standard kernel: key-columns summed over all blocks, of the
+    heaviest block, and the number of non-empty blocks."""
+    t = request_tiles(cache_len, new_len, mask, window, be, xp)
+    bn = float(be.block_n)
+    return heads * xp.sum(t["tiles"]) * bn, xp.max(t["last"]) * bn, heads * xp.sum(t["m_blocks"])
 
 
-def num_splits(batch_heads_mblocks, sm_count, n_blocks, be: AttentionBackend, xp):
-    """FA2's num_splits_heuristic, vectorized over the candidate split counts.
-
-    Slots are 2 x SMs (two 128-thread CTAs per SM); none if the grid already fills 80% of them;
-    otherwise the smallest eligible split count reaching 85% of the best wave efficiency.
-    """
-    slots = sm_count * be.ctas_per_sm
+def split_candidates(n_blocks, be: AttentionBackend, xp):
+    """Split counts 1..max_splits and which are eligible for ``n_blocks`` key tiles: a count is
+    skipped when it gives each split as many tiles as one split fewer would. Independent of the
+    GPU, so the estimator computes it once per batch."""
     cand = xp.arange(
         1, be.max_splits + 1, dtype=n_blocks.dtype if hasattr(n_blocks, "dtype") else float
     )
-    limit = xp.minimum(xp.minimum(float(be.max_splits), slots), n_blocks)
-    waves = batch_heads_mblocks * cand / slots
-    eff = waves / xp.ceil(waves)
     per_split = xp.ceil(n_blocks / cand)
     per_split_prev = xp.ceil(n_blocks / xp.maximum(cand - 1.0, 1.0))
-    eligible = (cand <= limit) & ((cand == 1.0) | (per_split != per_split_prev))
+    eligible = (cand <= n_blocks) & ((cand == 1.0) | (per_split != per_split_prev))
+    return cand, eligible
+
+
+def num_splits(batch_heads_mblocks, sm_count, n_blocks, be: AttentionBackend, xp, candidates=None):
+    """FA2's num_splits_heuristic, vectorized over the candidate split counts.
+
+    Slots are 2 x SMs (two 128-thread CTAs per SM); no split if the grid already fills 80% of
+    them; otherwise the smallest eligible split count reaching 85% of the best wave efficiency.
+    """
+    cand, eligible = candidates if candidates is not None else split_candidates(n_blocks, be, xp)
+    slots = sm_count * be.ctas_per_sm
+    eligible = eligible & (cand <= slots)
+    waves = batch_heads_mblocks * cand / slots  # a true division: ceil() must see exact integers
+    eff = waves / xp.ceil(waves)
     best = xp.max(xp.where(eligible, eff, 0.0))
     ok = eligible & (eff >= 0.85 * best)
-    first = xp.min(xp.where(ok, cand, float(be.max_splits + 1)))
-    first = xp.minimum(first, xp.maximum(limit, 1.0))
+    first = xp.min(xp.where(ok, cand, 1.0 + be.max_splits))
+    first = xp.minimum(first, xp.maximum(xp.minimum(n_blocks, float(be.max_splits)), 1.0))
     return xp.where(batch_heads_mblocks >= 0.8 * slots, 1.0, first)
 
 

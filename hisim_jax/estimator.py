@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import equinox as eqx
@@ -81,25 +82,33 @@ def as_float_params(params: Params) -> Params:
 
 
 def features(dims: ModelDims, batch: Batch, backend: attn.AttentionBackend = attn.FA2, xp=jnp):
+    """Scalars of one padded batch ``[R]`` that do not depend on the GPU.
+
+    All per-request quantities are stacked and reduced in one sum and one max: on CPUs each
+    separate reduction is a kernel launch, which would dominate a single-batch call.
+    """
     c, n, m = batch.cache_len, batch.new_len, batch.mask
-    tokens = xp.sum(n * m)
-    n_req = xp.sum(m)
-    work, chain, blocks = attn.prefill_features(c, n, m, dims.q_heads, dims.window, backend, xp)
-    _, std_keys, split_keys, max_split_tiles, std_chain = attn.decode_features(
-        c, m, dims.window, backend, xp
+    t = attn.request_tiles(c, n, m, dims.window, backend, xp)
+    nm = n * m
+    sums = xp.sum(
+        xp.stack([nm, m, t["tiles"], t["m_blocks"], t["dec_std"], t["dec_split"]]), axis=-1
     )
-    is_decode = xp.max(n * m) <= 1.0
+    maxes = xp.max(xp.stack([nm, t["last"], t["dec_std"], t["dec_split"]]), axis=-1)
+    bn, sbn = float(backend.block_n), float(backend.split_block_n)
+    cand, eligible = attn.split_candidates(xp.maximum(maxes[3], 1.0), backend, xp)
     return dict(
-        tokens=tokens,
-        n_req=n_req,
-        pf_work=work,
-        pf_chain=chain,
-        pf_blocks=blocks,
-        is_decode=is_decode,
-        dec_std_keys=std_keys,
-        dec_split_keys=split_keys,
-        dec_max_split_tiles=max_split_tiles,
-        dec_std_chain=std_chain,
+        tokens=sums[0],
+        n_req=sums[1],
+        pf_work=dims.q_heads * sums[2] * bn,
+        pf_chain=maxes[1] * bn,
+        pf_blocks=dims.q_heads * sums[3],
+        is_decode=maxes[0] <= 1.0,
+        dec_std_keys=sums[4] * bn,
+        dec_split_keys=sums[5] * sbn,
+        dec_max_split_tiles=maxes[3],
+        dec_std_chain=maxes[2] * bn,
+        split_cand=cand,
+        split_eligible=eligible,
     )
 
 
@@ -151,7 +160,9 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
     swapped = f["is_decode"] & (groups > 1.0) & be.decode_swaps_groups
     n_blocks = xp.ceil(f["dec_max_split_tiles"])
     bhm = f["n_req"] * dims.kv_heads * xp.ceil(groups / be.split_block_m)
-    splits = attn.num_splits(bhm, hw.sm_count, xp.maximum(n_blocks, 1.0), be, xp)
+    splits = attn.num_splits(
+        bhm, hw.sm_count, xp.maximum(n_blocks, 1.0), be, xp, (f["split_cand"], f["split_eligible"])
+    )
     std = kernel_s(
         dims.kv_heads * f["dec_std_keys"],
         f["dec_std_chain"],
@@ -238,13 +249,13 @@ def step_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp):
 # jitted public entry points (module level: compiled once per shape)
 
 
-@eqx.filter_jit
+@partial(jax.jit, static_argnames="be")
 def breakdown_one(p: Params, dims: ModelDims, batch: Batch, hw: HwArrays, be=attn.FA2):
     """Per-operator seconds of one batch ``[R]`` on one GPU."""
     return breakdown_s(p, dims, batch, hw, be)
 
 
-@eqx.filter_jit
+@partial(jax.jit, static_argnames="be")
 def step_seconds_grid(p: Params, dims: ModelDims, batches: Batch, hws: HwArrays, be=attn.FA2):
     """Seconds for batches ``[N, R]`` × GPUs ``[H]`` → ``[N, H]``; features once per batch."""
 
@@ -255,7 +266,7 @@ def step_seconds_grid(p: Params, dims: ModelDims, batches: Batch, hws: HwArrays,
     return jax.vmap(one_batch)(batches)
 
 
-@eqx.filter_jit
+@partial(jax.jit, static_argnames="be")
 def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, be=attn.FA2):
     """Seconds for rows that each carry their own model: dims ``[N]``, batches ``[N, R]``."""
     return jax.vmap(lambda d, b: step_s(p, d, b, hw, be))(dims, batches)

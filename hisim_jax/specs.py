@@ -138,11 +138,25 @@ def _int_field(cfg: dict, path: Path, key: str, default: Any = None, minimum: in
     value = cfg.get(key, default)
     if value is None:
         raise SpecError(f"{path}: field '{key}' is missing")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+        or value != int(value)
+    ):
         raise SpecError(f"{path}: field '{key}' must be an integer, got {value!r}")
     if int(value) < minimum:
         raise SpecError(f"{path}: field '{key}' must be >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _bool_field(cfg: dict, path: Path, key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SpecError(f"{path}: field '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def model_from_config(
@@ -210,15 +224,15 @@ def model_from_config(
         head_dim=head_dim,
         intermediate_size=inter,
         vocab_size=vocab,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", _ARCH_QKV_BIAS.get(arch, False))),
+        tie_word_embeddings=_bool_field(cfg, path, "tie_word_embeddings", False),
+        qkv_bias=_bool_field(cfg, path, "attention_bias", _ARCH_QKV_BIAS.get(arch, False)),
         qk_norm=_ARCH_QK_NORM.get(arch, False),
         sliding_window=window,
         num_experts=n_exp,
         experts_per_token=top_k,
         moe_intermediate_size=moe_inter,
         num_moe_layers=n_moe_layers,
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
+        max_position_embeddings=_int_field(cfg, path, "max_position_embeddings", 0, minimum=0),
     )
 
 

@@ -573,16 +573,10 @@ def test_junk_int_field_raises_spec_error(case):
         pytest.fail(f"{field}={value!r} was accepted")
 
 
-# Non-finite numbers: Python's json module accepts NaN/Infinity in config.json, and the integer
-# check calls int(value) before rejecting them, so the loader raises a bare ValueError or
-# OverflowError instead of a SpecError naming the file and field.
-_NONFINITE_BUG = (
-    "specs._int_field calls int(value) on NaN/inf before validating it: ValueError/OverflowError "
-    "escapes instead of SpecError (fix: reject non-finite floats with math.isfinite first)"
-)
+# Non-finite numbers: Python's json module accepts NaN/Infinity in config.json; the loader
+# must reject them with a SpecError naming the file and field.
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError), reason=_NONFINITE_BUG)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("field", ["hidden_size", "num_key_value_heads", "vocab_size"])
 def test_non_finite_int_field_raises_spec_error(field, value):
@@ -591,7 +585,6 @@ def test_non_finite_int_field_raises_spec_error(field, value):
     assert field in one_line(str(ei.value))
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError), reason=_NONFINITE_BUG)
 @pytest.mark.parametrize("literal", ["NaN", "Infinity"])
 def test_config_json_with_non_finite_hidden_size(tmp_path, literal):
     p = tmp_path / "nan.json"
@@ -603,12 +596,6 @@ def test_config_json_with_non_finite_hidden_size(tmp_path, literal):
     assert str(p) in msg and "hidden_size" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, TypeError, OverflowError),
-    reason="specs.model_from_config converts max_position_embeddings with a bare int(), so junk "
-    "raises ValueError/TypeError instead of SpecError (fix: use _int_field(..., default=0, minimum=0))",
-)
 @pytest.mark.parametrize("value", ["abc", [1], math.nan], ids=["str", "list", "nan"])
 def test_junk_max_position_embeddings_raises_spec_error(value):
     with pytest.raises(SpecError) as ei:
