@@ -69,20 +69,22 @@ def request_tiles(cache_len, new_len, mask, window, be: AttentionBackend, xp):
     the standard kernel, ceil((c+1)/BN_split) in the split-KV kernel. A sliding window caps the
     visible prefix at ``window`` tokens.
     """
-    c = xp.where(window > 0, xp.minimum(cache_len, window), cache_len)
-    n = new_len
+    # Padded slots have c = n = 0, so every count below is already zero there without the mask.
+    cap = xp.where(window > 0, window, 1.0e30)
+    c = xp.minimum(cache_len, cap)
+    n = new_len * mask
     bm, bn = float(be.block_m), float(be.block_n)
-    m_blocks = _ceil_div(n, bm, xp) * mask
-    last = _ceil_div(c + n, bn, xp) * mask
-    tiles = (bm / bn) * m_blocks * (m_blocks - 1.0) * 0.5
-    tiles = tiles + xp.maximum(m_blocks - 1.0, 0.0) * _ceil_div(c, bn, xp) + last
-    keys = (c + 1.0) * mask
+    m_blocks = _ceil_div(n, bm, xp)
+    last = _ceil_div(c + n, bn, xp)
+    # (BM/BN) M(M-1)/2 + (M-1) ceil(c/BN) + last, factored; zero for padding (M = 0, c = 0)
+    tiles = (m_blocks - 1.0) * ((0.5 * bm / bn) * m_blocks + _ceil_div(c, bn, xp)) + last
+    # A decode's n is 1: it sees its c cached keys and itself, c + n keys, so its standard-kernel
+    # tile count is ``last``; the split-KV kernel uses wider key tiles.
     return dict(
         m_blocks=m_blocks,
         tiles=tiles,
         last=last,
-        dec_std=_ceil_div(keys, bn, xp),
-        dec_split=_ceil_div(keys, float(be.split_block_n), xp),
+        dec_split=_ceil_div(c + n, float(be.split_block_n), xp),
     )
 
 
@@ -94,33 +96,37 @@ def prefill_features(cache_len, new_len, mask, heads, window, be: AttentionBacke
     return heads * xp.sum(t["tiles"]) * bn, xp.max(t["last"]) * bn, heads * xp.sum(t["m_blocks"])
 
 
-def split_candidates(n_blocks, be: AttentionBackend, xp):
-    """Split counts 1..max_splits and which are eligible for ``n_blocks`` key tiles: a count is
-    skipped when it gives each split as many tiles as one split fewer would. Independent of the
-    GPU, so the estimator computes it once per batch."""
-    cand = xp.arange(
-        1, be.max_splits + 1, dtype=n_blocks.dtype if hasattr(n_blocks, "dtype") else float
-    )
+def split_eligible(n_blocks, be: AttentionBackend, xp):
+    """Which split counts 1..max_splits are eligible for ``n_blocks`` key tiles (shape
+    ``[max_splits]``): a count is skipped when it gives each split as many tiles as one split
+    fewer would. Independent of the GPU, so the estimator computes it once per batch."""
+    cand = xp.arange(1, be.max_splits + 1, dtype=xp.result_type(n_blocks))
     per_split = xp.ceil(n_blocks / cand)
     per_split_prev = xp.ceil(n_blocks / xp.maximum(cand - 1.0, 1.0))
-    eligible = (cand <= n_blocks) & ((cand == 1.0) | (per_split != per_split_prev))
-    return cand, eligible
+    return (cand <= n_blocks) & ((cand == 1.0) | (per_split != per_split_prev))
 
 
-def num_splits(batch_heads_mblocks, sm_count, n_blocks, be: AttentionBackend, xp, candidates=None):
+def num_splits(batch_heads_mblocks, sm_count, n_blocks, be: AttentionBackend, xp, eligible=None):
     """FA2's num_splits_heuristic, vectorized over the candidate split counts.
 
     Slots are 2 x SMs (two 128-thread CTAs per SM); no split if the grid already fills 80% of
     them; otherwise the smallest eligible split count reaching 85% of the best wave efficiency.
+    The candidate axis is the leading one (``eligible`` has shape ``[max_splits, ...]``,
+    broadcasting against the other arguments), so a grid of batches × GPUs reduces over
+    contiguous rows.
     """
-    cand, eligible = candidates if candidates is not None else split_candidates(n_blocks, be, xp)
+    if eligible is None:
+        eligible = split_eligible(n_blocks, be, xp)
+    extra = max(xp.ndim(batch_heads_mblocks), xp.ndim(sm_count), xp.ndim(n_blocks))
+    cand = xp.arange(1, be.max_splits + 1, dtype=xp.result_type(n_blocks))
+    cand = cand.reshape((be.max_splits,) + (1,) * extra)
     slots = sm_count * be.ctas_per_sm
     eligible = eligible & (cand <= slots)
     waves = batch_heads_mblocks * cand / slots  # a true division: ceil() must see exact integers
     eff = waves / xp.ceil(waves)
-    best = xp.max(xp.where(eligible, eff, 0.0))
+    best = xp.max(xp.where(eligible, eff, 0.0), axis=0)
     ok = eligible & (eff >= 0.85 * best)
-    first = xp.min(xp.where(ok, cand, 1.0 + be.max_splits))
+    first = xp.min(xp.where(ok, cand, 1.0 + be.max_splits), axis=0)
     first = xp.minimum(first, xp.maximum(xp.minimum(n_blocks, float(be.max_splits)), 1.0))
     return xp.where(batch_heads_mblocks >= 0.8 * slots, 1.0, first)
 

@@ -74,3 +74,16 @@ def pack(batches: Sequence[Sequence[tuple[int, int]]], bucket: int | None = None
         n[i, : len(arr)] = arr[:, 1]
         m[i, : len(arr)] = 1.0
     return Batch(c, n, m)
+
+
+def pack_by_bucket(
+    batches: Sequence[Sequence[tuple[int, int]]],
+) -> list[tuple[np.ndarray, Batch]]:
+    """Group batches by their power-of-two bucket and pack each group: padding then costs at
+    most 2x per batch instead of up to the largest batch's size. Returns (positions, Batch)."""
+    sizes = np.array([bucket_size(len(b)) for b in batches], dtype=np.int64)
+    out = []
+    for size in np.unique(sizes):
+        idx = np.flatnonzero(sizes == size)
+        out.append((idx, pack([batches[i] for i in idx], bucket=int(size))))
+    return out

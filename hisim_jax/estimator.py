@@ -23,7 +23,7 @@ import numpy as np
 
 from hisim_jax import attention as attn
 from hisim_jax import ops
-from hisim_jax.batch import Batch, bucket_size, pack
+from hisim_jax.batch import Batch, bucket_size, pack, pack_by_bucket
 from hisim_jax.ops import HwArrays, ModelDims
 from hisim_jax.paths import data_dir
 from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model
@@ -90,12 +90,10 @@ def features(dims: ModelDims, batch: Batch, backend: attn.AttentionBackend = att
     c, n, m = batch.cache_len, batch.new_len, batch.mask
     t = attn.request_tiles(c, n, m, dims.window, backend, xp)
     nm = n * m
-    sums = xp.sum(
-        xp.stack([nm, m, t["tiles"], t["m_blocks"], t["dec_std"], t["dec_split"]]), axis=-1
-    )
-    maxes = xp.max(xp.stack([nm, t["last"], t["dec_std"], t["dec_split"]]), axis=-1)
+    sums = xp.sum(xp.stack([nm, m, t["tiles"], t["m_blocks"], t["last"], t["dec_split"]]), axis=-1)
+    maxes = xp.max(xp.stack([nm, t["last"], t["dec_split"]]), axis=-1)
     bn, sbn = float(backend.block_n), float(backend.split_block_n)
-    cand, eligible = attn.split_candidates(xp.maximum(maxes[3], 1.0), backend, xp)
+    eligible = attn.split_eligible(xp.maximum(maxes[2], 1.0), backend, xp)
     return dict(
         tokens=sums[0],
         n_req=sums[1],
@@ -105,9 +103,8 @@ def features(dims: ModelDims, batch: Batch, backend: attn.AttentionBackend = att
         is_decode=maxes[0] <= 1.0,
         dec_std_keys=sums[4] * bn,
         dec_split_keys=sums[5] * sbn,
-        dec_max_split_tiles=maxes[3],
-        dec_std_chain=maxes[2] * bn,
-        split_cand=cand,
+        dec_max_split_tiles=maxes[2],
+        dec_std_chain=maxes[1] * bn,
         split_eligible=eligible,
     )
 
@@ -161,7 +158,7 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
     n_blocks = xp.ceil(f["dec_max_split_tiles"])
     bhm = f["n_req"] * dims.kv_heads * xp.ceil(groups / be.split_block_m)
     splits = attn.num_splits(
-        bhm, hw.sm_count, xp.maximum(n_blocks, 1.0), be, xp, (f["split_cand"], f["split_eligible"])
+        bhm, hw.sm_count, xp.maximum(n_blocks, 1.0), be, xp, f["split_eligible"]
     )
     std = kernel_s(
         dims.kv_heads * f["dec_std_keys"],
@@ -344,28 +341,28 @@ class Estimator:
             self.params = as_float_params(load_calibration(calibration, self.hardware[0].name))
         self.hws = ops.stack([ops.hw_arrays(h) for h in self.hardware])
 
-    def _pack(self, batches) -> Batch:
-        if (
-            batches
-            and isinstance(batches[0], (tuple, list))
-            and batches[0]
-            and isinstance(batches[0][0], (int, np.integer))
-        ):
-            batches = [batches]  # a single batch
-        b = pack(batches)
-        return jax.tree.map(ops._float, b)
+    @staticmethod
+    def _as_batches(batches) -> list:
+        if batches and isinstance(batches[0], (tuple, list)) and batches[0]:
+            if isinstance(batches[0][0], (int, np.integer)):
+                return [batches]  # a single batch
+        return list(batches)
 
     def step_latency_s(self, batches) -> np.ndarray:
-        """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several."""
-        out = np.asarray(
-            step_seconds_grid(self.params, self.dims, self._pack(batches), self.hws, self.backend)
-        )
+        """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several. Batches are
+        grouped by power-of-two bucket, one vectorized call per bucket."""
+        batches = self._as_batches(batches)
+        out = np.zeros((len(batches), len(self.hardware)))
+        for idx, packed in pack_by_bucket(batches):
+            b = jax.tree.map(ops._float, packed)
+            out[idx] = np.asarray(
+                step_seconds_grid(self.params, self.dims, b, self.hws, self.backend)
+            )
         return out[:, 0] if len(self.hardware) == 1 else out
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:
         """Per-operator seconds of one batch on one of the GPUs."""
-        b = self._pack([batch] if batch and isinstance(batch[0][0], (int, np.integer)) else batch)
-        b = jax.tree.map(lambda x: x[0], b)
+        b = jax.tree.map(lambda x: ops._float(x[0]), pack(self._as_batches(batch)[:1]))
         hw = jax.tree.map(lambda x: x[hardware_index], self.hws)
         parts = breakdown_one(self.params, self.dims, b, hw, self.backend)
         return {k: float(v) for k, v in parts.items()}
