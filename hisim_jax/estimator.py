@@ -146,7 +146,7 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
         work_s = work * key_gpu_s
         chain_s = chain * key_lone_s
         # The heaviest block may start late only if some blocks wait for an SM; with every
-        # block resident at once the makespan is max(work, chain).
+        # block on an SM of its own the makespan is max(work, chain).
         late = 1.0 - xp.minimum(1.0, hw.sm_count / xp.maximum(blocks, 1.0))
         tail = p.attn_blend * late * xp.minimum(work_s, chain_s)
         return xp.maximum(work_s, chain_s) + tail + blocks * p.attn_block_s / hw.sm_count
