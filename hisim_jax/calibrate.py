@@ -76,6 +76,7 @@ def read_steps(
     tp: int = 1,
     weight_dtype: str = "bf16",
     kv_dtype: str = "bf16",
+    act_dtype: str | None = None,
 ) -> StepRows:
     """Read a steps table (``model``, ``batch`` and, for fitting, ``step_ms``); other columns
     are kept in ``frame`` and otherwise ignored."""
@@ -118,7 +119,7 @@ def read_steps(
                 )
     try:
         dims_by_model = {
-            n: ops.model_dims(m, tp, weight_dtype, kv_dtype) for n, m in models.items()
+            n: ops.model_dims(m, tp, weight_dtype, kv_dtype, act_dtype) for n, m in models.items()
         }
     except ValueError as e:
         raise ProfileError(f"{path}: {e}") from None

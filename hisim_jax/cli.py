@@ -126,6 +126,9 @@ def estimate(
     tp: int = typer.Option(1, help="Tensor-parallel degree."),
     weight_dtype: str = typer.Option("bf16", help="bf16, fp8 or fp4."),
     kv_dtype: str = typer.Option("bf16", help="bf16 or fp8."),
+    act_dtype: str = typer.Option(
+        None, help="GEMM input precision (default: fp8 with fp8/fp4 weights, i.e. W8A8; else bf16)."
+    ),
     calibration: Path = typer.Option(
         None, help="Calibration JSON (default: the shipped H100 fit)."
     ),
@@ -139,11 +142,13 @@ def estimate(
     if batches is not None:
         if batch is not None:
             raise ValueError("give either --batch or --batches, not both")
-        return _estimate_csv(batches, out, hardware, tp, weight_dtype, kv_dtype, calibration, fmt)
+        return _estimate_csv(
+            batches, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt
+        )
     if out is not None:
         raise ValueError("--out goes with --batches")
     parsed = parse_batch(batch or DEFAULT_BATCH, where="--batch")
-    est = Estimator(model, hardware, tp, weight_dtype, kv_dtype, calibration)
+    est = Estimator(model, hardware, tp, weight_dtype, kv_dtype, calibration, act_dtype=act_dtype)
     lat = est.step_latency_s([parsed]).reshape(1, -1)[0]
     parts = [est.breakdown_s(parsed, i) for i in range(len(hardware))] if breakdown else None
     rows = [
@@ -180,14 +185,16 @@ def estimate(
                 )
 
 
-def _estimate_csv(path, out, hardware, tp, weight_dtype, kv_dtype, calibration, fmt):
+def _estimate_csv(path, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt):
     import pandas as pd
 
     from hisim_jax.calibrate import predict_steps_s, read_steps
     from hisim_jax.estimator import load_calibration
     from hisim_jax.specs import load_hardware
 
-    rows = read_steps(path, require_time=False, tp=tp, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+    rows = read_steps(
+        path, False, tp=tp, weight_dtype=weight_dtype, kv_dtype=kv_dtype, act_dtype=act_dtype
+    )
     hws = [load_hardware(h) for h in hardware]
     frames = []
     with _progress() as prog:

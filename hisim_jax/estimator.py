@@ -197,7 +197,12 @@ def costs(
 
     def gemm_s(m, k, n):
         return _roofline_s(
-            ops.gemm_flops(m, k, n), ops.gemm_bytes(m, k, n, wb, ab), peak, bw, p.gemm_blend, xp
+            ops.gemm_flops(m, k, n),
+            ops.gemm_bytes(m, k, n, wb, dims.gemm_in_bytes, ab),
+            peak,
+            bw,
+            p.gemm_blend,
+            xp,
         )
 
     out = {}
@@ -322,6 +327,7 @@ class Estimator:
         kv_dtype: str = "bf16",
         calibration: str | Path | Params | None = None,
         backend: str = "fa2",
+        act_dtype: str | None = None,
     ):
         self.model = model if isinstance(model, ModelSpec) else load_model(model)
         hw_list = [hardware] if isinstance(hardware, (str, Path, HardwareSpec)) else list(hardware)
@@ -334,7 +340,7 @@ class Estimator:
             )
         self.backend = attn.BACKENDS[backend]
         self.tp = tp
-        self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype)
+        self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype)
         if isinstance(calibration, Params):
             self.params = as_float_params(calibration)
         else:

@@ -42,16 +42,30 @@ class ModelDims(eqx.Module):
     qk_norm: jnp.ndarray  # 0/1
     tp: jnp.ndarray
     weight_bytes: jnp.ndarray  # bytes per weight element
-    act_bytes: jnp.ndarray  # bytes per activation element
+    act_bytes: jnp.ndarray  # bytes per activation element between kernels
+    gemm_in_bytes: jnp.ndarray  # bytes per GEMM input activation (1 when activations are fp8)
     kv_bytes: jnp.ndarray  # bytes per KV-cache element
 
 
 def model_dims(
-    spec: ModelSpec, tp: int = 1, weight_dtype: str = "bf16", kv_dtype: str = "bf16"
+    spec: ModelSpec,
+    tp: int = 1,
+    weight_dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    act_dtype: str | None = None,
 ) -> ModelDims:
+    """``act_dtype`` is the GEMM input precision; by default fp8/fp4 weights mean W8A8 GEMMs
+    (SGLang's fp8 path on Hopper quantizes activations per token), bf16 weights mean bf16.
+    Pass ``act_dtype="bf16"`` with fp8 weights for weight-only quantization (bf16 compute)."""
     if tp < 1 or spec.num_heads % tp:
         raise ValueError(f"tp={tp} must divide num_attention_heads={spec.num_heads} of {spec.name}")
-    for what, dt in (("weight dtype", weight_dtype), ("kv dtype", kv_dtype)):
+    if act_dtype is None:
+        act_dtype = "fp8" if DTYPE_BYTES.get(weight_dtype, 2.0) < 2.0 else "bf16"
+    for what, dt in (
+        ("weight dtype", weight_dtype),
+        ("kv dtype", kv_dtype),
+        ("act dtype", act_dtype),
+    ):
         if dt not in DTYPE_BYTES:
             raise ValueError(f"{what} {dt!r} unknown (choose from {', '.join(DTYPE_BYTES)})")
     f = _float
@@ -74,6 +88,7 @@ def model_dims(
         tp=f(tp),
         weight_bytes=f(DTYPE_BYTES[weight_dtype]),
         act_bytes=f(2.0),
+        gemm_in_bytes=f(DTYPE_BYTES[act_dtype]),
         kv_bytes=f(DTYPE_BYTES[kv_dtype]),
     )
 
@@ -101,11 +116,12 @@ def stack(trees):
 
 
 def gemm_peak_flops(dims: ModelDims, hw: HwArrays, xp=jnp):
-    """Tensor-core peak for the weight dtype: fp8 weights run fp8 GEMMs, fp4 run fp4."""
+    """Tensor-core peak of the GEMMs: the wider of weight and input precision sets it."""
+    widest = xp.maximum(dims.weight_bytes, dims.gemm_in_bytes)
     return xp.where(
-        dims.weight_bytes < 0.75,
+        widest < 0.75,
         hw.fp4_flops_per_s,
-        xp.where(dims.weight_bytes < 1.5, hw.fp8_flops_per_s, hw.bf16_flops_per_s),
+        xp.where(widest < 1.5, hw.fp8_flops_per_s, hw.bf16_flops_per_s),
     )
 
 
@@ -128,9 +144,9 @@ def gemm_flops(m, k, n):
     return 2.0 * m * k * n
 
 
-def gemm_bytes(m, k, n, w_bytes, a_bytes):
-    """Weights read once, activations read and written once."""
-    return k * n * w_bytes + m * (k + n) * a_bytes
+def gemm_bytes(m, k, n, w_bytes, in_bytes, out_bytes=2.0):
+    """Weights read once, input activations read once, bf16 output written once."""
+    return k * n * w_bytes + m * k * in_bytes + m * n * out_bytes
 
 
 def moe_experts_touched(tokens, experts, top_k, xp=jnp):

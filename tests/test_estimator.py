@@ -149,3 +149,14 @@ def test_sliding_window_caps_attention_cost():
 def test_single_batch_and_list_of_batches_agree(llama):
     b = [(0, 100), (5, 1)]
     assert llama.step_latency_s(b)[0] == pytest.approx(llama.step_latency_s([b])[0])
+
+
+def test_weight_only_fp8_computes_in_bf16():
+    w8a8 = Estimator("llama-3.1-8b", "h100-sxm", weight_dtype="fp8")
+    w8a16 = Estimator("llama-3.1-8b", "h100-sxm", weight_dtype="fp8", act_dtype="bf16")
+    bf16 = Estimator("llama-3.1-8b", "h100-sxm")
+    prefill = [[(0, 8192)]]
+    assert w8a8.step_latency_s(prefill)[0] < w8a16.step_latency_s(prefill)[0]
+    # weight-only fp8 still halves the weight bytes of a decode step
+    decode = [[(100, 1)] * 4]
+    assert w8a16.step_latency_s(decode)[0] < 0.75 * bf16.step_latency_s(decode)[0]
