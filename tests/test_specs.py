@@ -54,6 +54,13 @@ def one_line(msg: str) -> str:
     return msg
 
 
+def load_error(loader, path) -> str:
+    """The one-line SpecError message ``loader(path)`` raises."""
+    with pytest.raises(SpecError) as ei:
+        loader(path)
+    return one_line(str(ei.value))
+
+
 def architecture_of(path: Path) -> str:
     return json.loads(path.read_text())["architectures"][0]
 
@@ -169,9 +176,7 @@ def test_llama_3_2_1b_head_dim():
     ],
 )
 def test_unsupported_architectures_rejected(name, arch):
-    with pytest.raises(SpecError) as ei:
-        load_model(name)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, name)
     assert str(MODELS_DIR / f"{name}.json") in msg
     assert "architectures" in msg
     assert arch in msg
@@ -275,9 +280,7 @@ def llama_cfg() -> dict:
 def test_invalid_json_names_file_and_line(tmp_path):
     p = tmp_path / "broken.json"
     p.write_text('{\n  "architectures": ["LlamaForCausalLM"],\n  "hidden_size": ,\n}\n')
-    with pytest.raises(SpecError) as ei:
-        load_model(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, p)
     assert str(p) in msg
     assert "line 3" in msg
 
@@ -285,9 +288,7 @@ def test_invalid_json_names_file_and_line(tmp_path):
 def test_missing_hidden_size(tmp_path, llama_cfg):
     del llama_cfg["hidden_size"]
     p = write_json_model(tmp_path, llama_cfg)
-    with pytest.raises(SpecError) as ei:
-        load_model(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, p)
     assert str(p) in msg
     assert "hidden_size" in msg
     assert "missing" in msg
@@ -296,9 +297,7 @@ def test_missing_hidden_size(tmp_path, llama_cfg):
 def test_non_integer_hidden_size(tmp_path, llama_cfg):
     llama_cfg["hidden_size"] = "abc"
     p = write_json_model(tmp_path, llama_cfg)
-    with pytest.raises(SpecError) as ei:
-        load_model(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, p)
     assert str(p) in msg
     assert "hidden_size" in msg
     assert "abc" in msg
@@ -307,9 +306,7 @@ def test_non_integer_hidden_size(tmp_path, llama_cfg):
 def test_kv_heads_must_divide_heads(tmp_path, llama_cfg):
     llama_cfg["num_key_value_heads"] = 5  # 32 heads
     p = write_json_model(tmp_path, llama_cfg)
-    with pytest.raises(SpecError) as ei:
-        load_model(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, p)
     assert str(p) in msg
     assert "num_key_value_heads" in msg
     assert "5" in msg
@@ -319,18 +316,14 @@ def test_top_k_above_experts(tmp_path):
     cfg = json.loads((MODELS_DIR / "mixtral-8x7b.json").read_text())
     cfg["num_experts_per_tok"] = 9
     p = write_json_model(tmp_path, cfg)
-    with pytest.raises(SpecError) as ei:
-        load_model(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, p)
     assert "num_experts_per_tok" in msg and str(p) in msg
 
 
 def test_json_not_an_object(tmp_path):
     p = tmp_path / "list.json"
     p.write_text("[1, 2, 3]\n")
-    with pytest.raises(SpecError) as ei:
-        load_model(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, p)
     assert str(p) in msg
 
 
@@ -360,9 +353,7 @@ def test_hardware_copy_loads(tmp_path, h100_doc):
 def test_hardware_non_number(tmp_path, h100_doc, as_entry):
     h100_doc["hbm_bytes_per_s"] = {"value": "fast", "source": "x"} if as_entry else "fast"
     p = write_yaml(tmp_path, h100_doc)
-    with pytest.raises(SpecError) as ei:
-        load_hardware(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_hardware, p)
     assert str(p) in msg
     assert "'hbm_bytes_per_s'" in msg
     assert "fast" in msg
@@ -371,9 +362,7 @@ def test_hardware_non_number(tmp_path, h100_doc, as_entry):
 def test_hardware_negative_value(tmp_path, h100_doc):
     h100_doc["hbm_bytes"] = {"value": -80.0e9, "source": "x"}
     p = write_yaml(tmp_path, h100_doc)
-    with pytest.raises(SpecError) as ei:
-        load_hardware(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_hardware, p)
     assert str(p) in msg
     assert "hbm_bytes" in msg
     assert "-80" in msg
@@ -390,9 +379,7 @@ def test_hardware_zero_value(tmp_path, h100_doc):
 def test_hardware_missing_field(tmp_path, h100_doc):
     del h100_doc["l2_bytes"]
     p = write_yaml(tmp_path, h100_doc)
-    with pytest.raises(SpecError) as ei:
-        load_hardware(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_hardware, p)
     assert str(p) in msg
     assert "l2_bytes" in msg
     assert "missing" in msg
@@ -401,18 +388,14 @@ def test_hardware_missing_field(tmp_path, h100_doc):
 def test_hardware_required_field_null(tmp_path, h100_doc):
     h100_doc["bf16_flops_per_s"] = {"value": None, "source": "x"}
     p = write_yaml(tmp_path, h100_doc)
-    with pytest.raises(SpecError) as ei:
-        load_hardware(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_hardware, p)
     assert "bf16_flops_per_s" in msg and str(p) in msg
 
 
 def test_hardware_malformed_yaml(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("name: x\nsm_count: {value: 132, source: 'a'\nbf16_flops_per_s: [1, 2\n")
-    with pytest.raises(SpecError) as ei:
-        load_hardware(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_hardware, p)
     assert str(p) in msg
     assert "YAML" in msg
     assert "line" in msg
@@ -590,9 +573,7 @@ def test_config_json_with_non_finite_hidden_size(tmp_path, literal):
     p = tmp_path / "nan.json"
     p.write_text(json.dumps(_BASE_CFG).replace('"hidden_size": 256', f'"hidden_size": {literal}'))
     assert literal in p.read_text()
-    with pytest.raises(SpecError) as ei:
-        load_model(p)
-    msg = one_line(str(ei.value))
+    msg = load_error(load_model, p)
     assert str(p) in msg and "hidden_size" in msg
 
 
