@@ -29,10 +29,10 @@ from hisim_jax.paths import data_dir
 from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model
 
 DEFAULT_CALIBRATION = "h100-sxm"
-_MOE_BLOCK_M = 64.0
+_MOE_BLOCK_M = 64.0  # fused-MoE kernel M tile (SGLang/vLLM triton fused_moe default config)
 # Elementwise kernels stream at the device-to-device copy ceiling: 2.97 of 3.35 TB/s measured
 # on the H100 (data/profiles/h100/device.json). Their fitted pass counts absorb the rest.
-COPY_BW_FRACTION = 0.886  # fused-MoE kernel M tile (SGLang/vLLM triton fused_moe default config)
+COPY_BW_FRACTION = 0.886
 
 
 class Params(eqx.Module):
@@ -217,7 +217,10 @@ def costs(
     rows = ops.moe_padded_rows(t, e, k, _MOE_BLOCK_M, xp)
     touched = ops.moe_experts_touched(t, e, k, xp)
     moe_flops = 2.0 * rows * 3.0 * h * im
-    moe_bytes = touched * 3.0 * h * im * wb + t * k * (2.0 * h + 3.0 * im) * ab
+    # weights of the touched experts; per routed token: read h and I (inputs), write 2I and h
+    moe_bytes = touched * 3.0 * h * im * wb + t * k * (
+        (h + im) * dims.gemm_in_bytes + (2.0 * im + h) * ab
+    )
     out["moe"] = dims.moe_layers * (
         gemm_s(t, h, e) + _roofline_s(moe_flops, moe_bytes, peak, bw, p.gemm_blend, xp)
     )
