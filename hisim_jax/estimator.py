@@ -148,7 +148,9 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
         # The heaviest block may start late only if some blocks wait for an SM; with every
         # block on an SM of its own the makespan is max(work, chain).
         late = 1.0 - xp.minimum(1.0, hw.sm_count / xp.maximum(blocks, 1.0))
-        tail = p.attn_blend * late * xp.minimum(work_s, chain_s)
+        # ... and only by as much as it exceeds an average block (equal blocks form waves)
+        excess_s = (chain - work / xp.maximum(blocks, 1.0)) * key_lone_s
+        tail = p.attn_blend * late * xp.minimum(work_s, xp.maximum(excess_s, 0.0))
         return xp.maximum(work_s, chain_s) + tail + blocks * p.attn_block_s / hw.sm_count
 
     prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m), groups)
