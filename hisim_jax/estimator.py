@@ -47,6 +47,7 @@ class Params(eqx.Module):
     attn_chain_bytes_eff: jnp.ndarray = 2.0  # a lone SM can pull more than 1/SMs of HBM
     attn_blend: jnp.ndarray = 0.3  # tail of the block schedule beyond max(work, chain)
     attn_block_s: jnp.ndarray = 1.0e-6  # per thread block: Q load, softmax epilogue, O write
+    attn_combine_s: jnp.ndarray = 3.0e-6  # the split-KV combine kernel's fixed cost
     elem_hidden: jnp.ndarray = 40.0  # unfused passes over hidden-width vectors per token-layer
     elem_inter: jnp.ndarray = 5.0  # ... over MLP-width vectors
     elem_qkv: jnp.ndarray = 8.0  # ... over q/k/v-width vectors
@@ -182,7 +183,7 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
             1.0,
         )
         + combine_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff)
-        + p.attn_block_s
+        + p.attn_combine_s
     )
     decode = xp.where(splits > 1.0, split, std)
     return xp.where(swapped, decode, prefill)
