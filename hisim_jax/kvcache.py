@@ -1,0 +1,488 @@
+"""Three-tier prefix KV cache: L1 GPU HBM, L2 host DRAM, L3 SSD or remote store.
+
+Prefix identity comes from the workload: a prompt is a chain of block ids (one per
+``block_tokens`` tokens, the last block possibly partial) and two prompts share the KV of their
+first k blocks iff their first k ids are equal. The cache keeps those blocks in a trie; each
+node can be resident in any subset of the tiers. Residency in every tier is prefix-closed (a
+node is only resident where its parent is, or was loaded together with it), because eviction
+only ever takes a tier's leaves: nodes with no child resident in that tier and, in L1, no
+running request pinning them. So pages in use are never evicted.
+
+Transfers between tiers go over FIFO links (L2→L1 and L1→L2 over PCIe, L3→L2 and L2→L3 over
+the SSD or network), each with a ``busy_until`` time on the global clock: a transfer starts when
+its link is free and lasts bytes / bandwidth. The cache only books the time; the scheduler
+decides whether a request waits for its transfers (prefetch policies) and the engine overlaps
+L2→L1 loads with the forward pass layer by layer.
+
+Capacities are in tokens (per TP rank: every rank holds its heads' share of each token), rounded
+up to ``page_size`` tokens per node. Everything here is plain Python: it runs once per request
+event, never per decode step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+L1, L2, L3 = 0, 1, 2
+TIER_NAMES = ("l1", "l2", "l3")
+EVICTION_POLICIES = ("lru", "lfu")
+WRITE_POLICIES = ("write_through", "write_back")
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheConfig:
+    """Tier capacities (tokens) and link bandwidths (bytes/s); SGLang's defaults where it has
+    them (page size 1, LRU, HiCache write-through)."""
+
+    l1_tokens: int
+    bytes_per_token: float  # KV bytes of one token on one TP rank
+    block_tokens: int = 64  # tokens per prefix block of the workload
+    page_size: int = 1
+    l2_tokens: int = 0
+    l3_tokens: int = 0
+    l2_read_bytes_per_s: float = 55e9  # L2 -> L1 (host to device)
+    l2_write_bytes_per_s: float = 55e9  # L1 -> L2
+    l3_read_bytes_per_s: float = 7e9  # L3 -> L2
+    l3_write_bytes_per_s: float = 4e9  # L2 -> L3
+    eviction: str = "lru"
+    write_policy: str = "write_through"
+
+    def __post_init__(self):
+        if self.l1_tokens <= 0:
+            raise ValueError(f"l1_tokens must be positive, got {self.l1_tokens}")
+        if self.page_size < 1 or self.block_tokens < 1:
+            raise ValueError("page_size and block_tokens must be >= 1")
+        if self.eviction not in EVICTION_POLICIES:
+            raise ValueError(
+                f"eviction {self.eviction!r} unknown (choose from {', '.join(EVICTION_POLICIES)})"
+            )
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(
+                f"write policy {self.write_policy!r} unknown (choose from {', '.join(WRITE_POLICIES)})"
+            )
+        if min(self.l2_tokens, self.l3_tokens) < 0:
+            raise ValueError("tier capacities must be >= 0")
+
+
+class _Node:
+    """A prefix block. Mutable internal bookkeeping; never leaves this module."""
+
+    __slots__ = (
+        "id",
+        "parent",
+        "tokens",
+        "pages",
+        "children",
+        "tiers",
+        "child_res",
+        "pins",
+        "last_use",
+        "uses",
+    )
+
+    def __init__(self, node_id: int, parent: _Node | None, tokens: int, pages: int):
+        self.id = node_id
+        self.parent = parent
+        self.tokens = tokens
+        self.pages = pages  # tokens rounded up to the page size
+        self.children: dict[int, _Node] = {}
+        self.tiers = [False, False, False]
+        self.child_res = [0, 0, 0]  # children resident per tier
+        self.pins = 0
+        self.last_use = 0.0
+        self.uses = 0
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """The longest cached prefix of a prompt: its nodes and where each is fastest to get."""
+
+    nodes: list = field(default_factory=list)
+    tier_of: list = field(default_factory=list)  # per node: L1, L2 or L3
+    tokens: list = field(default_factory=lambda: [0, 0, 0])  # hit tokens per tier
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hit_tokens: list = field(default_factory=lambda: [0, 0, 0])
+    miss_tokens: int = 0
+    evicted_tokens: list = field(default_factory=lambda: [0, 0, 0])
+    bytes_moved: dict = field(
+        default_factory=lambda: {"l2_to_l1": 0.0, "l1_to_l2": 0.0, "l3_to_l2": 0.0, "l2_to_l3": 0.0}
+    )
+
+
+class KVCache:
+    """The prefix trie over three tiers, with capacity accounting and timed transfers."""
+
+    def __init__(self, cfg: KVCacheConfig):
+        self.cfg = cfg
+        self.capacity = [cfg.l1_tokens, cfg.l2_tokens, cfg.l3_tokens]
+        self.used = [0, 0, 0]  # tree pages resident per tier
+        self.resident_nodes = [0, 0, 0]
+        self.private = 0  # L1 tokens of running requests outside the tree
+        self.root = _Node(-1, None, 0, 0)
+        self.root.tiers = [True, True, True]
+        self._heaps: list[list] = [[], [], []]
+        self._seq = 0
+        self.link_busy_until = {"l2_to_l1": 0.0, "l1_to_l2": 0.0, "l3_to_l2": 0.0, "l2_to_l3": 0.0}
+        self.stats = CacheStats()
+        # Nodes an operation in progress relies on: no tier may evict them meanwhile (an L1
+        # eviction can cascade into L2 and L3 evictions through write-back).
+        self._guard: set[int] = set()
+
+    # --------------------------------------------------------------------------------------
+    # capacity
+
+    def pages(self, tokens: int) -> int:
+        p = self.cfg.page_size
+        return -(-int(tokens) // p) * p
+
+    def l1_free(self) -> int:
+        return self.capacity[L1] - self.used[L1] - self.private
+
+    def alloc_private(self, tokens: int) -> None:
+        self.private += tokens
+
+    def free_private(self, tokens: int) -> None:
+        self.private -= tokens
+        if self.private < 0:
+            raise AssertionError("private KV tokens went negative")
+
+    def free(self, tier: int) -> int:
+        return self.l1_free() if tier == L1 else self.capacity[tier] - self.used[tier]
+
+    def make_room(self, tier: int, tokens: int, now: float, protect=()) -> bool:
+        """Evict leaves of ``tier`` until ``tokens`` fit; False if pinned or protected pages
+        prevent it (what was evicted stays evicted)."""
+        if tokens > self.capacity[tier]:
+            return False
+        added = {id(n) for n in protect} - self._guard
+        self._guard |= added
+        try:
+            while self.free(tier) < tokens:
+                node = self._pop_victim(tier)
+                if node is None:
+                    return False
+                self._evict(node, tier, now)
+            return True
+        finally:
+            self._guard -= added
+
+    # --------------------------------------------------------------------------------------
+    # lookup and insertion
+
+    def lookup(self, block_ids, input_len: int) -> PrefixHit:
+        """Longest prefix of the prompt resident in any tier. A fully cached prompt still
+        computes its last token (the step must produce logits), as SGLang's radix cache does."""
+        hit = PrefixHit()
+        node = self.root
+        bt = self.cfg.block_tokens
+        covered = 0
+        for k, bid in enumerate(block_ids):
+            child = node.children.get(bid)
+            if child is None:
+                break
+            tier = (
+                L1 if child.tiers[L1] else L2 if child.tiers[L2] else L3 if child.tiers[L3] else -1
+            )
+            block_len = min(bt, input_len - k * bt)
+            if tier < 0 or block_len <= 0 or child.tokens != block_len:
+                break
+            hit.nodes.append(child)
+            hit.tier_of.append(tier)
+            hit.tokens[tier] += block_len
+            covered += block_len
+            node = child
+        if covered >= input_len and hit.nodes:
+            hit.tokens[hit.tier_of[-1]] -= covered - input_len + 1
+        return hit
+
+    def record_lookup(self, hit: PrefixHit, input_len: int) -> None:
+        for t in range(3):
+            self.stats.hit_tokens[t] += hit.tokens[t]
+        self.stats.miss_tokens += input_len - hit.total_tokens
+
+    def insert(self, block_ids, input_len: int, now: float) -> tuple[list, int]:
+        """Put a computed prompt's blocks into L1: the request's private tokens become tree
+        pages. Returns the path of nodes (for the caller to pin) and the pages newly placed in
+        L1, which the caller frees from its private allocation. With write-through, new blocks
+        are copied to L2 and L3 as well (as far as they fit)."""
+        node = self.root
+        bt = self.cfg.block_tokens
+        path = []
+        new_l1_pages = 0
+        for k, bid in enumerate(block_ids):
+            block_len = min(bt, input_len - k * bt)
+            if block_len <= 0:
+                break
+            child = node.children.get(bid)
+            if child is None:
+                child = _Node(bid, node, block_len, self.pages(block_len))
+                node.children[bid] = child
+            elif child.tokens != block_len:
+                break  # a partial block that another prompt extends: not the same KV
+            if not child.tiers[L1]:
+                self._set_resident(child, L1, now)
+                new_l1_pages += child.pages
+            self._touch(child, now)
+            path.append(child)
+            node = child
+        if self.cfg.write_policy == "write_through":
+            for tier in (L2, L3):
+                if self.capacity[tier] > 0:
+                    self._copy_down(path, tier, now, protect=path)
+        return path, new_l1_pages
+
+    def pin(self, nodes) -> None:
+        for n in nodes:
+            if not n.tiers[L1]:
+                raise AssertionError(f"pinning block {n.id}, which is not in L1")
+            n.pins += 1
+
+    def release(self, nodes, now: float) -> None:
+        """A request is done with these nodes: unpin them (they stay cached)."""
+        for n in nodes:
+            n.pins -= 1
+            if n.pins < 0:
+                raise AssertionError("KV node unpinned more often than pinned")
+            self._touch(n, now)
+
+    def acquire(self, hit: PrefixHit, now: float) -> float | None:
+        """Pin a hit's nodes in L1 for a request, loading its L2/L3 part into L1 first.
+        Returns when the loaded bytes have landed (``now`` if all were in L1), or None, with
+        nothing pinned, if L1 cannot make room."""
+        l1_nodes = [n for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t == L1]
+        self.pin(l1_nodes)
+        done = self._load_to_l1(hit, now)
+        if done is None:
+            self.release(l1_nodes, now)
+            return None
+        self.pin([n for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t != L1])
+        return done
+
+    # --------------------------------------------------------------------------------------
+    # transfers
+
+    def _book(self, link: str, nbytes: float, bandwidth: float, now: float) -> float:
+        start = max(now, self.link_busy_until[link])
+        end = start + nbytes / bandwidth
+        self.link_busy_until[link] = end
+        self.stats.bytes_moved[link] += nbytes
+        return end
+
+    def _load_to_l1(self, hit: PrefixHit, now: float) -> float | None:
+        """Copy the hit's L2 (and, through L2, L3) nodes into L1; returns when the last byte
+        lands, or None if L1 cannot make room. L3 nodes first travel L3→L2."""
+        lower = [n for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t != L1]
+        if not lower:
+            return now
+        need = sum(n.pages for n in lower)
+        if not self.make_room(L1, need, now, protect=hit.nodes):
+            return None
+        ready = now
+        if any(not n.tiers[L2] for n in lower):
+            ready = self.prefetch_to_l2(hit.nodes, now, protect=hit.nodes)
+            if ready is None:  # L2 cannot take them: read L3 straight into L1, as slowly
+                nbytes = sum(n.tokens for n in lower if not n.tiers[L2]) * self.cfg.bytes_per_token
+                ready = self._book("l3_to_l2", nbytes, self.cfg.l3_read_bytes_per_s, now)
+        nbytes = sum(n.tokens for n in lower) * self.cfg.bytes_per_token
+        done = self._book("l2_to_l1", nbytes, self.cfg.l2_read_bytes_per_s, ready)
+        for n in lower:
+            self._set_resident(n, L1, now)
+            self._touch(n, now)
+        return done
+
+    def prefetch_to_l2(self, path, now: float, protect=()) -> float | None:
+        """Bring a prefix path into L2 ahead of scheduling: blocks only in L3 are read from it,
+        blocks only in L1 are copied down (so L2 holds the whole prefix). Returns when the L3
+        reads complete, or None if L2 cannot make room."""
+        todo = [n for n in path if not n.tiers[L2]]
+        if not todo:
+            return now
+        keep = list(protect) + list(path)
+        if not self.make_room(L2, sum(n.pages for n in todo), now, protect=keep):
+            return None
+        from_l3 = [n for n in todo if not n.tiers[L1]]
+        from_l1 = [n for n in todo if n.tiers[L1]]
+        for n in todo:  # path order: parents first
+            self._set_resident(n, L2, now)
+        if from_l1:
+            self._book(
+                "l1_to_l2",
+                sum(n.tokens for n in from_l1) * self.cfg.bytes_per_token,
+                self.cfg.l2_write_bytes_per_s,
+                now,
+            )
+        if not from_l3:
+            return now
+        nbytes = sum(n.tokens for n in from_l3) * self.cfg.bytes_per_token
+        return self._book("l3_to_l2", nbytes, self.cfg.l3_read_bytes_per_s, now)
+
+    def _copy_down(self, nodes, tier: int, now: float, protect=()) -> None:
+        """Write nodes that are not yet in ``tier`` (L2 or L3), evicting there as needed; stops
+        where the path would lose its prefix (a node may only be where its parent is)."""
+        todo = [n for n in nodes if not n.tiers[tier]]
+        if not todo:
+            return
+        guard = list(protect) + list(nodes)
+        kept = []
+        for n in todo:
+            if not self.make_room(tier, n.pages, now, protect=guard) or not n.parent.tiers[tier]:
+                break
+            kept.append(n)
+            self._set_resident(n, tier, now)
+        if kept:
+            link, bw = (
+                ("l1_to_l2", self.cfg.l2_write_bytes_per_s)
+                if tier == L2
+                else ("l2_to_l3", self.cfg.l3_write_bytes_per_s)
+            )
+            self._book(link, sum(n.tokens for n in kept) * self.cfg.bytes_per_token, bw, now)
+
+    # --------------------------------------------------------------------------------------
+    # residency and eviction
+
+    def _set_resident(self, node: _Node, tier: int, now: float) -> None:
+        if node.tiers[tier]:
+            return
+        parent = node.parent
+        if parent is not None and not parent.tiers[tier]:
+            raise AssertionError(
+                f"prefix broken: parent of block {node.id} not in {TIER_NAMES[tier]}"
+            )
+        node.tiers[tier] = True
+        self.used[tier] += node.pages
+        self.resident_nodes[tier] += 1
+        parent.child_res[tier] += 1
+        self._push(node, tier)
+
+    def _touch(self, node: _Node, now: float) -> None:
+        node.last_use = now
+        node.uses += 1
+        for t in range(3):
+            if node.tiers[t] and node.child_res[t] == 0:
+                self._push(node, t)
+
+    def _key(self, node: _Node) -> tuple:
+        if self.cfg.eviction == "lfu":
+            return (node.uses, node.last_use)
+        return (node.last_use,)
+
+    def _push(self, node: _Node, tier: int) -> None:
+        self._seq += 1
+        heap = self._heaps[tier]
+        heapq.heappush(heap, (self._key(node), self._seq, node))
+        if len(heap) > 64 + 4 * self.resident_nodes[tier]:
+            self._compact(tier)
+
+    def _compact(self, tier: int) -> None:
+        """Drop stale heap entries (lazy deletion keeps one per touch)."""
+        live = {}
+        for key, seq, node in self._heaps[tier]:
+            if node.tiers[tier] and node.child_res[tier] == 0 and key == self._key(node):
+                live[id(node)] = (key, seq, node)
+        self._heaps[tier] = list(live.values())
+        heapq.heapify(self._heaps[tier])
+
+    def _evictable(self, node: _Node, tier: int) -> bool:
+        return (
+            node.tiers[tier]
+            and node.child_res[tier] == 0
+            and (tier != L1 or node.pins == 0)
+            and node is not self.root
+        )
+
+    def _pop_victim(self, tier: int) -> _Node | None:
+        heap = self._heaps[tier]
+        guard = self._guard
+        skipped = []
+        victim = None
+        while heap:
+            key, seq, node = heapq.heappop(heap)
+            if not self._evictable(node, tier) or id(node) in guard:
+                if node.tiers[tier] and node.child_res[tier] == 0 and key == self._key(node):
+                    skipped.append((key, seq, node))  # pinned or protected now, evictable later
+                continue
+            if key != self._key(node):
+                continue  # stale entry; a fresher one is in the heap
+            victim = node
+            break
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return victim
+
+    def _evict(self, node: _Node, tier: int, now: float) -> None:
+        # write back on evict: a block leaving L1 (L2) goes down to L2 (L3) unless already
+        # there (always, under write-through, when it fitted at insert time)
+        # (with the ancestors it lacks there, which stay where they are too: the lower tier
+        # must hold the whole prefix for the block to be usable)
+        lower = tier + 1
+        if lower <= L3 and self.capacity[lower] > 0 and not node.tiers[lower]:
+            chain, a = [], node
+            while a is not self.root and not a.tiers[lower]:
+                chain.append(a)
+                a = a.parent
+            self._copy_down(chain[::-1], lower, now)
+        node.tiers[tier] = False
+        self.used[tier] -= node.pages
+        self.resident_nodes[tier] -= 1
+        node.parent.child_res[tier] -= 1
+        self.stats.evicted_tokens[tier] += node.tokens
+        parent = node.parent
+        if parent is not self.root and parent.child_res[tier] == 0 and parent.tiers[tier]:
+            self._push(parent, tier)
+        if not any(node.tiers) and not node.children:
+            del parent.children[node.id]  # forget blocks held nowhere
+
+    # --------------------------------------------------------------------------------------
+    # checks
+
+    def check_invariants(self) -> None:
+        """Capacities respected, counts consistent, residency prefix-closed (for tests)."""
+        used = [0, 0, 0]
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            counts = [0, 0, 0]
+            for c in n.children.values():
+                for t in range(3):
+                    if c.tiers[t]:
+                        counts[t] += 1
+                        used[t] += c.pages
+                        if not n.tiers[t]:
+                            raise AssertionError(
+                                f"block {c.id} in {TIER_NAMES[t]} without its parent"
+                            )
+                if c.pins < 0:
+                    raise AssertionError("negative pin count")
+                if c.pins > 0 and not c.tiers[L1]:
+                    raise AssertionError(f"pinned block {c.id} not in L1")
+                stack.append(c)
+            if counts != n.child_res:
+                raise AssertionError(f"child residency counts of block {n.id} out of date")
+        if used != self.used:
+            raise AssertionError(f"tier usage {self.used} != recount {used}")
+        for t in range(3):
+            if self.used[t] + (self.private if t == L1 else 0) > self.capacity[t]:
+                raise AssertionError(f"{TIER_NAMES[t]} over capacity")
+
+    def pinned_nodes(self) -> int:
+        count, stack = 0, [self.root]
+        while stack:
+            n = stack.pop()
+            for c in n.children.values():
+                count += c.pins > 0
+                stack.append(c)
+        return count
+
+
+def kv_tokens_capacity(free_bytes: float, bytes_per_token: float) -> int:
+    """Tokens that fit in ``free_bytes`` (floor)."""
+    return max(0, math.floor(free_bytes / bytes_per_token))

@@ -1,0 +1,206 @@
+"""The three-tier prefix KV cache: hits, eviction order, pinning, transfers, invariants."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hisim_jax.kvcache import L1, L2, L3, KVCache, KVCacheConfig
+
+BT = 4  # tokens per block in these tests
+
+
+def cfg(**kw):
+    base = dict(l1_tokens=40, bytes_per_token=1000.0, block_tokens=BT)
+    base.update(kw)
+    return KVCacheConfig(**base)
+
+
+def serve(cache: KVCache, ids, input_len, now):
+    """One request's life, as the engine drives it: look up, acquire, compute the rest,
+    insert, release."""
+    hit = cache.lookup(ids, input_len)
+    cache.record_lookup(hit, input_len)
+    done = cache.acquire(hit, now)
+    assert done is not None
+    new = input_len - hit.total_tokens
+    assert cache.make_room(L1, cache.pages(new), now)
+    cache.alloc_private(cache.pages(new))
+    path, new_pages = cache.insert(ids, input_len, now)
+    cache.free_private(min(new_pages, cache.pages(new)))
+    cache.free_private(cache.pages(new) - min(new_pages, cache.pages(new)))
+    cache.release(hit.nodes, now)
+    cache.check_invariants()
+    return hit, done
+
+
+def test_prefix_hit_and_at_least_one_new_token():
+    c = KVCache(cfg())
+    serve(c, (1, 2, 3), 12, 0.0)
+    hit = c.lookup((1, 2, 3), 12)
+    # the whole prompt is cached, but its last token must still be computed
+    assert hit.tokens == [11, 0, 0]
+    hit = c.lookup((1, 2, 9, 9), 16)
+    assert hit.tokens == [8, 0, 0]
+    assert c.lookup((7, 2, 3), 12).total_tokens == 0
+
+
+def test_partial_last_block_is_not_a_full_block():
+    c = KVCache(cfg())
+    serve(c, (1, 2), 6, 0.0)  # block 2 holds 2 tokens
+    assert c.lookup((1, 2, 5), 12).tokens == [4, 0, 0]  # block 2 is full here: not the same KV
+    assert c.lookup((1, 2), 6).tokens == [5, 0, 0]
+
+
+def test_lru_evicts_least_recent_leaf_first():
+    c = KVCache(cfg(l1_tokens=16))
+    serve(c, (1, 2), 8, 0.0)
+    serve(c, (3, 4), 8, 1.0)
+    serve(c, (1, 2), 8, 2.0)  # refresh (1, 2)
+    serve(c, (5, 6), 8, 3.0)  # must evict (3, 4): leaf 4 first, then 3
+    assert c.lookup((3, 4), 9).total_tokens == 0
+    assert c.lookup((1, 2), 9).total_tokens == 8
+    assert c.stats.evicted_tokens[L1] == 8
+
+
+def test_lfu_keeps_frequent_blocks():
+    c = KVCache(cfg(l1_tokens=16, eviction="lfu"))
+    for t in range(3):
+        serve(c, (1, 2), 8, float(t))
+    serve(c, (3, 4), 8, 5.0)
+    serve(c, (5, 6), 8, 6.0)  # LRU would evict (1, 2); LFU evicts the once-used (3, 4)
+    assert c.lookup((1, 2), 9).total_tokens == 8
+    assert c.lookup((3, 4), 9).total_tokens == 0
+
+
+def test_pinned_pages_are_never_evicted():
+    c = KVCache(cfg(l1_tokens=16))
+    serve(c, (1, 2), 8, 0.0)
+    hit = c.lookup((1, 2, 3), 12)
+    assert c.acquire(hit, 1.0) == 1.0
+    assert not c.make_room(L1, 16, 2.0)  # 8 tokens pinned
+    assert c.make_room(L1, 8, 2.0)
+    assert c.lookup((1, 2), 9).total_tokens == 8
+    c.release(hit.nodes, 3.0)
+    assert c.make_room(L1, 16, 4.0)
+    c.check_invariants()
+
+
+def test_write_through_to_l2_then_reload_is_timed_by_bandwidth():
+    c = KVCache(cfg(l1_tokens=8, l2_tokens=64, l2_read_bytes_per_s=1000.0 * 4 / 0.5))
+    serve(c, (1, 2), 8, 0.0)
+    assert c.stats.bytes_moved["l1_to_l2"] == 8 * 1000.0
+    serve(c, (3, 4), 8, 1.0)  # evicts (1, 2) from L1; they stay in L2
+    hit = c.lookup((1, 2, 7), 12)
+    assert hit.tokens == [0, 8, 0]
+    done = c.acquire(hit, 10.0)  # 8 tokens * 1000 B at 8000 B/s
+    assert done == pytest.approx(10.0 + 1.0)
+    assert c.lookup((1, 2, 7), 12).tokens == [8, 0, 0]
+    c.release(hit.nodes, 11.0)
+    c.check_invariants()
+
+
+def test_write_back_moves_only_on_eviction_and_l3_below():
+    c = KVCache(cfg(l1_tokens=12, l2_tokens=8, l3_tokens=64, write_policy="write_back"))
+    serve(c, (1, 2), 8, 0.0)
+    assert c.stats.bytes_moved["l1_to_l2"] == 0
+    serve(c, (3, 4), 8, 1.0)  # leaf 2 leaves L1: written back with its prefix (1, 2)
+    assert c.stats.bytes_moved["l1_to_l2"] == 8 * 1000.0
+    assert c.lookup((1, 2, 0), 12).tokens == [4, 4, 0]
+    serve(c, (5, 6), 8, 2.0)  # L1 drops 1 and 4; (3, 4) into L2 pushes (1, 2) down to L3
+    assert c.lookup((1, 2, 0), 12).tokens == [0, 0, 8]
+    hit, done = serve(c, (1, 2, 0), 12, 3.0)
+    assert hit.tokens == [0, 0, 8] and done > 3.0
+    assert c.stats.bytes_moved["l3_to_l2"] == 8 * 1000.0
+    assert c.lookup((1, 2, 0), 12).tokens == [11, 0, 0]
+
+
+class RefLRU:
+    """Brute-force single-tier LRU over prefix paths, as a reference. Every block is full.
+    Like the engine: the hit is pinned, room is made for the tokens to compute (evicting the
+    least recently used unpinned leaves), then the prompt's blocks are inserted."""
+
+    def __init__(self, capacity_tokens):
+        self.cap = capacity_tokens
+        self.last = {}  # path tuple -> last use
+
+    def serve(self, ids, input_len, now):
+        hit_blocks = 0
+        while hit_blocks < len(ids) and ids[: hit_blocks + 1] in self.last:
+            hit_blocks += 1
+        hit = min(hit_blocks * BT, input_len - 1)  # the last token is always computed
+        pinned = {ids[:k] for k in range(1, hit_blocks + 1)}
+        while len(self.last) * BT + (input_len - hit) > self.cap:
+            leaves = [
+                p
+                for p in self.last
+                if p not in pinned
+                and not any(len(q) > len(p) and q[: len(p)] == p for q in self.last)
+            ]
+            del self.last[min(leaves, key=lambda p: self.last[p])]
+        for k in range(1, len(ids) + 1):
+            self.last[ids[:k]] = now
+        return hit
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.integers(0, 3), min_size=1, max_size=5).map(tuple), min_size=1, max_size=40
+    ),
+    st.integers(3, 10),
+)
+def test_single_tier_matches_brute_force_lru(prompts, capacity_blocks):
+    c = KVCache(cfg(l1_tokens=capacity_blocks * BT + BT * 5))
+    ref = RefLRU(capacity_blocks * BT + BT * 5)
+    for t, ids in enumerate(prompts):
+        n = len(ids) * BT
+        hit, _ = serve(c, ids, n, float(t))
+        assert hit.total_tokens == ref.serve(ids, n, float(t))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 4), min_size=1, max_size=6).map(tuple),
+            st.integers(0, 3),  # how many requests stay running (pinned)
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.sampled_from(["write_through", "write_back"]),
+    st.sampled_from(["lru", "lfu"]),
+)
+def test_random_traffic_keeps_invariants(ops, write_policy, eviction):
+    c = KVCache(
+        cfg(l1_tokens=48, l2_tokens=32, l3_tokens=40, write_policy=write_policy, eviction=eviction)
+    )
+    running = []
+    for t, (ids, keep) in enumerate(ops):
+        now = float(t)
+        n = len(ids) * BT - 1
+        hit = c.lookup(ids, n)
+        assert 0 <= hit.total_tokens <= n - 1
+        done = c.acquire(hit, now)
+        if done is None:
+            continue
+        assert done >= now
+        new = c.pages(n - hit.total_tokens)
+        if not c.make_room(L1, new, now):
+            c.release(hit.nodes, now)
+            continue
+        c.alloc_private(new)
+        path, new_pages = c.insert(ids, n, now)
+        c.free_private(new)
+        c.pin(path)
+        c.release(hit.nodes, now)
+        running.append(path)
+        while len(running) > keep:
+            c.release(running.pop(0), now)
+        c.check_invariants()
+    for path in running:
+        c.release(path, 99.0)
+    c.check_invariants()
+    assert c.pinned_nodes() == 0
+    for t in (L1, L2, L3):
+        assert c.used[t] <= c.capacity[t]
