@@ -12,6 +12,7 @@ absolute fixed costs (kernels that do little), so they transfer to GPUs never pr
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -366,11 +367,29 @@ class Estimator:
         batches = self._as_batches(batches)
         out = np.zeros((len(batches), len(self.hardware)))
         for idx, packed in pack_by_bucket(batches):
-            b = jax.tree.map(ops._float, packed)
+            # numpy leaves go straight in: jit canonicalizes them to the default float dtype
             out[idx] = np.asarray(
-                step_seconds_grid(self.params, self.dims, b, self.hws, self.backend)
+                step_seconds_grid(self.params, self.dims, packed, self.hws, self.backend)
             )
         return out[:, 0] if len(self.hardware) == 1 else out
+
+    def decode_steps_s(self, context: np.ndarray, steps: int, padded: int = 0) -> np.ndarray:
+        """Seconds of ``steps`` consecutive decode steps of requests whose KV holds ``context``
+        tokens at the first step (growing by one per step), on the first GPU. The batch is
+        padded with one-token dummies to ``padded`` requests (CUDA-graph replay).
+
+        Arrays are built directly and padded to a few coarse shapes (steps to 16 or 256,
+        requests to a power of four), so a simulation compiles a handful of shapes and costs a
+        whole decode stretch in one call."""
+        n = len(context)
+        width = max(8, 1 << (2 * math.ceil(math.log2(max(n, padded, 1)) / 2)))
+        k = 16 if steps <= 16 else max(256, 1 << max(0, steps - 1).bit_length())
+        c = np.zeros((k, width))
+        c[:, :n] = np.asarray(context, float)[None, :] + np.arange(k, dtype=float)[:, None]
+        m = np.zeros((k, width))
+        m[:, : max(n, padded)] = 1.0
+        out = step_seconds_grid(self.params, self.dims, Batch(c, m, m), self.hws, self.backend)
+        return np.asarray(out)[:steps, 0]
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:
         """Per-operator seconds of one batch on one of the GPUs."""

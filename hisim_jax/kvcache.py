@@ -127,6 +127,8 @@ class KVCache:
         self.used = [0, 0, 0]  # tree pages resident per tier
         self.resident_nodes = [0, 0, 0]
         self.private = 0  # L1 tokens of running requests outside the tree
+        self.l2_private = 0  # L2 tokens of requests swapped out of L1
+        self.pinned_pages = 0  # L1 tree pages some running request holds
         self.root = _Node(-1, None, 0, 0)
         self.root.tiers = [True, True, True]
         self._heaps: list[list] = [[], [], []]
@@ -156,7 +158,33 @@ class KVCache:
             raise AssertionError("private KV tokens went negative")
 
     def free(self, tier: int) -> int:
-        return self.l1_free() if tier == L1 else self.capacity[tier] - self.used[tier]
+        if tier == L1:
+            return self.l1_free()
+        return self.capacity[tier] - self.used[tier] - (self.l2_private if tier == L2 else 0)
+
+    def l1_available(self) -> int:
+        """Free L1 tokens plus what eviction of unpinned tree pages could free."""
+        return self.l1_free() + self.used[L1] - self.pinned_pages
+
+    def swap_out(self, tokens: int, now: float) -> float | None:
+        """Move a preempted request's private KV to L2; returns when the copy is done."""
+        if self.capacity[L2] <= 0 or not self.make_room(L2, tokens, now):
+            return None
+        self.l2_private += tokens
+        self.free_private(tokens)
+        return self._book(
+            "l1_to_l2", tokens * self.cfg.bytes_per_token, self.cfg.l2_write_bytes_per_s, now
+        )
+
+    def swap_in(self, tokens: int, now: float) -> float | None:
+        """Bring a swapped request's KV back to L1; returns when it has landed."""
+        if not self.make_room(L1, tokens, now):
+            return None
+        self.l2_private -= tokens
+        self.alloc_private(tokens)
+        return self._book(
+            "l2_to_l1", tokens * self.cfg.bytes_per_token, self.cfg.l2_read_bytes_per_s, now
+        )
 
     def make_room(self, tier: int, tokens: int, now: float, protect=()) -> bool:
         """Evict leaves of ``tier`` until ``tokens`` fit; False if pinned or protected pages
@@ -244,6 +272,8 @@ class KVCache:
         for n in nodes:
             if not n.tiers[L1]:
                 raise AssertionError(f"pinning block {n.id}, which is not in L1")
+            if n.pins == 0:
+                self.pinned_pages += n.pages
             n.pins += 1
 
     def release(self, nodes, now: float) -> None:
@@ -252,6 +282,8 @@ class KVCache:
             n.pins -= 1
             if n.pins < 0:
                 raise AssertionError("KV node unpinned more often than pinned")
+            if n.pins == 0:
+                self.pinned_pages -= n.pages
             self._touch(n, now)
 
     def acquire(self, hit: PrefixHit, now: float) -> float | None:
@@ -469,9 +501,18 @@ class KVCache:
                 raise AssertionError(f"child residency counts of block {n.id} out of date")
         if used != self.used:
             raise AssertionError(f"tier usage {self.used} != recount {used}")
+        private = [self.private, self.l2_private, 0]
         for t in range(3):
-            if self.used[t] + (self.private if t == L1 else 0) > self.capacity[t]:
+            if self.used[t] + private[t] > self.capacity[t]:
                 raise AssertionError(f"{TIER_NAMES[t]} over capacity")
+        pinned, stack = 0, [self.root]
+        while stack:
+            n = stack.pop()
+            for c in n.children.values():
+                pinned += c.pages if c.pins > 0 else 0
+                stack.append(c)
+        if pinned != self.pinned_pages:
+            raise AssertionError(f"pinned pages {self.pinned_pages} != recount {pinned}")
 
     def pinned_nodes(self) -> int:
         count, stack = 0, [self.root]

@@ -1,0 +1,493 @@
+"""One serving replica on a virtual clock: scheduler + KV cache + step-latency estimator.
+
+The loop mirrors SGLang's: every iteration either runs a prefill batch (a chunked request
+first, then admitted waiting requests under the token budgets and KV admission control) or one
+decode step over all running requests. Step time comes from the estimator, a callable
+``step_cost(batches) -> seconds`` (so tests can hand in a fake), plus a per-step CPU overhead;
+decode batches are padded to the captured CUDA-graph sizes.
+
+Decode-only stretches are predictable — each running request's context grows by one token per
+step — so the engine costs up to ``FAST_FORWARD_STEPS`` future steps in one vectorized estimator
+call and jumps the clock to the next event (an arrival, a request finishing, a prefetch landing,
+or the KV cache running out), never one JAX call per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from hisim_jax.kvcache import L1, L2, L3, KVCache, KVCacheConfig
+from hisim_jax.scheduler import ReqState, SchedulerConfig, cuda_graph_sizes, graph_padded_size
+
+FAST_FORWARD_STEPS = 256
+CLIP_MAX_NEW_TOKENS = 4096  # SGLang caps the decode reservation of one request at this
+
+
+class StepCost(Protocol):
+    """What the engine needs from a step-latency model (the Estimator, or a fake in tests)."""
+
+    def step_latency_s(self, batches: Sequence[Sequence[tuple[int, int]]]) -> np.ndarray: ...
+
+    def decode_steps_s(self, context: np.ndarray, steps: int, padded: int = 0) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    scheduler: SchedulerConfig
+    cache: KVCacheConfig
+    num_layers: int = 32  # L2→L1 loads overlap with the forward pass layer by layer
+    max_context: int = 0  # model's context window (0: unlimited)
+
+
+@dataclass(slots=True)
+class StepLog:
+    """Per-step records as growing lists, turned into arrays at the end."""
+
+    start_s: list = field(default_factory=list)
+    duration_s: list = field(default_factory=list)
+    kind: list = field(default_factory=list)  # "prefill" | "decode"
+    n_requests: list = field(default_factory=list)
+    new_tokens: list = field(default_factory=list)
+    kv_tokens: list = field(default_factory=list)
+    waiting: list = field(default_factory=list)
+    running: list = field(default_factory=list)
+    request_ids: list = field(default_factory=list)  # prefill steps: the requests in it
+
+    def add(self, start, dur, kind, n, new, kv, waiting, running, ids=""):
+        self.start_s.append(start)
+        self.duration_s.append(dur)
+        self.kind.append(kind)
+        self.n_requests.append(n)
+        self.new_tokens.append(new)
+        self.kv_tokens.append(kv)
+        self.waiting.append(waiting)
+        self.running.append(running)
+        self.request_ids.append(ids)
+
+
+@dataclass(slots=True)
+class EngineResult:
+    states: list  # ReqState per request, in workload order
+    steps: StepLog
+    itl_s: np.ndarray  # every inter-token latency sample
+    cache: KVCache
+    preemptions: int
+    simulated_s: float
+
+
+class Engine:
+    """A single replica. ``run(requests)`` simulates a whole workload."""
+
+    def __init__(self, cfg: EngineConfig, step_cost: StepCost):
+        self.cfg = cfg
+        self.sched = cfg.scheduler
+        self.step_cost = step_cost
+        self.cache = KVCache(cfg.cache)
+        self.graph_sizes = cuda_graph_sizes(self.sched.cuda_graph_max_bs)
+        self.waiting: deque[ReqState] = deque()
+        self.prefetching: list[ReqState] = []  # waiting on an L3 prefetch (policy permitting)
+        self.running: list[ReqState] = []  # decoding
+        self.swapped: deque[ReqState] = deque()
+        self.chunked: ReqState | None = None  # a prompt being prefilled chunk by chunk
+        self.new_token_ratio = self.sched.new_token_ratio
+        self.preemptions = 0
+        self.steps = StepLog()
+        self.finished = 0  # completed or rejected
+        self._itl: list[np.ndarray] = []
+
+    # ------------------------------------------------------------------------------------
+    # arrivals and admission
+
+    def _reject(self, st: ReqState) -> str:
+        r = st.req
+        if self.cfg.max_context and r.input_len + r.output_len > self.cfg.max_context:
+            return f"longer than the context window ({r.input_len + r.output_len} > {self.cfg.max_context})"
+        if self.cache.pages(r.input_len + r.output_len) > self.cache.capacity[L1]:
+            return f"longer than L1 can ever hold ({r.input_len + r.output_len} > {self.cache.capacity[L1]} tokens)"
+        return ""
+
+    def _arrive(self, st: ReqState, now: float) -> None:
+        st.rejected = self._reject(st)
+        if st.rejected:
+            st.finish_s = now
+            self.finished += 1
+            return
+        st.ready_s = now
+        hit = self.cache.lookup(st.req.block_ids, st.req.input_len)
+        if hit.tokens[L3] > 0 and self.cache.capacity[L2] > 0:
+            done = self.cache.prefetch_to_l2(hit.nodes, now)
+            if done is not None and done > now:
+                pol = self.sched.prefetch_policy
+                if pol == "wait_complete":
+                    st.ready_s = done
+                elif pol == "timeout":
+                    st.ready_s = min(done, now + self.sched.prefetch_timeout_s(hit.tokens[L3]))
+                if st.ready_s > now:
+                    self.prefetching.append(st)
+                    return
+        self.waiting.append(st)
+
+    def _release_prefetched(self, now: float) -> None:
+        if not self.prefetching:
+            return
+        still = []
+        for st in self.prefetching:
+            (self.waiting.append if st.ready_s <= now else still.append)(st)
+        self.prefetching = still
+
+    def _reserved_decode(self) -> float:
+        """KV tokens the running requests are expected to still need (SGLang's reservation)."""
+        return sum(
+            min(s.req.output_len - s.generated, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
+            for s in self.running
+        )
+
+    def _candidates(self, now: float) -> list[ReqState]:
+        if self.sched.schedule_policy == "fcfs" or len(self.waiting) <= 1:
+            return list(self.waiting)
+        # longest cached prefix first (SGLang computes it for a bounded prefix of the queue)
+        head = list(self.waiting)[:128]
+        scored = sorted(
+            head,
+            key=lambda s: -self.cache.lookup(s.req.block_ids, s.req.input_len).total_tokens,
+        )
+        return scored + list(self.waiting)[128:]
+
+    def _admit(self, st: ReqState, now: float, budget_tokens: float) -> bool:
+        """Try to start a waiting request: match its prefix, pin and load it, reserve KV."""
+        r = st.req
+        # after a recompute preemption the tokens generated so far are prefilled again
+        prompt = r.input_len + (st.generated if st.preemptions else 0)
+        hit = self.cache.lookup(r.block_ids, r.input_len)
+        new = prompt - hit.total_tokens
+        need = self.cache.pages(min(new, self.sched.chunked_prefill_size))
+        lower = sum(n.pages for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t != L1)
+        decode_reserve = (
+            min(r.output_len - st.generated, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
+        )
+        if self.cache.pages(new) + lower + decode_reserve > budget_tokens:
+            return False
+        done = self.cache.acquire(hit, now)
+        if done is None:
+            return False
+        if not self.cache.make_room(L1, need, now):
+            self.cache.release(hit.nodes, now)
+            return False
+        self.cache.record_lookup(hit, r.input_len)
+        st.hit_nodes = hit.nodes
+        st.hit_tokens = [a + b for a, b in zip(st.hit_tokens, hit.tokens, strict=True)]
+        st.target = prompt
+        st.cached = hit.total_tokens
+        st.computed = hit.total_tokens
+        st.ready_s = max(st.ready_s, done)
+        if st.scheduled_s < 0:
+            st.scheduled_s = now
+        if st.preemptions:
+            st.recomputed += new
+        return True
+
+    def _form_prefill(self, now: float) -> list[tuple[ReqState, int]]:
+        """(request, chunk tokens) of the next prefill batch, admitting as SGLang's PrefillAdder."""
+        batch = []
+        budget = self.sched.max_prefill_tokens
+        if self.chunked is not None:
+            st = self.chunked
+            chunk = min(st.prompt_left, self.sched.chunked_prefill_size, budget)
+            if self.cache.make_room(L1, self.cache.pages(chunk), now):
+                batch.append((st, chunk))
+                budget -= chunk
+            else:
+                return []  # cannot continue the chunked prompt: let decodes free memory
+        if self.swapped:
+            self._swap_in(now)
+        available = self.cache.l1_available() - self._reserved_decode()
+        for st in self._candidates(now):
+            if budget <= 0 or self.chunked is not None:
+                break  # the budget is spent, or a chunked prompt takes the rest of it
+            if len(self.running) + len(batch) >= self.sched.max_running_requests:
+                break
+            if not self._admit(st, now, available):
+                break  # FCFS: a request that does not fit blocks the ones behind it
+            self.waiting.remove(st)
+            chunk = min(st.prompt_left, self.sched.chunked_prefill_size, budget)
+            available -= (
+                self.cache.pages(st.prompt_left)
+                + min(st.req.output_len, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
+            )
+            batch.append((st, chunk))
+            budget -= chunk
+            if chunk < st.prompt_left:
+                self.chunked = st  # continued first in the next prefill batch
+        return batch
+
+    # ------------------------------------------------------------------------------------
+    # steps
+
+    def _run_prefill(self, batch, now: float) -> float:
+        pairs = [(st.computed, c) for st, c in batch]
+        compute_s = float(self.step_cost.step_latency_s([pairs])[0]) + self.sched.step_overhead_s
+        # KV arriving from L2/L3 is consumed layer by layer as the forward pass reaches it
+        ready = max(st.ready_s for st, _ in batch)
+        end = max(now + compute_s, ready + compute_s / self.cfg.num_layers)
+        for st, c in batch:
+            pages = self.cache.pages(c)
+            self.cache.alloc_private(pages)
+            st.private += pages
+        self.steps.add(
+            now,
+            end - now,
+            "prefill",
+            len(batch),
+            sum(c for _, c in batch),
+            sum(a + b for a, b in pairs),
+            len(self.waiting),
+            len(self.running),
+            " ".join(str(st.req.request_id) for st, _ in batch),
+        )
+        for st, c in batch:
+            st.computed += c
+            if st.prompt_left > 0:
+                continue
+            if self.chunked is st:
+                self.chunked = None
+            path, new_pages = self.cache.insert(st.req.block_ids, st.req.input_len, end)
+            self.cache.pin(path)
+            self.cache.release(st.hit_nodes, end)
+            st.hit_nodes = []
+            st.path = path
+            moved = min(new_pages, st.private)
+            self.cache.free_private(moved)
+            st.private -= moved
+            if st.first_token_s < 0:
+                st.first_token_s = end
+                st.generated = 1
+            self.running.append(st)
+            if st.generated >= st.req.output_len:
+                self._finish(st, end)
+        return end
+
+    def _decode_stretch(self, now: float, next_event: float) -> float:
+        """Run decode steps until the next event; returns the new clock."""
+        run = self.running
+        n = len(run)
+        remaining = np.array([s.req.output_len - s.generated for s in run])
+        k_finish = int(remaining.min())
+        # KV for one more token per request per step; evictable tree pages count as free
+        k_mem = self.cache.l1_available() // n
+        if k_mem < 1:
+            self._preempt(now)
+            return now
+        k = int(min(k_finish, k_mem, FAST_FORWARD_STEPS))
+        ctx = np.array([s.req.input_len + s.generated - 1 for s in run])
+        padded = graph_padded_size(n, self.graph_sizes) if n <= self.sched.cuda_graph_max_bs else n
+        # graph replay computes the padded slots too (as one-token dummies)
+        dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded), dtype=float)
+        dur = dur + self.sched.step_overhead_s
+        ends = now + np.cumsum(dur)
+        # stop at the first step that ends after the next event (the scheduler looks then)
+        over = np.flatnonzero(ends >= next_event)
+        k = int(over[0]) + 1 if len(over) else k
+        dur, ends = dur[:k], ends[:k]
+        if not self.cache.make_room(L1, n * k, now):
+            self._preempt(now)
+            return now
+        self.cache.alloc_private(n * k)
+        for s in run:
+            s.private += k
+            s.generated += k
+        self._itl.append(np.repeat(dur, n))  # ITL samples: every request gets every step
+        for j in range(k):
+            self.steps.add(
+                float(ends[j] - dur[j]),
+                float(dur[j]),
+                "decode",
+                n,
+                n,
+                int(ctx.sum()) + n * j,
+                len(self.waiting),
+                n,
+            )
+        self.new_token_ratio = max(
+            self.sched.min_new_token_ratio,
+            self.new_token_ratio - k * self.sched.new_token_ratio_decay,
+        )
+        end = float(ends[-1])
+        for s in [s for s in run if s.generated >= s.req.output_len]:
+            self._finish(s, end)
+        return end
+
+    def _finish(self, st: ReqState, now: float) -> None:
+        st.finish_s = now
+        self.finished += 1
+        self.running.remove(st)
+        self.cache.release(st.path, now)
+        st.path = []
+        self.cache.free_private(st.private)
+        st.private = 0
+
+    def _preempt(self, now: float) -> None:
+        """Out of KV for the next decode step: retract requests (fewest output tokens, then
+        longest input, first — as SGLang's retract_decode) until one step fits."""
+        order = sorted(self.running, key=lambda s: (s.generated, -s.req.input_len))
+        while self.running and self.cache.l1_available() < len(self.running):
+            victim = order.pop(0)
+            self.running.remove(victim)
+            self.preemptions += 1
+            victim.preemptions += 1
+            swapped = None
+            if self.sched.preemption == "swap":
+                swapped = self.cache.swap_out(victim.private, now)
+            self.cache.release(victim.path, now)
+            victim.path = []
+            if swapped is not None:
+                victim.ready_s = swapped
+                self.swapped.append(victim)
+                continue
+            self.cache.free_private(victim.private)
+            victim.private = 0
+            victim.computed = 0
+            self.waiting.appendleft(victim)
+
+    def _swap_in(self, now: float) -> None:
+        while self.swapped:
+            st = self.swapped[0]
+            tokens = st.req.input_len + st.generated
+            if self.cache.l1_available() - self._reserved_decode() < tokens:
+                return
+            done = self.cache.swap_in(st.private, max(now, st.ready_s))
+            if done is None:
+                return
+            self.swapped.popleft()
+            st.ready_s = done
+            self.running.append(st)
+
+    # ------------------------------------------------------------------------------------
+    # the loop
+
+    def run(
+        self, requests: Sequence, progress: Callable[[int], None] | None = None
+    ) -> EngineResult:
+        states = [ReqState(r) for r in requests]
+        order = sorted(range(len(states)), key=lambda i: (states[i].req.arrival_s, i))
+        nxt = 0
+        now = 0.0
+        done_count = 0
+        while True:
+            while nxt < len(order) and states[order[nxt]].req.arrival_s <= now:
+                self._arrive(states[order[nxt]], now)
+                nxt += 1
+            self._release_prefetched(now)
+            next_arrival = states[order[nxt]].req.arrival_s if nxt < len(order) else math.inf
+            next_prefetch = min((s.ready_s for s in self.prefetching), default=math.inf)
+            if not (self.waiting or self.running or self.chunked or self.swapped):
+                if next_arrival == math.inf and next_prefetch == math.inf:
+                    break
+                now = max(now, min(next_arrival, next_prefetch))
+                continue
+            batch = self._form_prefill(now)
+            if batch:
+                now = self._run_prefill(batch, now)
+            elif self.running:
+                now = self._decode_stretch(now, min(next_arrival, next_prefetch))
+            else:
+                # waiting requests that cannot be admitted now; nothing runs to free memory
+                blocked = self.waiting[0] if self.waiting else None
+                upcoming = min(next_arrival, next_prefetch)
+                if blocked is not None and upcoming == math.inf and not self.swapped:
+                    self.waiting.popleft()
+                    blocked.rejected = "does not fit in the KV cache beside cached data"
+                    blocked.finish_s = now
+                    self.finished += 1
+                    continue
+                if upcoming == math.inf:
+                    break
+                now = max(now, upcoming)
+            if progress is not None and self.finished != done_count:
+                progress(self.finished - done_count)
+                done_count = self.finished
+        itl = np.concatenate(self._itl) if self._itl else np.zeros(0)
+        return EngineResult(states, self.steps, itl, self.cache, self.preemptions, now)
+
+
+# ----------------------------------------------------------------------------------------
+# building a replica from a model, a GPU and options
+
+# Pinned host<->device copies reach 55 of PCIe Gen5's 64 GB/s per direction at >= 64 MiB
+# (data/profiles/h100/pcie.csv).
+PCIE_EFFICIENCY = 0.86
+MEM_FRACTION_STATIC = 0.88  # SGLang's share of HBM for weights + KV on an 80 GB GPU
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSizing:
+    kv_bytes_per_token: float  # per TP rank
+    weight_bytes: float  # per TP rank
+    l1_tokens: int
+    l2_tokens: int
+    l3_tokens: int
+
+
+def size_replica(
+    model,
+    hardware,
+    tp: int = 1,
+    weight_bytes_per_param: float = 2.0,
+    kv_bytes: float = 2.0,
+    l1_fraction: float = MEM_FRACTION_STATIC,
+    l2_gb: float = 0.0,
+    l3_gb: float = 0.0,
+) -> ReplicaSizing:
+    """KV capacity per tier in tokens, per TP rank: L1 is the HBM share for weights + KV minus
+    the weights (the rest of HBM is SGLang's activation and CUDA-graph reserve); L2 and L3 are
+    the host DRAM and SSD given per GPU."""
+    if not 0 < l1_fraction <= 1:
+        raise ValueError(f"l1 fraction must be in (0, 1], got {l1_fraction}")
+    if l2_gb < 0 or l3_gb < 0:
+        raise ValueError("l2/l3 sizes must be >= 0 GB")
+    kv_heads = max(1, model.num_kv_heads // tp)
+    per_token = 2.0 * model.num_layers * kv_heads * model.head_dim * kv_bytes
+    weights = model.weight_params() * weight_bytes_per_param / tp
+    free = hardware.hbm_bytes * l1_fraction - weights
+    if free <= per_token:
+        raise ValueError(
+            f"{model.name} at tp={tp} needs {weights / 1e9:.1f} GB of weights per GPU; "
+            f"{hardware.name} leaves no room for KV at l1 fraction {l1_fraction}"
+        )
+    return ReplicaSizing(
+        per_token,
+        weights,
+        int(free // per_token),
+        int(l2_gb * 1e9 // per_token),
+        int(l3_gb * 1e9 // per_token),
+    )
+
+
+def cache_config(
+    sizing: ReplicaSizing,
+    hardware,
+    block_tokens: int,
+    page_size: int = 1,
+    eviction: str = "lru",
+    write_policy: str = "write_through",
+) -> KVCacheConfig:
+    pcie = hardware.pcie_bytes_per_s * PCIE_EFFICIENCY
+    return KVCacheConfig(
+        l1_tokens=sizing.l1_tokens,
+        bytes_per_token=sizing.kv_bytes_per_token,
+        block_tokens=block_tokens,
+        page_size=page_size,
+        l2_tokens=sizing.l2_tokens,
+        l3_tokens=sizing.l3_tokens,
+        l2_read_bytes_per_s=pcie,
+        l2_write_bytes_per_s=pcie,
+        l3_read_bytes_per_s=hardware.ssd_read_bytes_per_s,
+        l3_write_bytes_per_s=hardware.ssd_write_bytes_per_s,
+        eviction=eviction,
+        write_policy=write_policy,
+    )

@@ -1,0 +1,166 @@
+"""Per-request records and the run summary, with SGLang bench_serving's metric names.
+
+TTFT = first token − arrival; TPOT = (finish − first token) / (output tokens − 1), for requests
+with more than one output token; ITL = every gap between consecutive tokens of a request; E2E =
+finish − arrival. Throughputs divide by the simulated span from the first arrival to the last
+finish. Goodput counts requests meeting every given SLO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from hisim_jax.engine import EngineResult
+from hisim_jax.kvcache import TIER_NAMES
+
+CPU_PRICE_USD_PER_HOUR = 0.05  # one cloud vCPU-hour, indicative (late 2025 on-demand)
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+
+
+def request_frame(result: EngineResult) -> pd.DataFrame:
+    """One row per request: times, latencies and where its prompt's KV came from."""
+    rows = []
+    for s in result.states:
+        r = s.req
+        done = s.finish_s >= 0 and not s.rejected
+        ttft = s.first_token_s - r.arrival_s if done else np.nan
+        tpot = (
+            (s.finish_s - s.first_token_s) / (r.output_len - 1)
+            if done and r.output_len > 1
+            else np.nan
+        )
+        rows.append(
+            (
+                r.request_id,
+                r.arrival_s,
+                r.input_len,
+                r.output_len,
+                s.scheduled_s - r.arrival_s if s.scheduled_s >= 0 else np.nan,
+                s.first_token_s if done else np.nan,
+                s.finish_s if done else np.nan,
+                ttft,
+                tpot,
+                s.finish_s - r.arrival_s if done else np.nan,
+                s.hit_tokens[0],
+                s.hit_tokens[1],
+                s.hit_tokens[2],
+                r.input_len - s.cached if done else 0,
+                s.recomputed,
+                s.preemptions,
+                s.rejected,
+            )
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "request_id", "arrival_s", "input_len", "output_len", "queue_s", "first_token_s",
+            "finish_s", "ttft_s", "tpot_s", "e2e_s", "l1_hit_tokens", "l2_hit_tokens",
+            "l3_hit_tokens", "computed_prompt_tokens", "recomputed_tokens", "preemptions",
+            "rejected",
+        ],
+    )  # fmt: skip
+
+
+def step_frame(result: EngineResult) -> pd.DataFrame:
+    s = result.steps
+    return pd.DataFrame(
+        {
+            "start_s": s.start_s,
+            "duration_s": s.duration_s,
+            "kind": s.kind,
+            "n_requests": s.n_requests,
+            "new_tokens": s.new_tokens,
+            "kv_tokens": s.kv_tokens,
+            "waiting": s.waiting,
+            "running": s.running,
+            "request_ids": s.request_ids,
+        }
+    )
+
+
+def _dist(x) -> dict:
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    q = np.quantile(x, [0.5, 0.9, 0.99])
+    return {"mean": float(x.mean()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
+
+
+def summary(
+    result: EngineResult,
+    wall_s: float,
+    gpu_price_usd_per_hour: float,
+    gpus: int = 1,
+    slo: SLO | None = None,
+    cpu_price_usd_per_hour: float = CPU_PRICE_USD_PER_HOUR,
+) -> dict:
+    req = request_frame(result)
+    done = req[req["rejected"] == ""]
+    span = (
+        float(done["finish_s"].max() - req["arrival_s"].min()) if len(done) else 0.0
+    )
+    stats = result.cache.stats
+    hit = [int(h) for h in stats.hit_tokens]
+    prompt_tokens = int(done["input_len"].sum())
+    out = {
+        "requests_total": int(len(req)),
+        "requests_completed": int(len(done)),
+        "requests_rejected": int((req["rejected"] != "").sum()),
+        "rejections": {k: int(v) for k, v in req.loc[req["rejected"] != "", "rejected"].value_counts().items()},
+        "simulated_s": float(result.simulated_s),
+        "wall_s": float(wall_s),
+        "steps": int(len(result.steps.start_s)),
+        "ttft_s": _dist(done["ttft_s"]),
+        "tpot_s": _dist(done["tpot_s"]),
+        "itl_s": _dist(result.itl_s),
+        "e2e_s": _dist(done["e2e_s"]),
+        "queue_s": _dist(done["queue_s"]),
+        "request_throughput_per_s": len(done) / span if span > 0 else 0.0,
+        "throughput_input_tok_s": prompt_tokens / span if span > 0 else 0.0,
+        "throughput_output_tok_s": float(done["output_len"].sum()) / span if span > 0 else 0.0,
+        "cache": {
+            "hit_rate": sum(hit) / max(1, sum(hit) + stats.miss_tokens),
+            "l1_hit_tokens": hit[0],
+            "l2_hit_tokens": hit[1],
+            "l3_hit_tokens": hit[2],
+            "miss_tokens": int(stats.miss_tokens),
+            "evicted_tokens": int(sum(stats.evicted_tokens)),
+            "evicted_tokens_per_tier": dict(zip(TIER_NAMES, map(int, stats.evicted_tokens), strict=True)),
+            "bytes_moved": {k: float(v) for k, v in stats.bytes_moved.items()},
+        },
+        "preemptions": int(result.preemptions),
+    }
+    if slo is not None:
+        ok = np.ones(len(done), bool)
+        if slo.ttft_s is not None:
+            ok &= done["ttft_s"].to_numpy() <= slo.ttft_s
+        if slo.tpot_s is not None:
+            ok &= ~(done["tpot_s"].to_numpy() > slo.tpot_s)  # single-token outputs pass
+        if slo.e2e_s is not None:
+            ok &= done["e2e_s"].to_numpy() <= slo.e2e_s
+        out["goodput_req_s"] = float(ok.sum()) / span if span > 0 else 0.0
+        out["slo_attainment"] = float(ok.mean()) if len(ok) else 0.0
+        out["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "e2e_s": slo.e2e_s}
+    gpu_hours = result.simulated_s / 3600 * gpus
+    cpu_hours = wall_s / 3600
+    out["cost"] = {
+        "gpu_price_usd_per_hour": gpu_price_usd_per_hour,
+        "cpu_price_usd_per_hour": cpu_price_usd_per_hour,
+        "simulated_gpu_usd": gpu_hours * gpu_price_usd_per_hour,
+        "evaluation_cost_ratio": (
+            gpu_hours * gpu_price_usd_per_hour / (cpu_hours * cpu_price_usd_per_hour)
+            if cpu_hours > 0
+            else None
+        ),
+    }
+    return out
