@@ -313,6 +313,104 @@ def validate_steps_cmd(
         )
 
 
+@app.command()
+@handles_errors
+def simulate(
+    config: Path = typer.Option(None, help="YAML file of options (keys as these flags)."),
+    model: str = typer.Option(None, help="Model name or config.json [llama-3.1-8b]."),
+    hardware: str = typer.Option(None, help="GPU name or YAML [h100-sxm]."),
+    tp: int = typer.Option(None, help="Tensor-parallel degree [1]."),
+    weight_dtype: str = typer.Option(None, help="bf16, fp8 or fp4 [bf16]."),
+    kv_dtype: str = typer.Option(None, help="bf16 or fp8 [bf16]."),
+    calibration: Path = typer.Option(None, help="Calibration JSON [shipped H100 fit]."),
+    trace: Path = typer.Option(None, help="Trace file [built-in multi-turn chat workload]."),
+    trace_format: str = typer.Option(
+        None, help="mooncake, azure, jsonl, csv or sharegpt [mooncake]."
+    ),
+    limit: int = typer.Option(None, help="Only the first N requests."),
+    rate_scale: float = typer.Option(None, help="Multiply the arrival rate [1.0]."),
+    start_s: float = typer.Option(None, help="Window start, seconds after the first arrival."),
+    end_s: float = typer.Option(None, help="Window end, seconds after the first arrival."),
+    skip_bad_lines: bool = typer.Option(None, help="Skip and count malformed trace lines."),
+    seed: int = typer.Option(None, help="Seed of the synthetic workload [0]."),
+    l1_fraction: float = typer.Option(None, help="HBM share for weights + KV [0.88]."),
+    l2_gb: float = typer.Option(None, help="Host-DRAM KV tier per GPU, GB [0: off]."),
+    l3_gb: float = typer.Option(None, help="SSD/remote KV tier per GPU, GB [0: off]."),
+    page_size: int = typer.Option(None, help="KV page size in tokens [1]."),
+    eviction: str = typer.Option(None, help="lru or lfu [lru]."),
+    write_policy: str = typer.Option(None, help="write_through or write_back [write_through]."),
+    chunked_prefill_size: int = typer.Option(None, help="Prompt tokens per chunk [8192]."),
+    max_prefill_tokens: int = typer.Option(None, help="Prompt tokens per prefill batch [16384]."),
+    max_running_requests: int = typer.Option(None, help="Cap on running requests [1024]."),
+    schedule_policy: str = typer.Option(None, help="fcfs or lpm [fcfs]."),
+    preemption: str = typer.Option(None, help="recompute or swap [recompute]."),
+    prefetch_policy: str = typer.Option(None, help="best_effort, wait_complete or timeout."),
+    cuda_graph_max_bs: int = typer.Option(None, help="Largest captured decode batch [160]."),
+    step_overhead_ms: float = typer.Option(None, help="CPU time per step not overlapped [0]."),
+    slo_ttft_ms: float = typer.Option(None, help="TTFT SLO for goodput."),
+    slo_tpot_ms: float = typer.Option(None, help="TPOT SLO for goodput."),
+    gpu_price_usd_per_hour: float = typer.Option(None, help="Override the spec's GPU price."),
+    out: Path = typer.Option(
+        Path("hisim-out"), help="Folder for requests.csv, steps.csv, summary.json."
+    ),
+    fmt: Format = typer.Option(Format.table, "--format", help="How to print the summary."),
+):
+    """Simulate one replica serving a workload: TTFT, TPOT, ITL, throughput, KV-cache hits."""
+    from hisim_jax.simulation import SimulationOptions, run, write_outputs
+
+    given = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in locals().items()
+        if k not in ("config", "out", "fmt", "run", "write_outputs", "SimulationOptions")
+    }
+    if config is not None:
+        opts = SimulationOptions.from_yaml(config, given)
+    else:
+        opts = SimulationOptions.checked({k: v for k, v in given.items() if v is not None})
+    with _progress() as prog:
+        task = prog.add_task("simulating", total=None)
+
+        def advance(delta, total):
+            prog.update(task, total=total, advance=delta)
+
+        result = run(opts, progress=advance)
+    files = write_outputs(result, out)
+    s = result.summary
+    if fmt == Format.json:
+        typer.echo(json.dumps(s, indent=2, sort_keys=True))
+        return
+    rows = [
+        ["requests completed", f"{s['requests_completed']} / {s['requests_total']}"],
+        ["simulated / wall s", f"{s['simulated_s']:.1f} / {s['wall_s']:.1f}"],
+    ]
+    for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        d = s[name]
+        if d["mean"] is not None:
+            rows.append(
+                [
+                    name.replace("_s", " ms") + " mean/p50/p99",
+                    f"{d['mean'] * 1e3:.1f} / {d['p50'] * 1e3:.1f} / {d['p99'] * 1e3:.1f}",
+                ]
+            )
+    rows += [
+        [
+            "throughput in / out tok/s",
+            f"{s['throughput_input_tok_s']:.0f} / {s['throughput_output_tok_s']:.0f}",
+        ],
+        ["cache hit rate", f"{s['cache']['hit_rate']:.1%}"],
+        ["preemptions", str(s["preemptions"])],
+    ]
+    if "goodput_req_s" in s:
+        rows.append(
+            [
+                "goodput req/s (SLO attainment)",
+                f"{s['goodput_req_s']:.2f} ({s['slo_attainment']:.1%})",
+            ]
+        )
+    _table(f"{s['replica']['model']} on {s['replica']['hardware']}", ["name", "value"], rows)
+    typer.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
+
+
 @app.command("list")
 def list_cmd():
     """Models and GPUs known by name."""

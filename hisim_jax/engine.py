@@ -266,6 +266,7 @@ class Engine:
             st.private -= moved
             if st.first_token_s < 0:
                 st.first_token_s = end
+                st.last_token_s = end
                 st.generated = 1
             self.running.append(st)
             if st.generated >= st.req.output_len:
@@ -298,10 +299,14 @@ class Engine:
             self._preempt(now)
             return now
         self.cache.alloc_private(n * k)
+        # ITL samples: a request's first gap also spans any prefill steps since its last token
+        self._itl.append(ends[0] - np.array([s.last_token_s for s in run]))
+        if k > 1:
+            self._itl.append(np.repeat(dur[1:], n))
         for s in run:
             s.private += k
             s.generated += k
-        self._itl.append(np.repeat(dur, n))  # ITL samples: every request gets every step
+            s.last_token_s = float(ends[-1])
         for j in range(k):
             self.steps.add(
                 float(ends[j] - dur[j]),

@@ -106,9 +106,7 @@ def summary(
 ) -> dict:
     req = request_frame(result)
     done = req[req["rejected"] == ""]
-    span = (
-        float(done["finish_s"].max() - req["arrival_s"].min()) if len(done) else 0.0
-    )
+    span = float(done["finish_s"].max() - req["arrival_s"].min()) if len(done) else 0.0
     stats = result.cache.stats
     hit = [int(h) for h in stats.hit_tokens]
     prompt_tokens = int(done["input_len"].sum())
@@ -116,7 +114,9 @@ def summary(
         "requests_total": int(len(req)),
         "requests_completed": int(len(done)),
         "requests_rejected": int((req["rejected"] != "").sum()),
-        "rejections": {k: int(v) for k, v in req.loc[req["rejected"] != "", "rejected"].value_counts().items()},
+        "rejections": {
+            k: int(v) for k, v in req.loc[req["rejected"] != "", "rejected"].value_counts().items()
+        },
         "simulated_s": float(result.simulated_s),
         "wall_s": float(wall_s),
         "steps": int(len(result.steps.start_s)),
@@ -135,7 +135,9 @@ def summary(
             "l3_hit_tokens": hit[2],
             "miss_tokens": int(stats.miss_tokens),
             "evicted_tokens": int(sum(stats.evicted_tokens)),
-            "evicted_tokens_per_tier": dict(zip(TIER_NAMES, map(int, stats.evicted_tokens), strict=True)),
+            "evicted_tokens_per_tier": dict(
+                zip(TIER_NAMES, map(int, stats.evicted_tokens), strict=True)
+            ),
             "bytes_moved": {k: float(v) for k, v in stats.bytes_moved.items()},
         },
         "preemptions": int(result.preemptions),

@@ -84,6 +84,7 @@ class ReqState:
     ready_s: float = 0.0  # when its KV loads/prefetches have landed
     scheduled_s: float = -1.0
     first_token_s: float = -1.0
+    last_token_s: float = -1.0
     finish_s: float = -1.0
     preemptions: int = 0
     recomputed: int = 0  # prompt tokens computed again after a preemption
