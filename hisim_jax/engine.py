@@ -27,6 +27,8 @@ from hisim_jax.scheduler import ReqState, SchedulerConfig, cuda_graph_sizes, gra
 
 FAST_FORWARD_STEPS = 256
 CLIP_MAX_NEW_TOKENS = 4096  # SGLang caps the decode reservation of one request at this
+MAX_PREEMPTIONS = 50  # a request retracted more often than this is rejected
+RETRACT_DECODE_STEPS = 20  # SGLang's look-ahead when it re-estimates after a retraction
 
 
 class StepCost(Protocol):
@@ -171,7 +173,11 @@ class Engine:
         decode_reserve = (
             min(r.output_len - st.generated, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
         )
-        if self.cache.pages(new) + lower + decode_reserve > budget_tokens:
+        # cached L1 pages nobody pins count as evictable in the budget; admitting pins them
+        locked = sum(
+            n.pages for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t == L1 and n.pins == 0
+        )
+        if self.cache.pages(new) + lower + locked + decode_reserve > budget_tokens:
             return False
         done = self.cache.acquire(hit, now)
         if done is None:
@@ -357,7 +363,21 @@ class Engine:
             self.cache.free_private(victim.private)
             victim.private = 0
             victim.computed = 0
+            if victim.preemptions > MAX_PREEMPTIONS:  # guarantees the run ends
+                victim.rejected = f"preempted {victim.preemptions} times: KV cache too small"
+                victim.finish_s = now
+                self.finished += 1
+                continue
             self.waiting.appendleft(victim)
+        # admit more conservatively from now on, as SGLang does after a retraction
+        if self.running:
+            decoded = sum(s.generated for s in self.running)
+            wanted = sum(s.req.output_len for s in self.running)
+            self.new_token_ratio = min(
+                1.0, (decoded + RETRACT_DECODE_STEPS * len(self.running)) / wanted
+            )
+        else:
+            self.new_token_ratio = 1.0
 
     def _swap_in(self, now: float) -> None:
         while self.swapped:

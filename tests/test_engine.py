@@ -1,0 +1,166 @@
+"""The single-replica engine on a fake step cost: conservation, capacity, leaks, determinism."""
+
+import numpy as np
+import pytest
+
+from hisim_jax.engine import Engine, EngineConfig
+from hisim_jax.kvcache import L1, KVCacheConfig
+from hisim_jax.metrics import SLO, request_frame, summary
+from hisim_jax.scheduler import SchedulerConfig, cuda_graph_sizes, graph_padded_size
+from hisim_jax.workload import LengthDist, Request, chat_sessions, synthetic
+
+
+class FakeCost:
+    """Linear in tokens and context; counts calls so tests can check fast-forwarding."""
+
+    def __init__(self):
+        self.prefill_calls = 0
+        self.decode_calls = 0
+        self.decode_steps = 0
+
+    def step_latency_s(self, batches):
+        self.prefill_calls += 1
+        return np.array(
+            [2e-3 + 2e-5 * sum(n for _, n in b) + 1e-8 * sum(c for c, _ in b) for b in batches]
+        )
+
+    def decode_steps_s(self, ctx, k, padded=0):
+        self.decode_calls += 1
+        self.decode_steps += k
+        n = max(len(ctx), padded)
+        return np.array([5e-3 + 2e-5 * n + 1e-8 * (ctx.sum() + j * len(ctx)) for j in range(k)])
+
+
+def engine(l1=60_000, l2=0, l3=0, block=64, **sched):
+    cache = KVCacheConfig(
+        l1_tokens=l1, bytes_per_token=1e5, block_tokens=block, l2_tokens=l2, l3_tokens=l3,
+        l2_read_bytes_per_s=5e10, l2_write_bytes_per_s=5e10, l3_read_bytes_per_s=5e9,
+        l3_write_bytes_per_s=3e9,
+    )  # fmt: skip
+    return Engine(
+        EngineConfig(SchedulerConfig(**sched), cache, num_layers=32, max_context=32768), FakeCost()
+    )
+
+
+def chat(n_sessions=60, seed=0):
+    return chat_sessions(n_sessions, 3.0, think_s_mean=2.0, block_tokens=64, seed=seed).requests
+
+
+def check_run(eng, reqs, res):
+    states = res.states
+    assert len(states) == len(reqs)
+    for s in states:
+        assert s.finish_s >= 0  # completed, or rejected with a reason
+        if not s.rejected:
+            assert s.finish_s >= s.first_token_s >= s.req.arrival_s
+            assert s.generated == s.req.output_len
+            assert sum(s.hit_tokens) <= s.req.input_len * (1 + s.preemptions)
+    assert eng.finished == len(reqs)  # each counted exactly once
+    c = res.cache
+    c.check_invariants()  # no tier over capacity, counts consistent
+    assert c.private == 0 and c.pinned_pages == 0 and c.l2_private == 0  # nothing leaked
+    assert not eng.running and not eng.waiting and not eng.swapped and eng.chunked is None
+    assert all(d > 0 for d in res.steps.duration_s)
+    assert np.all(np.diff(res.steps.start_s) >= -1e-12)  # one clock, moving forward
+
+
+def test_chat_workload_completes_and_reuses_prefixes():
+    reqs = chat()
+    eng = engine()
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    assert all(not s.rejected for s in res.states)
+    assert res.cache.stats.hit_tokens[L1] > 0.3 * sum(r.input_len for r in reqs)
+
+
+def test_decode_stretches_are_fast_forwarded():
+    reqs = synthetic(20, 100.0, output=LengthDist.fixed(400), seed=1).requests
+    eng = engine()
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    cost = eng.step_cost
+    assert cost.decode_steps >= 399  # the first token comes from the prefill
+    assert cost.decode_calls < cost.decode_steps / 10  # many steps per estimator call
+
+
+def test_same_seed_same_result():
+    a = request_frame(engine().run(chat(seed=3)))
+    b = request_frame(engine().run(chat(seed=3)))
+    assert a.equals(b)
+    c = request_frame(engine().run(chat(seed=4)))
+    assert not a.equals(c)
+
+
+def test_small_l1_preempts_and_still_finishes_everything():
+    reqs = synthetic(
+        40, 50.0, input=LengthDist.fixed(1500), output=LengthDist.fixed(600), seed=2
+    ).requests
+    for mode, l2 in (("recompute", 0), ("swap", 200_000)):
+        eng = engine(l1=20_000, l2=l2, preemption=mode)
+        res = eng.run(reqs)
+        check_run(eng, reqs, res)
+        assert res.preemptions > 0, mode
+        assert all(not s.rejected for s in res.states)
+
+
+def test_rejections_are_reported_with_a_reason():
+    reqs = [
+        Request(0, 0.0, 40_000, 10),  # longer than the context window
+        Request(1, 0.0, 9_000, 10),  # longer than L1 can ever hold
+        Request(2, 0.0, 100, 5),
+    ]
+    eng = engine(l1=8_000)
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    assert "context window" in res.states[0].rejected
+    assert "L1" in res.states[1].rejected
+    assert res.states[2].rejected == "" and res.states[2].generated == 5
+
+
+def test_l2_and_l3_tiers_serve_hits_under_each_prefetch_policy():
+    reqs = chat(n_sessions=80, seed=5)
+    for policy in ("best_effort", "wait_complete", "timeout"):
+        eng = engine(l1=6_000, l2=8_000, l3=200_000, prefetch_policy=policy)
+        res = eng.run(reqs)
+        check_run(eng, reqs, res)
+        hits = res.cache.stats.hit_tokens
+        assert hits[1] + hits[2] > 0, policy
+
+
+def test_chunked_prefill_splits_long_prompts():
+    reqs = [Request(0, 0.0, 20_000, 3)]
+    eng = engine(chunked_prefill_size=4096)
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    prefill = [
+        n for k, n in zip(res.steps.kind, res.steps.new_tokens, strict=True) if k == "prefill"
+    ]
+    assert prefill == [4096] * 4 + [20_000 - 4 * 4096]
+
+
+def test_summary_metrics_and_goodput():
+    reqs = chat()
+    res = engine().run(reqs)
+    s = summary(res, wall_s=1.0, gpu_price_usd_per_hour=3.0, slo=SLO(ttft_s=0.5, tpot_s=0.05))
+    assert s["requests_completed"] == len(reqs)
+    for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        assert s[k]["p50"] <= s[k]["p90"] <= s[k]["p99"]
+    assert 0 < s["cache"]["hit_rate"] < 1
+    assert s["cache"]["l1_hit_tokens"] + s["cache"]["miss_tokens"] == sum(r.input_len for r in reqs)
+    assert 0 <= s["slo_attainment"] <= 1
+    assert s["goodput_req_s"] <= s["request_throughput_per_s"] + 1e-12
+    assert s["cost"]["evaluation_cost_ratio"] > 0
+
+
+def test_cuda_graph_sizes():
+    sizes = cuda_graph_sizes(160)
+    assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 160
+    assert graph_padded_size(3, sizes) == 4 and graph_padded_size(9, sizes) == 16
+    assert graph_padded_size(500, sizes) == 500
+
+
+def test_bad_scheduler_options_are_rejected():
+    with pytest.raises(ValueError, match="schedule_policy"):
+        SchedulerConfig(schedule_policy="random")
+    with pytest.raises(ValueError, match="prefetch_policy"):
+        SchedulerConfig(prefetch_policy="eager")
