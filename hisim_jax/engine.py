@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -47,30 +47,37 @@ class EngineConfig:
     max_context: int = 0  # model's context window (0: unlimited)
 
 
-@dataclass(slots=True)
 class StepLog:
-    """Per-step records as growing lists, turned into arrays at the end."""
+    """Per-step records, appended a step or a whole decode stretch at a time."""
 
-    start_s: list = field(default_factory=list)
-    duration_s: list = field(default_factory=list)
-    kind: list = field(default_factory=list)  # "prefill" | "decode"
-    n_requests: list = field(default_factory=list)
-    new_tokens: list = field(default_factory=list)
-    kv_tokens: list = field(default_factory=list)
-    waiting: list = field(default_factory=list)
-    running: list = field(default_factory=list)
-    request_ids: list = field(default_factory=list)  # prefill steps: the requests in it
+    COLUMNS = ("start_s", "duration_s", "kind", "n_requests", "new_tokens", "kv_tokens",
+               "waiting", "running", "request_ids")  # fmt: skip
+
+    def __init__(self):
+        self._chunks: dict[str, list] = {c: [] for c in self.COLUMNS}
+        self.count = 0
 
     def add(self, start, dur, kind, n, new, kv, waiting, running, ids=""):
-        self.start_s.append(start)
-        self.duration_s.append(dur)
-        self.kind.append(kind)
-        self.n_requests.append(n)
-        self.new_tokens.append(new)
-        self.kv_tokens.append(kv)
-        self.waiting.append(waiting)
-        self.running.append(running)
-        self.request_ids.append(ids)
+        self.add_many(np.atleast_1d(start), np.atleast_1d(dur), kind, n, new,
+                      np.atleast_1d(kv), waiting, running, ids)  # fmt: skip
+
+    def add_many(self, start, dur, kind, n, new, kv, waiting, running, ids=""):
+        k = len(start)
+        for col, v in zip(self.COLUMNS, (start, dur, kind, n, new, kv, waiting, running, ids),
+                          strict=True):  # fmt: skip
+            self._chunks[col].append(
+                v
+                if isinstance(v, np.ndarray)
+                else np.full(k, v, dtype=object if isinstance(v, str) else None)
+            )
+        self.count += k
+
+    def column(self, name: str) -> np.ndarray:
+        chunks = self._chunks[name]
+        return np.concatenate(chunks) if chunks else np.zeros(0)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 @dataclass(slots=True)
@@ -313,17 +320,9 @@ class Engine:
             s.private += k
             s.generated += k
             s.last_token_s = float(ends[-1])
-        for j in range(k):
-            self.steps.add(
-                float(ends[j] - dur[j]),
-                float(dur[j]),
-                "decode",
-                n,
-                n,
-                int(ctx.sum()) + n * j,
-                len(self.waiting),
-                n,
-            )
+        self.steps.add_many(
+            ends - dur, dur, "decode", n, n, int(ctx.sum()) + n * np.arange(k), len(self.waiting), n
+        )
         self.new_token_ratio = max(
             self.sched.min_new_token_ratio,
             self.new_token_ratio - k * self.sched.new_token_ratio_decay,

@@ -276,6 +276,13 @@ def step_seconds_grid(p: Params, dims: ModelDims, batches: Batch, hws: HwArrays,
 
 
 @partial(jax.jit, static_argnames="be")
+def step_seconds_arrays(p, dims, cache_len, new_len, mask, hws, be=attn.FA2):
+    """``step_seconds_grid`` on raw ``[N, R]`` arrays: skips building a Batch per call, which
+    costs more than the computation in a simulator's many small calls."""
+    return step_seconds_grid(p, dims, Batch(cache_len, new_len, mask), hws, be)
+
+
+@partial(jax.jit, static_argnames="be")
 def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, be=attn.FA2):
     """Seconds for rows that each carry their own model: dims ``[N]``, batches ``[N, R]``."""
     return jax.vmap(lambda d, b: step_s(p, d, b, hw, be))(dims, batches)
@@ -365,6 +372,15 @@ class Estimator:
         """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several. Batches are
         grouped by power-of-two bucket, one vectorized call per bucket."""
         batches = self._as_batches(batches)
+        if len(batches) == 1:  # the simulator's prefill steps: skip the grouping
+            arr = np.asarray(batches[0], dtype=float).reshape(-1, 2)
+            width = bucket_size(len(arr))
+            c, n, m = np.zeros((3, 1, width))
+            c[0, : len(arr)], n[0, : len(arr)], m[0, : len(arr)] = arr[:, 0], arr[:, 1], 1.0
+            out = np.asarray(
+                step_seconds_arrays(self.params, self.dims, c, n, m, self.hws, self.backend)
+            )
+            return out[:, 0] if len(self.hardware) == 1 else out
         out = np.zeros((len(batches), len(self.hardware)))
         for idx, packed in pack_by_bucket(batches):
             # numpy leaves go straight in: jit canonicalizes them to the default float dtype
@@ -388,7 +404,7 @@ class Estimator:
         c[:, :n] = np.asarray(context, float)[None, :] + np.arange(k, dtype=float)[:, None]
         m = np.zeros((k, width))
         m[:, : max(n, padded)] = 1.0
-        out = step_seconds_grid(self.params, self.dims, Batch(c, m, m), self.hws, self.backend)
+        out = step_seconds_arrays(self.params, self.dims, c, m, m, self.hws, self.backend)
         return np.asarray(out)[:steps, 0]
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:

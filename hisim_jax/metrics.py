@@ -72,19 +72,7 @@ def request_frame(result: EngineResult) -> pd.DataFrame:
 
 def step_frame(result: EngineResult) -> pd.DataFrame:
     s = result.steps
-    return pd.DataFrame(
-        {
-            "start_s": s.start_s,
-            "duration_s": s.duration_s,
-            "kind": s.kind,
-            "n_requests": s.n_requests,
-            "new_tokens": s.new_tokens,
-            "kv_tokens": s.kv_tokens,
-            "waiting": s.waiting,
-            "running": s.running,
-            "request_ids": s.request_ids,
-        }
-    )
+    return pd.DataFrame({c: s.column(c) for c in s.COLUMNS})
 
 
 def _dist(x) -> dict:
@@ -119,7 +107,7 @@ def summary(
         },
         "simulated_s": float(result.simulated_s),
         "wall_s": float(wall_s),
-        "steps": int(len(result.steps.start_s)),
+        "steps": len(result.steps),
         "ttft_s": _dist(done["ttft_s"]),
         "tpot_s": _dist(done["tpot_s"]),
         "itl_s": _dist(result.itl_s),

@@ -60,8 +60,8 @@ def check_run(eng, reqs, res):
     c.check_invariants()  # no tier over capacity, counts consistent
     assert c.private == 0 and c.pinned_pages == 0 and c.l2_private == 0  # nothing leaked
     assert not eng.running and not eng.waiting and not eng.swapped and eng.chunked is None
-    assert all(d > 0 for d in res.steps.duration_s)
-    assert np.all(np.diff(res.steps.start_s) >= -1e-12)  # one clock, moving forward
+    assert np.all(res.steps.column("duration_s") > 0)
+    assert np.all(np.diff(res.steps.column("start_s")) >= -1e-12)  # one clock, moving forward
 
 
 def test_chat_workload_completes_and_reuses_prefixes():
@@ -133,7 +133,9 @@ def test_chunked_prefill_splits_long_prompts():
     res = eng.run(reqs)
     check_run(eng, reqs, res)
     prefill = [
-        n for k, n in zip(res.steps.kind, res.steps.new_tokens, strict=True) if k == "prefill"
+        n
+        for k, n in zip(res.steps.column("kind"), res.steps.column("new_tokens"), strict=True)
+        if k == "prefill"
     ]
     assert prefill == [4096] * 4 + [20_000 - 4 * 4096]
 
