@@ -207,6 +207,8 @@ class Engine:
 
     def _form_prefill(self, now: float) -> list[tuple[ReqState, int]]:
         """(request, chunk tokens) of the next prefill batch, admitting as SGLang's PrefillAdder."""
+        if not (self.waiting or self.chunked or self.swapped):
+            return []
         batch = []
         budget = self.sched.max_prefill_tokens
         if self.chunked is not None:
