@@ -1,0 +1,106 @@
+"""`hisim simulate` end to end through typer's CliRunner, on the built-in workload and traces."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from hisim_jax.cli import app
+
+MOONCAKE = (
+    Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+)
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["simulate", *map(str, args)])
+
+
+def test_default_run_writes_outputs_and_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = invoke("--limit", 80, "--out", out, "--slo-ttft-ms", 200, "--slo-tpot-ms", 50)
+        assert r.exit_code == 0, r.output
+    s = json.loads((a / "summary.json").read_text())
+    for key in ("requests_total", "requests_completed", "simulated_s", "wall_s", "ttft_s", "tpot_s",
+                "itl_s", "e2e_s", "throughput_input_tok_s", "throughput_output_tok_s", "cache",
+                "preemptions", "goodput_req_s"):  # fmt: skip
+        assert key in s, key
+    for key in ("mean", "p50", "p90", "p99"):
+        assert s["ttft_s"][key] > 0
+    for key in (
+        "hit_rate",
+        "l1_hit_tokens",
+        "l2_hit_tokens",
+        "l3_hit_tokens",
+        "miss_tokens",
+        "evicted_tokens",
+    ):
+        assert key in s["cache"]
+    assert s["requests_completed"] == s["requests_total"] == 80
+    req = pd.read_csv(a / "requests.csv")
+    assert len(req) == 80 and (req["ttft_s"] > 0).all()
+    assert (req["l1_hit_tokens"] + req["computed_prompt_tokens"] == req["input_len"]).all()
+    steps = pd.read_csv(a / "steps.csv")
+    assert set(steps["kind"]) == {"prefill", "decode"}
+    # same inputs and seed: byte-identical per-request and per-step outputs
+    assert (a / "requests.csv").read_bytes() == (b / "requests.csv").read_bytes()
+    assert (a / "steps.csv").read_bytes() == (b / "steps.csv").read_bytes()
+    sb = json.loads((b / "summary.json").read_text())
+    for k in ("wall_s", "cost"):  # measurements of the run itself
+        s.pop(k), sb.pop(k)
+    assert s == sb
+
+
+@pytest.mark.skipif(not MOONCAKE.is_file(), reason="shared traces not present")
+def test_mooncake_trace_with_l2_from_a_yaml_config(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"trace: {MOONCAKE}\ntrace-format: mooncake\nlimit: 120\nl2_gb: 64\nrate_scale: 0.5\n"
+    )
+    r = invoke("--config", cfg, "--out", tmp_path / "o", "--format", "json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["requests_total"] == 120
+    assert s["options"]["l2_gb"] == 64 and s["replica"]["l2_tokens"] > 0
+    assert s["cache"]["hit_rate"] > 0
+
+
+def test_bad_trace_line_is_one_line_error_or_skipped(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"timestamp": 0, "input_length": 600, "output_length": 20, "hash_ids": [1, 2]}\n'
+        '{"timestamp": 10, "input_length": -5, "output_length": 20, "hash_ids": [1]}\n'
+    )
+    r = invoke("--trace", trace, "--out", tmp_path / "o")
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and "line 2" in r.stderr and "input_length" in r.stderr
+    r = invoke("--trace", trace, "--skip-bad-lines", "--out", tmp_path / "o", "--format", "json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["skipped_lines"] == 1 and s["requests_completed"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--schedule-policy", "random"], "schedule_policy"),
+        (["--l1-fraction", "1.5"], "l1 fraction"),
+        (["--model", "nope"], "nope"),
+        (["--trace-format", "parquet", "--trace", "x.jsonl"], "x.jsonl"),
+    ],
+)
+def test_bad_options_exit_2(tmp_path, args, needle):
+    r = invoke(*args, "--limit", 5, "--out", tmp_path / "o")
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and r.stderr.startswith("error:")
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("modle: llama-3.1-8b\n")
+    r = invoke("--config", cfg)
+    assert r.exit_code == 2 and "modle" in r.stderr and str(cfg) in r.stderr
