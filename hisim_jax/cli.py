@@ -313,6 +313,57 @@ def validate_steps_cmd(
         )
 
 
+@validate_app.command("cache")
+@handles_errors
+def validate_cache_cmd(
+    trace: Path = typer.Option(
+        ..., help="Trace with prefix identity (mooncake, jsonl, csv, sharegpt)."
+    ),
+    trace_format: str = typer.Option("mooncake", help="mooncake, azure, jsonl, csv or sharegpt."),
+    limit: int = typer.Option(None, help="Only the first N requests."),
+    block_tokens: int = typer.Option(
+        None, help="Tokens per prefix block of a jsonl/csv/sharegpt trace."
+    ),
+    l1_tokens: int = typer.Option(..., help="L1 capacity in tokens."),
+    l2_tokens: int = typer.Option(0, help="L2 capacity in tokens."),
+    l3_tokens: int = typer.Option(0, help="L3 capacity in tokens."),
+    page_size: int = typer.Option(1, help="Page size in tokens."),
+    eviction: str = typer.Option("lru", help="lru or lfu."),
+    write_policy: str = typer.Option("write_through", help="write_through or write_back."),
+    bytes_per_token: float = typer.Option(131072.0, help="KV bytes per token (for bytes moved)."),
+    skip_bad_lines: bool = typer.Option(False),
+    fmt: Format = typer.Option(Format.table, "--format"),
+):
+    """Replay a trace through the KV cache manager alone: hit tokens per tier, prefetch volume
+    and evictions for given tier capacities (no timing)."""
+    from hisim_jax.kvcache import KVCacheConfig
+    from hisim_jax.validate import replay_cache
+    from hisim_jax.workload import load_trace
+
+    extra = {"block_tokens": block_tokens} if block_tokens is not None else {}
+    work = load_trace(trace, trace_format, skip_bad_lines=skip_bad_lines, limit=limit, **extra)
+    cfg = KVCacheConfig(
+        l1_tokens=l1_tokens, bytes_per_token=bytes_per_token, block_tokens=work.block_tokens,
+        page_size=page_size, l2_tokens=l2_tokens, l3_tokens=l3_tokens, eviction=eviction,
+        write_policy=write_policy,
+    )  # fmt: skip
+    report = replay_cache(work.requests, cfg)
+    if fmt == Format.json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    flat = [[k, v] for k, v in report.items() if not isinstance(v, dict)] + [
+        [f"{k} {kk}", vv] for k, v in report.items() if isinstance(v, dict) for kk, vv in v.items()
+    ]
+    if fmt == Format.csv:
+        typer.echo("name,value")
+        for k, v in flat:
+            typer.echo(f"{k},{v}")
+    else:
+        _table(
+            f"KV cache replay of {trace} ({len(work.requests)} requests)", ["name", "value"], flat
+        )
+
+
 @app.command()
 @handles_errors
 def simulate(

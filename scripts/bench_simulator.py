@@ -113,6 +113,10 @@ def main(argv=None) -> int:
     capacity_rps = len(pilot_work.requests) / pilot.simulated_s
     per_session = len(pilot_work.requests) / len({r.session_id for r in pilot_work.requests})
     rate = args.target_load * capacity_rps / per_session
+    for _ in range(3):  # correct for the think-time tail: offered rate = target x capacity
+        work = chat(args.requests, rate, args.seed)
+        offered = len(work.requests) / max(r.arrival_s for r in work.requests)
+        rate *= args.target_load * capacity_rps / offered
     out = {
         "warmup_compile_s": round(warmup_s, 2),
         "saturation_requests_per_s": round(capacity_rps, 2),
