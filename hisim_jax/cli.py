@@ -364,6 +364,47 @@ def validate_cache_cmd(
         )
 
 
+@validate_app.command("scheduler")
+@handles_errors
+def validate_scheduler_cmd(
+    log: Path = typer.Option(
+        ..., help="Per-step log in steps.csv columns (start_s, kind, request_ids)."
+    ),
+    config: Path = typer.Option(None, help="YAML of simulate options describing the same run."),
+    trace: Path = typer.Option(None, help="The workload's trace [built-in chat]."),
+    trace_format: str = typer.Option(None, help="mooncake, azure, jsonl, csv or sharegpt."),
+    limit: int = typer.Option(None),
+    model: str = typer.Option(None),
+    hardware: str = typer.Option(None),
+    schedule_policy: str = typer.Option(None),
+    fmt: Format = typer.Option(Format.table, "--format"),
+):
+    """Replay a scheduler log's workload through the simulator and report queue-residency and
+    ordering differences."""
+    from hisim_jax.simulation import SimulationOptions, run
+    from hisim_jax.validate import compare_schedules, read_step_log
+
+    given = {
+        "trace": str(trace) if trace else None, "trace_format": trace_format, "limit": limit,
+        "model": model, "hardware": hardware, "schedule_policy": schedule_policy,
+    }  # fmt: skip
+    if config is not None:
+        opts = SimulationOptions.from_yaml(config, given)
+    else:
+        opts = SimulationOptions.checked({k: v for k, v in given.items() if v is not None})
+    logged = read_step_log(log)
+    result = run(opts)
+    arrivals = {r.request_id: r.arrival_s for r in result.workload.requests}
+    report = compare_schedules(logged, result.steps, arrivals)
+    if fmt == Format.json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    flat = [[k, v] for k, v in report.items() if not isinstance(v, dict)] + [
+        [f"{k} {kk}", vv] for k, v in report.items() if isinstance(v, dict) for kk, vv in v.items()
+    ]
+    _table(f"scheduler log {log} vs simulation", ["name", "value"], flat)
+
+
 @app.command()
 @handles_errors
 def simulate(

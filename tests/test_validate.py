@@ -85,3 +85,63 @@ def test_validate_cache_cli_on_generic_jsonl(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["requests"] == 6 and rep["l1_hit_tokens"] > 0
+
+
+def test_validate_scheduler_on_its_own_log_and_a_perturbed_one(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["simulate", "--limit", "60", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    same = runner.invoke(
+        app,
+        [
+            "validate",
+            "scheduler",
+            "--log",
+            str(out / "steps.csv"),
+            "--limit",
+            "60",
+            "--format",
+            "json",
+        ],
+    )
+    assert same.exit_code == 0, same.output
+    rep = json.loads(same.stdout)
+    assert rep["requests_compared"] == 60 and rep["order_pairs_agreeing"] == 1.0
+    assert rep["queue_abs_diff_s"]["max"] < 1e-6
+
+    import pandas as pd
+
+    log = pd.read_csv(out / "steps.csv", dtype={"request_ids": str}, keep_default_na=False)
+    pre = log.index[log["kind"] == "prefill"]
+    # a log in which the engine served the second and third prefills the other way round
+    a, b = pre[1], pre[2]
+    log.loc[a, "request_ids"], log.loc[b, "request_ids"] = (
+        log.loc[b, "request_ids"],
+        log.loc[a, "request_ids"],
+    )
+    log.loc[pre[5:], "start_s"] += 0.5  # and everything after it half a second later
+    log.to_csv(tmp_path / "perturbed.csv", index=False)
+    r = runner.invoke(
+        app,
+        [
+            "validate",
+            "scheduler",
+            "--log",
+            str(tmp_path / "perturbed.csv"),
+            "--limit",
+            "60",
+            "--format",
+            "json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["order_pairs_agreeing"] < 1.0
+    assert rep["queue_abs_diff_s"]["max"] == pytest.approx(0.5, abs=0.05)
+
+    (tmp_path / "bad.csv").write_text("start_s,kind\n0,prefill\n")
+    r = runner.invoke(
+        app, ["validate", "scheduler", "--log", str(tmp_path / "bad.csv"), "--limit", "5"]
+    )
+    assert r.exit_code == 2 and "request_ids" in r.stderr
