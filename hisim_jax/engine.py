@@ -62,19 +62,21 @@ class StepLog:
                       np.atleast_1d(kv), waiting, running, ids)  # fmt: skip
 
     def add_many(self, start, dur, kind, n, new, kv, waiting, running, ids=""):
+        """Columns are arrays of the stretch's length or one value for all its steps."""
         k = len(start)
         for col, v in zip(self.COLUMNS, (start, dur, kind, n, new, kv, waiting, running, ids),
                           strict=True):  # fmt: skip
-            self._chunks[col].append(
-                v
-                if isinstance(v, np.ndarray)
-                else np.full(k, v, dtype=object if isinstance(v, str) else None)
-            )
+            self._chunks[col].append((v, k))
         self.count += k
 
     def column(self, name: str) -> np.ndarray:
-        chunks = self._chunks[name]
-        return np.concatenate(chunks) if chunks else np.zeros(0)
+        parts = [
+            v
+            if isinstance(v, np.ndarray)
+            else np.full(k, v, dtype=object if isinstance(v, str) else None)
+            for v, k in self._chunks[name]
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def __len__(self) -> int:
         return self.count
