@@ -19,7 +19,7 @@ from hisim_jax.paths import data_dir
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=False,
-    help="hisim-jax: predict LLM-serving step latency (and more) on CPUs.",
+    help="hisim-jax: simulate LLM serving on CPUs: step latency, engine, KV-cache tiers.",
 )
 validate_app = typer.Typer(add_completion=False, help="Compare predictions with measurements.")
 app.add_typer(validate_app, name="validate")
@@ -27,6 +27,22 @@ app.add_typer(validate_app, name="validate")
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_HARDWARE = "h100-sxm"
 DEFAULT_BATCH = "[[0,2048],[4096,1]]"
+
+
+@app.callback()
+def _setup() -> None:
+    """Keep compiled estimator shapes across runs (JAX's persistent compilation cache), so a
+    repeated ``hisim`` command skips seconds of XLA compilation. HISIM_CACHE_DIR picks the
+    folder; an empty value turns it off."""
+    import os
+
+    folder = os.environ.get("HISIM_CACHE_DIR", str(Path.home() / ".cache" / "hisim-jax" / "xla"))
+    if not folder:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 class Format(str, Enum):

@@ -3,6 +3,7 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HISIM_CACHE_DIR", "")  # tests never write JAX's compilation cache
 
 import jax  # noqa: E402
 
