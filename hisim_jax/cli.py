@@ -364,6 +364,11 @@ def validate_cache_cmd(
         write_policy=write_policy,
     )  # fmt: skip
     report = replay_cache(work.requests, cfg)
+    _print_report(f"KV cache replay of {trace} ({len(work.requests)} requests)", report, fmt)
+
+
+def _print_report(title: str, report: dict, fmt: Format) -> None:
+    """A flat or one-level-nested report as JSON, CSV (name,value) or a table."""
     if fmt == Format.json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
         return
@@ -375,9 +380,7 @@ def validate_cache_cmd(
         for k, v in flat:
             typer.echo(f"{k},{v}")
     else:
-        _table(
-            f"KV cache replay of {trace} ({len(work.requests)} requests)", ["name", "value"], flat
-        )
+        _table(title, ["name", "value"], flat)
 
 
 @validate_app.command("scheduler")
@@ -412,13 +415,7 @@ def validate_scheduler_cmd(
     result = run(opts)
     arrivals = {r.request_id: r.arrival_s for r in result.workload.requests}
     report = compare_schedules(logged, result.steps, arrivals)
-    if fmt == Format.json:
-        typer.echo(json.dumps(report, indent=2, sort_keys=True))
-        return
-    flat = [[k, v] for k, v in report.items() if not isinstance(v, dict)] + [
-        [f"{k} {kk}", vv] for k, v in report.items() if isinstance(v, dict) for kk, vv in v.items()
-    ]
-    _table(f"scheduler log {log} vs simulation", ["name", "value"], flat)
+    _print_report(f"scheduler log {log} vs simulation", report, fmt)
 
 
 @app.command()
@@ -458,6 +455,9 @@ def simulate(
     slo_ttft_ms: float = typer.Option(None, help="TTFT SLO for goodput."),
     slo_tpot_ms: float = typer.Option(None, help="TPOT SLO for goodput."),
     gpu_price_usd_per_hour: float = typer.Option(None, help="Override the spec's GPU price."),
+    cpu_price_usd_per_hour: float = typer.Option(
+        None, help="CPU-hour price for the cost ratio [0.05]."
+    ),
     out: Path = typer.Option(
         Path("hisim-out"), help="Folder for requests.csv, steps.csv, summary.json."
     ),

@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 
 L1, L2, L3 = 0, 1, 2
 TIER_NAMES = ("l1", "l2", "l3")
-EVICTION_POLICIES = ("lru", "lfu")
+# Eviction policies: the key a tier's leaves are evicted in ascending order of. Add one here.
+EVICTION_KEYS = {
+    "lru": lambda node: (node.last_use,),
+    "lfu": lambda node: (node.uses, node.last_use),
+}
+EVICTION_POLICIES = tuple(EVICTION_KEYS)
 WRITE_POLICIES = ("write_through", "write_back")
 
 
@@ -135,6 +140,7 @@ class KVCache:
         self._seq = 0
         self.link_busy_until = {"l2_to_l1": 0.0, "l1_to_l2": 0.0, "l3_to_l2": 0.0, "l2_to_l3": 0.0}
         self.stats = CacheStats()
+        self._eviction_key = EVICTION_KEYS[cfg.eviction]
         # Nodes an operation in progress relies on: no tier may evict them meanwhile (an L1
         # eviction can cascade into L2 and L3 evictions through write-back).
         self._guard: set[int] = set()
@@ -403,9 +409,7 @@ class KVCache:
                 self._push(node, t)
 
     def _key(self, node: _Node) -> tuple:
-        if self.cfg.eviction == "lfu":
-            return (node.uses, node.last_use)
-        return (node.last_use,)
+        return self._eviction_key(node)
 
     def _push(self, node: _Node, tier: int) -> None:
         self._seq += 1

@@ -17,7 +17,7 @@ import yaml
 from hisim_jax import workload as wl
 from hisim_jax.engine import Engine, EngineConfig, cache_config, size_replica
 from hisim_jax.estimator import Estimator
-from hisim_jax.metrics import SLO, request_frame, step_frame, summary
+from hisim_jax.metrics import CPU_PRICE_USD_PER_HOUR, SLO, request_frame, step_frame, summary
 from hisim_jax.ops import DTYPE_BYTES
 from hisim_jax.scheduler import SchedulerConfig
 from hisim_jax.specs import SpecError
@@ -60,6 +60,7 @@ class SimulationOptions:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     gpu_price_usd_per_hour: float | None = None
+    cpu_price_usd_per_hour: float = CPU_PRICE_USD_PER_HOUR
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict) -> SimulationOptions:
@@ -185,7 +186,9 @@ def run(o: SimulationOptions, progress=None) -> SimulationRun:
             tpot_s=o.slo_tpot_ms / 1e3 if o.slo_tpot_ms is not None else None,
         )
     price = o.gpu_price_usd_per_hour or est.hardware[0].price_usd_per_hour
-    summ = summary(result, wall, price, gpus=o.tp, slo=slo)
+    summ = summary(
+        result, wall, price, gpus=o.tp, slo=slo, cpu_price_usd_per_hour=o.cpu_price_usd_per_hour
+    )
     summ["workload"] = {"source": work.source, **_jsonable(work.summary())}
     summ["skipped_lines"] = work.skipped_lines
     summ["replica"] = {
