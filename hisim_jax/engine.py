@@ -36,7 +36,9 @@ class StepCost(Protocol):
 
     def step_latency_s(self, batches: Sequence[Sequence[tuple[int, int]]]) -> np.ndarray: ...
 
-    def decode_steps_s(self, context: np.ndarray, steps: int, padded: int = 0) -> np.ndarray: ...
+    def decode_steps_s(
+        self, context: np.ndarray, steps: int, padded=0, active=None
+    ) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,7 @@ class Engine:
         self.preemptions = 0
         self.steps = StepLog()
         self.finished = 0  # completed or rejected
+        self._last_decode_s = 0.0  # duration of the latest decode step
         self._itl: list[np.ndarray] = []
 
     # ------------------------------------------------------------------------------------
@@ -291,50 +294,68 @@ class Engine:
         return end
 
     def _decode_stretch(self, now: float, next_event: float) -> float:
-        """Run decode steps until the next event; returns the new clock."""
-        run = self.running
-        n = len(run)
+        """Run decode steps until the next event; returns the new clock.
+
+        With nobody waiting, requests that finish mid-stretch leave without ending it (their
+        batch simply shrinks); with requests waiting, the first finish ends it, since the freed
+        KV may admit one of them."""
+        run = sorted(self.running, key=lambda s: s.generated - s.req.output_len)  # longest first
         remaining = np.array([s.req.output_len - s.generated for s in run])
-        k_finish = int(remaining.min())
-        # KV for one more token per request per step; evictable tree pages count as free
-        k_mem = self.cache.l1_available() // n
-        if k_mem < 1:
+        through = not (self.waiting or self.swapped or self.chunked)
+        k = int(min(remaining[0] if through else remaining[-1], FAST_FORWARD_STEPS))
+        if math.isfinite(next_event) and self._last_decode_s > 0:
+            # cost only about as many steps as fit before the next event (+ slack): costing
+            # steps an arrival would cut off wastes estimator work
+            k = max(1, min(k, int((next_event - now) / self._last_decode_s * 1.25) + 2))
+        active = (remaining[None, :] > np.arange(k)[:, None]).sum(axis=1)  # decoding per step
+        # KV for one more token per decoding request per step; evictable pages count as free
+        need = np.cumsum(active)
+        k = min(k, int(np.searchsorted(need, self.cache.l1_available(), side="right")))
+        if k < 1:
             self._preempt(now)
             return now
-        k = int(min(k_finish, k_mem, FAST_FORWARD_STEPS))
+        active = active[:k]
+        max_bs = self.sched.cuda_graph_max_bs
+        padded = np.array(
+            [graph_padded_size(a, self.graph_sizes) if a <= max_bs else a for a in active]
+        )
         ctx = np.array([s.req.input_len + s.generated - 1 for s in run])
-        padded = graph_padded_size(n, self.graph_sizes) if n <= self.sched.cuda_graph_max_bs else n
         # graph replay computes the padded slots too (as one-token dummies)
-        dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded), dtype=float)
+        dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
         dur = dur + self.sched.step_overhead_s
         ends = now + np.cumsum(dur)
         # stop at the first step that ends after the next event (the scheduler looks then)
         over = np.flatnonzero(ends >= next_event)
         k = int(over[0]) + 1 if len(over) else k
-        dur, ends = dur[:k], ends[:k]
-        if not self.cache.make_room(L1, n * k, now):
+        dur, ends, active = dur[:k], ends[:k], active[:k]
+        self._last_decode_s = float(dur[-1])
+        slots = int(active.sum())
+        if not self.cache.make_room(L1, slots, now):
             self._preempt(now)
             return now
-        self.cache.alloc_private(n * k)
+        self.cache.alloc_private(slots)
         # ITL samples: a request's first gap also spans any prefill steps since its last token
         self._itl.append(ends[0] - np.array([s.last_token_s for s in run]))
         if k > 1:
-            self._itl.append(np.repeat(dur[1:], n))
-        for s in run:
-            s.private += k
-            s.generated += k
-            s.last_token_s = float(ends[-1])
+            self._itl.append(np.repeat(dur[1:], active[1:]))
+        done_steps = np.minimum(remaining, k)
+        for s, d in zip(run, done_steps.tolist(), strict=True):
+            s.private += d
+            s.generated += d
+            s.last_token_s = float(ends[d - 1])
+        ctx_prefix = np.concatenate([[0], np.cumsum(ctx)])
         self.steps.add_many(
-            ends - dur, dur, "decode", n, n, int(ctx.sum()) + n * np.arange(k), len(self.waiting), n
-        )
+            ends - dur, dur, "decode", active, active,
+            ctx_prefix[active] + active * np.arange(k), len(self.waiting), active,
+        )  # fmt: skip
         self.new_token_ratio = max(
             self.sched.min_new_token_ratio,
             self.new_token_ratio - k * self.sched.new_token_ratio_decay,
         )
-        end = float(ends[-1])
-        for s in [s for s in run if s.generated >= s.req.output_len]:
-            self._finish(s, end)
-        return end
+        finished = [s for s in run if s.generated >= s.req.output_len]
+        for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
+            self._finish(s, s.last_token_s)
+        return float(ends[-1])
 
     def _finish(self, st: ReqState, now: float) -> None:
         st.finish_s = now

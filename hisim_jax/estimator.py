@@ -418,20 +418,29 @@ class Estimator:
             )
         return out[:, 0] if len(self.hardware) == 1 else out
 
-    def decode_steps_s(self, context: np.ndarray, steps: int, padded: int = 0) -> np.ndarray:
-        """Seconds of ``steps`` consecutive decode steps of requests whose KV holds ``context``
-        tokens at the first step (growing by one per step), on the first GPU. The batch is
-        padded with one-token dummies to ``padded`` requests (CUDA-graph replay).
+    def decode_steps_s(self, context: np.ndarray, steps: int, padded=0, active=None) -> np.ndarray:
+        """Seconds of ``steps`` consecutive decode steps on the first GPU. Request i holds
+        ``context[i]`` tokens at the first step, one more each step; at step j only the first
+        ``active[j]`` requests still decode (the others have finished: order them by remaining
+        output, longest first), and the batch is padded with one-token dummies to ``padded[j]``
+        requests (CUDA-graph replay). ``active`` defaults to all, ``padded`` may be one int.
 
         Arrays are built directly and padded to a few coarse shapes (steps to 16 or 256,
         requests to a power of four), so a simulation compiles a handful of shapes and costs a
         whole decode stretch in one call."""
         n = len(context)
-        width = max(8, 1 << (2 * math.ceil(math.log2(max(n, padded, 1)) / 2)))
+        active = np.full(steps, n) if active is None else np.asarray(active)[:steps]
+        padded = np.maximum(np.broadcast_to(np.asarray(padded), (steps,)), active)
+        width = max(8, 1 << (2 * math.ceil(math.log2(max(int(padded.max()), 1)) / 2)))
         k = 16 if steps <= 16 else max(256, 1 << max(0, steps - 1).bit_length())
         cnm = np.zeros((3, k, width), dtype=_host_float())
-        cnm[0, :, :n] = np.asarray(context, float)[None, :] + np.arange(k, dtype=float)[:, None]
-        cnm[1:, :, : max(n, padded)] = 1.0  # one new token each; mask
+        col = np.arange(width)
+        ctx = np.zeros(width)
+        ctx[:n] = context
+        live = col[None, :] < active[:, None]
+        cnm[0, :steps] = np.where(live, ctx[None, :] + np.arange(steps)[:, None], 0.0)
+        cnm[1:, :steps] = col[None, :] < padded[:, None]  # one new token each; mask
+        cnm[1:, steps:, 0] = 1.0  # unused rows: a one-token dummy keeps them well defined
         return self._flat_call(cnm)[:steps, 0]
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:

@@ -24,11 +24,17 @@ class FakeCost:
             [2e-3 + 2e-5 * sum(n for _, n in b) + 1e-8 * sum(c for c, _ in b) for b in batches]
         )
 
-    def decode_steps_s(self, ctx, k, padded=0):
+    def decode_steps_s(self, ctx, k, padded=0, active=None):
         self.decode_calls += 1
         self.decode_steps += k
-        n = max(len(ctx), padded)
-        return np.array([5e-3 + 2e-5 * n + 1e-8 * (ctx.sum() + j * len(ctx)) for j in range(k)])
+        active = np.full(k, len(ctx)) if active is None else np.asarray(active)
+        padded = np.maximum(np.broadcast_to(padded, (k,)), active)
+        return np.array(
+            [
+                5e-3 + 2e-5 * padded[j] + 1e-8 * (ctx[: active[j]].sum() + j * active[j])
+                for j in range(k)
+            ]
+        )
 
 
 def engine(l1=60_000, l2=0, l3=0, block=64, **sched):
