@@ -216,22 +216,24 @@ class KVCache:
         """Longest prefix of the prompt resident in any tier. A fully cached prompt still
         computes its last token (the step must produce logits), as SGLang's radix cache does."""
         hit = PrefixHit()
+        nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
         node = self.root
         bt = self.cfg.block_tokens
         covered = 0
-        for k, bid in enumerate(block_ids):
+        for bid in block_ids:  # hot path: kept flat
             child = node.children.get(bid)
             if child is None:
                 break
-            tier = (
-                L1 if child.tiers[L1] else L2 if child.tiers[L2] else L3 if child.tiers[L3] else -1
-            )
-            block_len = min(bt, input_len - k * bt)
+            tiers = child.tiers
+            tier = L1 if tiers[0] else L2 if tiers[1] else L3 if tiers[2] else -1
+            block_len = input_len - covered
+            if block_len > bt:
+                block_len = bt
             if tier < 0 or block_len <= 0 or child.tokens != block_len:
                 break
-            hit.nodes.append(child)
-            hit.tier_of.append(tier)
-            hit.tokens[tier] += block_len
+            nodes.append(child)
+            tier_of.append(tier)
+            tokens[tier] += block_len
             covered += block_len
             node = child
         if covered >= input_len and hit.nodes:
@@ -404,9 +406,15 @@ class KVCache:
     def _touch(self, node: _Node, now: float) -> None:
         node.last_use = now
         node.uses += 1
-        for t in range(3):
-            if node.tiers[t] and node.child_res[t] == 0:
-                self._push(node, t)
+        tiers, below = node.tiers, node.child_res
+        # only a tier's leaves are eviction candidates; inner nodes are queued when they
+        # become leaves (hot path: unrolled)
+        if tiers[0] and not below[0]:
+            self._push(node, 0)
+        if tiers[1] and not below[1]:
+            self._push(node, 1)
+        if tiers[2] and not below[2]:
+            self._push(node, 2)
 
     def _key(self, node: _Node) -> tuple:
         return self._eviction_key(node)
