@@ -44,7 +44,7 @@ def make_engine(est: Estimator, block_tokens: int, l2_gb: float = 0.0) -> Engine
 
 def chat(n_requests: int, session_rate: float, seed: int) -> wl.Workload:
     # default_chat's shape (1-9 turns, ~5 requests per session) scaled to n_requests
-    sessions = max(1, n_requests // 5)
+    sessions = max(1, n_requests // 4)  # enough sessions that limit=n_requests is reached
     w = wl.chat_sessions(
         sessions,
         session_rate,
