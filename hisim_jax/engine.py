@@ -278,7 +278,7 @@ class Engine:
                 self.chunked = None
             path, new_pages = self.cache.insert(st.req.block_ids, st.req.input_len, end)
             self.cache.pin(path)
-            self.cache.release(st.hit_nodes, end)
+            self.cache.release(st.hit_nodes, end, touch=False)  # the path pin holds them on
             st.hit_nodes = []
             st.path = path
             moved = min(new_pages, st.private)

@@ -29,7 +29,7 @@ L1, L2, L3 = 0, 1, 2
 TIER_NAMES = ("l1", "l2", "l3")
 # Eviction policies: the key a tier's leaves are evicted in ascending order of. Add one here.
 EVICTION_KEYS = {
-    "lru": lambda node: (node.last_use,),
+    "lru": lambda node: node.last_use,
     "lfu": lambda node: (node.uses, node.last_use),
 }
 EVICTION_POLICIES = tuple(EVICTION_KEYS)
@@ -247,9 +247,10 @@ class KVCache:
 
     def insert(self, block_ids, input_len: int, now: float) -> tuple[list, int]:
         """Put a computed prompt's blocks into L1: the request's private tokens become tree
-        pages. Returns the path of nodes (for the caller to pin) and the pages newly placed in
-        L1, which the caller frees from its private allocation. With write-through, new blocks
-        are copied to L2 and L3 as well (as far as they fit)."""
+        pages. Returns the path of nodes, which the caller pins and later releases (that
+        release is the use counted for LRU/LFU), and the pages newly placed in L1, which the
+        caller frees from its private allocation. With write-through, new blocks are copied to
+        L2 and L3 as well (as far as they fit)."""
         node = self.root
         bt = self.cfg.block_tokens
         path = []
@@ -265,9 +266,10 @@ class KVCache:
             elif child.tokens != block_len:
                 break  # a partial block that another prompt extends: not the same KV
             if not child.tiers[L1]:
+                child.last_use = now  # before it is queued for eviction with this key
                 self._set_resident(child, L1, now)
                 new_l1_pages += child.pages
-            self._touch(child, now)
+            # blocks already in L1 are touched when the request releases its path
             path.append(child)
             node = child
         if self.cfg.write_policy == "write_through":
@@ -284,15 +286,17 @@ class KVCache:
                 self.pinned_pages += n.pages
             n.pins += 1
 
-    def release(self, nodes, now: float) -> None:
-        """A request is done with these nodes: unpin them (they stay cached)."""
+    def release(self, nodes, now: float, touch: bool = True) -> None:
+        """A request is done with these nodes: unpin them (they stay cached) and count the use,
+        unless ``touch`` is False (the same request still holds them through another pin)."""
         for n in nodes:
             n.pins -= 1
             if n.pins < 0:
                 raise AssertionError("KV node unpinned more often than pinned")
             if n.pins == 0:
                 self.pinned_pages -= n.pages
-            self._touch(n, now)
+            if touch:
+                self._touch(n, now)
 
     def acquire(self, hit: PrefixHit, now: float) -> float | None:
         """Pin a hit's nodes in L1 for a request, loading its L2/L3 part into L1 first.

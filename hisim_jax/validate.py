@@ -80,9 +80,11 @@ def replay_cache(requests, cfg) -> dict:
             rejected += 1
             continue
         cache.alloc_private(new)
-        _, moved = cache.insert(r.block_ids, r.input_len, now)
+        path, _ = cache.insert(r.block_ids, r.input_len, now)
         cache.free_private(new)
-        cache.release(hit.nodes, now)
+        cache.pin(path)  # as the engine does: the request holds its path, then leaves
+        cache.release(hit.nodes, now, touch=False)
+        cache.release(path, now)
     cache.check_invariants()
     s = cache.stats
     hits = [int(h) for h in s.hit_tokens]

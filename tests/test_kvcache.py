@@ -28,7 +28,9 @@ def serve(cache: KVCache, ids, input_len, now):
     path, new_pages = cache.insert(ids, input_len, now)
     cache.free_private(min(new_pages, cache.pages(new)))
     cache.free_private(cache.pages(new) - min(new_pages, cache.pages(new)))
-    cache.release(hit.nodes, now)
+    cache.pin(path)
+    cache.release(hit.nodes, now, touch=False)
+    cache.release(path, now)
     cache.check_invariants()
     return hit, done
 
