@@ -56,7 +56,7 @@ class StepLog:
                "waiting", "running", "request_ids")  # fmt: skip
 
     def __init__(self):
-        self._chunks: dict[str, list] = {c: [] for c in self.COLUMNS}
+        self._rows: list[tuple] = []  # one tuple per step or stretch, split into columns at the end
         self.count = 0
 
     def add(self, start, dur, kind, n, new, kv, waiting, running, ids=""):
@@ -65,19 +65,19 @@ class StepLog:
 
     def add_many(self, start, dur, kind, n, new, kv, waiting, running, ids=""):
         """Columns are arrays of the stretch's length or one value for all its steps."""
-        k = len(start)
-        for col, v in zip(self.COLUMNS, (start, dur, kind, n, new, kv, waiting, running, ids),
-                          strict=True):  # fmt: skip
-            self._chunks[col].append((v, k))
-        self.count += k
+        self._rows.append((start, dur, kind, n, new, kv, waiting, running, ids))
+        self.count += len(start)
 
     def column(self, name: str) -> np.ndarray:
-        parts = [
-            v
-            if isinstance(v, np.ndarray)
-            else np.full(k, v, dtype=object if isinstance(v, str) else None)
-            for v, k in self._chunks[name]
-        ]
+        c = self.COLUMNS.index(name)
+        parts = []
+        for row in self._rows:
+            v, k = row[c], len(row[0])
+            parts.append(
+                v
+                if isinstance(v, np.ndarray)
+                else np.full(k, v, dtype=object if isinstance(v, str) else None)
+            )
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def __len__(self) -> int:

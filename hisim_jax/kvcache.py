@@ -141,6 +141,7 @@ class KVCache:
         self.link_busy_until = {"l2_to_l1": 0.0, "l1_to_l2": 0.0, "l3_to_l2": 0.0, "l2_to_l3": 0.0}
         self.stats = CacheStats()
         self._eviction_key = EVICTION_KEYS[cfg.eviction]
+        self._lru = cfg.eviction == "lru"  # the common case, without a call per key
         # Nodes an operation in progress relies on: no tier may evict them meanwhile (an L1
         # eviction can cascade into L2 and L3 evictions through write-back).
         self._guard: set[int] = set()
@@ -420,8 +421,8 @@ class KVCache:
         if tiers[2] and not below[2]:
             self._push(node, 2)
 
-    def _key(self, node: _Node) -> tuple:
-        return self._eviction_key(node)
+    def _key(self, node: _Node):
+        return node.last_use if self._lru else self._eviction_key(node)
 
     def _push(self, node: _Node, tier: int) -> None:
         self._seq += 1
