@@ -353,14 +353,18 @@ class Engine:
             self.new_token_ratio - k * self.sched.new_token_ratio_decay,
         )
         finished = [s for s in run if s.generated >= s.req.output_len]
-        for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
-            self._finish(s, s.last_token_s)
+        if finished:
+            gone = set(map(id, finished))
+            self.running = [s for s in self.running if id(s) not in gone]
+            for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
+                self._finish(s, s.last_token_s, still_running=False)
         return float(ends[-1])
 
-    def _finish(self, st: ReqState, now: float) -> None:
+    def _finish(self, st: ReqState, now: float, still_running: bool = True) -> None:
         st.finish_s = now
         self.finished += 1
-        self.running.remove(st)
+        if still_running:
+            self.running.remove(st)
         self.cache.release(st.path, now)
         st.path = []
         self.cache.free_private(st.private)

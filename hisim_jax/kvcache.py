@@ -290,14 +290,23 @@ class KVCache:
     def release(self, nodes, now: float, touch: bool = True) -> None:
         """A request is done with these nodes: unpin them (they stay cached) and count the use,
         unless ``touch`` is False (the same request still holds them through another pin)."""
-        for n in nodes:
+        push = self._push
+        for n in nodes:  # hot path: the touch is inlined
             n.pins -= 1
-            if n.pins < 0:
-                raise AssertionError("KV node unpinned more often than pinned")
-            if n.pins == 0:
+            if n.pins <= 0:
+                if n.pins < 0:
+                    raise AssertionError("KV node unpinned more often than pinned")
                 self.pinned_pages -= n.pages
             if touch:
-                self._touch(n, now)
+                n.last_use = now
+                n.uses += 1
+                tiers, below = n.tiers, n.child_res
+                if tiers[0] and not below[0]:
+                    push(n, 0)
+                if tiers[1] and not below[1]:
+                    push(n, 1)
+                if tiers[2] and not below[2]:
+                    push(n, 2)
 
     def acquire(self, hit: PrefixHit, now: float) -> float | None:
         """Pin a hit's nodes in L1 for a request, loading its L2/L3 part into L1 first.
