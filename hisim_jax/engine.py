@@ -199,7 +199,7 @@ class Engine:
             return False
         self.cache.record_lookup(hit, r.input_len)
         st.hit_nodes = hit.nodes
-        st.hit_tokens = [a + b for a, b in zip(st.hit_tokens, hit.tokens, strict=True)]
+        st.hit_tokens = list(hit.tokens)  # of the prefill that counts (the last, if preempted)
         st.target = prompt
         st.cached = hit.total_tokens
         st.computed = hit.total_tokens
