@@ -173,14 +173,16 @@ class Engine:
         )
         return scored + list(self.waiting)[128:]
 
-    def _admit(self, st: ReqState, now: float, budget_tokens: float) -> bool:
-        """Try to start a waiting request: match its prefix, pin and load it, reserve KV."""
+    def _admit(self, st: ReqState, now: float, budget_tokens: float, chunk_budget: int) -> int:
+        """Try to start a waiting request: match its prefix, pin and load it, and allocate the
+        KV of its first chunk. Returns that chunk's tokens, 0 if it cannot start now."""
         r = st.req
         # after a recompute preemption the tokens generated so far are prefilled again
         prompt = r.input_len + (st.generated if st.preemptions else 0)
         hit = self.cache.lookup(r.block_ids, r.input_len)
         new = prompt - hit.total_tokens
-        need = self.cache.pages(min(new, self.sched.chunked_prefill_size))
+        chunk = min(new, self.sched.chunked_prefill_size, chunk_budget)
+        need = self.cache.pages(chunk)
         lower = sum(n.pages for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t != L1)
         decode_reserve = (
             min(r.output_len - st.generated, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
@@ -190,13 +192,16 @@ class Engine:
             n.pages for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t == L1 and n.pins == 0
         )
         if self.cache.pages(new) + lower + locked + decode_reserve > budget_tokens:
-            return False
+            return 0
         done = self.cache.acquire(hit, now)
         if done is None:
-            return False
+            return 0
         if not self.cache.make_room(L1, need, now):
             self.cache.release(hit.nodes, now)
-            return False
+            return 0
+        # allocated now, not when the step runs: the next admission's make_room must see it
+        self.cache.alloc_private(need)
+        st.private += need
         self.cache.record_lookup(hit, r.input_len)
         st.hit_nodes = hit.nodes
         st.hit_tokens = list(hit.tokens)  # of the prefill that counts (the last, if preempted)
@@ -208,7 +213,7 @@ class Engine:
             st.scheduled_s = now
         if st.preemptions:
             st.recomputed += new
-        return True
+        return chunk
 
     def _form_prefill(self, now: float) -> list[tuple[ReqState, int]]:
         """(request, chunk tokens) of the next prefill batch, admitting as SGLang's PrefillAdder."""
@@ -219,11 +224,13 @@ class Engine:
         if self.chunked is not None:
             st = self.chunked
             chunk = min(st.prompt_left, self.sched.chunked_prefill_size, budget)
-            if self.cache.make_room(L1, self.cache.pages(chunk), now):
-                batch.append((st, chunk))
-                budget -= chunk
-            else:
+            pages = self.cache.pages(chunk)
+            if not self.cache.make_room(L1, pages, now):
                 return []  # cannot continue the chunked prompt: let decodes free memory
+            self.cache.alloc_private(pages)
+            st.private += pages
+            batch.append((st, chunk))
+            budget -= chunk
         if self.swapped:
             self._swap_in(now)
         available = self.cache.l1_available() - self._reserved_decode()
@@ -232,10 +239,10 @@ class Engine:
                 break  # the budget is spent, or a chunked prompt takes the rest of it
             if len(self.running) + len(batch) >= self.sched.max_running_requests:
                 break
-            if not self._admit(st, now, available):
+            chunk = self._admit(st, now, available, budget)
+            if not chunk:
                 break  # FCFS: a request that does not fit blocks the ones behind it
             self.waiting.remove(st)
-            chunk = min(st.prompt_left, self.sched.chunked_prefill_size, budget)
             available -= (
                 self.cache.pages(st.prompt_left)
                 + min(st.req.output_len, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
@@ -255,10 +262,6 @@ class Engine:
         # KV arriving from L2/L3 is consumed layer by layer as the forward pass reaches it
         ready = max(st.ready_s for st, _ in batch)
         end = max(now + compute_s, ready + compute_s / self.cfg.num_layers)
-        for st, c in batch:
-            pages = self.cache.pages(c)
-            self.cache.alloc_private(pages)
-            st.private += pages
         self.steps.add(
             now,
             end - now,

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hisim_jax.engine import Engine, EngineConfig
 from hisim_jax.kvcache import L1, KVCacheConfig
@@ -172,3 +174,33 @@ def test_bad_scheduler_options_are_rejected():
         SchedulerConfig(schedule_policy="random")
     with pytest.raises(ValueError, match="prefetch_policy"):
         SchedulerConfig(prefetch_policy="eager")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 5),  # arrival
+            st.integers(1, 3000),  # input
+            st.integers(1, 400),  # output
+            st.integers(0, 3),  # shared-prefix family
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    st.sampled_from([4_000, 12_000, 60_000]),
+    st.sampled_from(["recompute", "swap"]),
+    st.sampled_from(["fcfs", "lpm"]),
+)
+def test_random_workloads_conserve_requests_and_memory(specs, l1, preemption, policy):
+    reqs = []
+    for i, (t, n_in, n_out, fam) in enumerate(sorted(specs)):
+        blocks = -(-n_in // 64)
+        ids = tuple(fam * 1000 + k if k < 4 else 10**6 + i * 100 + k for k in range(blocks))
+        reqs.append(Request(i, t, n_in, n_out, ids))
+    eng = engine(l1=l1, l2=20_000, preemption=preemption, schedule_policy=policy)
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    for s in res.states:
+        if not s.rejected:
+            assert s.generated == s.req.output_len
