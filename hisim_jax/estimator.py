@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -58,6 +59,20 @@ class Params(eqx.Module):
     comm_latency_s: jnp.ndarray = 8.0e-6  # per all-reduce
 
 
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """Which parts of the cost graph a call can need; static, so the rest is pruned when the
+    call is traced. The default keeps everything. The simulator knows that a dense model at
+    tp=1 needs no MoE or communication, and whether a batch is a pure decode (in which case
+    FA2 takes its decode path exactly when GQA heads fold) or not."""
+
+    moe: bool = True
+    comm: bool = True
+    attention: str = "any"  # "any" | "decode" (folded GQA decode) | "prefill" (standard grid)
+
+
+ALL = Needs()
+
 PARAM_NAMES = tuple(Params.__dataclass_fields__)
 # What calibration fits by default; communication has no profiles yet, so it keeps its prior.
 FIT_NAMES = tuple(n for n in PARAM_NAMES if not n.startswith("comm"))
@@ -83,7 +98,9 @@ def as_float_params(params: Params) -> Params:
 # stage 1: hardware-independent features of one padded batch
 
 
-def features(dims: ModelDims, batch: Batch, backend: attn.AttentionBackend = attn.FA2, xp=jnp):
+def features(
+    dims: ModelDims, batch: Batch, backend: attn.AttentionBackend = attn.FA2, xp=jnp, needs=ALL
+):
     """Scalars of one padded batch ``[R]`` that do not depend on the GPU.
 
     All per-request quantities are stacked and reduced in one sum and one max: on CPUs each
@@ -95,7 +112,11 @@ def features(dims: ModelDims, batch: Batch, backend: attn.AttentionBackend = att
     sums = xp.sum(xp.stack([nm, m, t["tiles"], t["m_blocks"], t["last"], t["dec_split"]]), axis=-1)
     maxes = xp.max(xp.stack([nm, t["last"], t["dec_split"]]), axis=-1)
     bn, sbn = float(backend.block_n), float(backend.split_block_n)
-    eligible = attn.split_eligible(xp.maximum(maxes[2], 1.0), backend, xp)
+    eligible = (
+        None
+        if needs.attention == "prefill"
+        else attn.split_eligible(xp.maximum(maxes[2], 1.0), backend, xp)
+    )
     return dict(
         tokens=sums[0],
         n_req=sums[1],
@@ -121,7 +142,9 @@ def _roofline_s(flops, bytes_, flops_per_s, bytes_per_s, blend, xp):
     return xp.maximum(tc, tm) + blend * xp.minimum(tc, tm)
 
 
-def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.AttentionBackend, xp):
+def _attention_s(
+    p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.AttentionBackend, xp, needs=ALL
+):
     """Seconds of one layer's attention call.
 
     Work (all blocks) runs at the whole GPU's rates; the heaviest block's chain runs on one SM,
@@ -156,6 +179,8 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
         return xp.maximum(work_s, chain_s) + tail + blocks * p.attn_block_s / hw.sm_count
 
     prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m), groups)
+    if needs.attention == "prefill":
+        return prefill
 
     # Decode with GQA: query heads folded into rows, grid R x kv_heads, optional KV split.
     swapped = f["is_decode"] & (groups > 1.0) & be.decode_swaps_groups
@@ -187,11 +212,19 @@ def _attention_s(p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.Attention
         + p.attn_combine_s
     )
     decode = xp.where(splits > 1.0, split, std)
+    if needs.attention == "decode":
+        return decode
     return xp.where(swapped, decode, prefill)
 
 
 def costs(
-    p: Params, dims: ModelDims, f, hw: HwArrays, be: attn.AttentionBackend = attn.FA2, xp=jnp
+    p: Params,
+    dims: ModelDims,
+    f,
+    hw: HwArrays,
+    be: attn.AttentionBackend = attn.FA2,
+    xp=jnp,
+    needs=ALL,
 ):
     """Seconds per operator group for one step on one GPU (per TP rank; ranks run in lockstep)."""
     t, r = f["tokens"], f["n_req"]
@@ -216,8 +249,24 @@ def costs(
     out["mlp"] = dims.dense_layers * (
         gemm_s(t, shapes[2][1], shapes[2][2]) + gemm_s(t, shapes[3][1], shapes[3][2])
     )
-    # MoE: router GEMM, then the fused expert GEMMs over the touched experts' weights.
+    h = dims.hidden
+    out["moe"] = _moe_s(p, dims, t, peak, bw, gemm_s, xp) if needs.moe else 0.0 * t
+    out["attention"] = dims.layers * _attention_s(p, dims, f, hw, be, xp, needs)
+    elems = ops.elementwise_elems_per_token(dims, p.elem_hidden, p.elem_inter, p.elem_qkv)
+    copy_bw = hw.hbm_bytes_per_s * COPY_BW_FRACTION
+    out["elementwise"] = dims.layers * t * elems * ab / copy_bw
+    # LM head for every request's last token, then argmax over the logits.
+    out["lm_head"] = gemm_s(r, h, dims.vocab) + r * dims.vocab * ab / copy_bw
+    out["embedding"] = 2.0 * t * h * ab / copy_bw
+    out["communication"] = _communication_s(p, dims, t, r, hw, xp) if needs.comm else 0.0 * t
+    out["fixed"] = dims.layers * p.layer_s + p.step_s
+    return out
+
+
+def _moe_s(p, dims, t, peak, bw, gemm_s, xp):
+    """Router GEMM, then the fused expert GEMMs over the touched experts' weights."""
     h, e, k, im = dims.hidden, dims.experts, dims.top_k, dims.moe_inter
+    wb, ab = dims.weight_bytes, dims.act_bytes
     rows = ops.moe_padded_rows(t, e, k, _MOE_BLOCK_M, xp)
     touched = ops.moe_experts_touched(t, e, k, xp)
     moe_flops = 2.0 * rows * 3.0 * h * im
@@ -225,24 +274,19 @@ def costs(
     moe_bytes = touched * 3.0 * h * im * wb + t * k * (
         (h + im) * dims.gemm_in_bytes + (2.0 * im + h) * ab
     )
-    out["moe"] = dims.moe_layers * (
+    return dims.moe_layers * (
         gemm_s(t, h, e) + _roofline_s(moe_flops, moe_bytes, peak, bw, p.gemm_blend, xp)
     )
-    out["attention"] = dims.layers * _attention_s(p, dims, f, hw, be, xp)
-    elems = ops.elementwise_elems_per_token(dims, p.elem_hidden, p.elem_inter, p.elem_qkv)
-    copy_bw = hw.hbm_bytes_per_s * COPY_BW_FRACTION
-    out["elementwise"] = dims.layers * t * elems * ab / copy_bw
-    # LM head for every request's last token, then argmax over the logits.
-    out["lm_head"] = gemm_s(r, h, dims.vocab) + r * dims.vocab * ab / copy_bw
-    out["embedding"] = 2.0 * t * h * ab / copy_bw
-    # Two all-reduces per layer (after attention and after the MLP) and a logits all-gather.
+
+
+def _communication_s(p, dims, t, r, hw, xp):
+    """Two all-reduces per layer (after attention and after the MLP) and a logits all-gather."""
+    ab = dims.act_bytes
     tp_on = xp.where(dims.tp > 1.0, 1.0, 0.0)
     ic = hw.interconnect_bytes_per_s * p.comm_eff
-    ar_s = ops.allreduce_bytes_per_rank(t * h, dims) / ic + p.comm_latency_s
+    ar_s = ops.allreduce_bytes_per_rank(t * dims.hidden, dims) / ic + p.comm_latency_s
     gather_s = (dims.tp - 1.0) * r * dims.vocab * ab / ic + p.comm_latency_s
-    out["communication"] = tp_on * (2.0 * dims.layers * ar_s + gather_s)
-    out["fixed"] = dims.layers * p.layer_s + p.step_s
-    return out
+    return tp_on * (2.0 * dims.layers * ar_s + gather_s)
 
 
 def breakdown_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp):
@@ -264,13 +308,15 @@ def breakdown_one(p: Params, dims: ModelDims, batch: Batch, hw: HwArrays, be=att
     return breakdown_s(p, dims, batch, hw, be)
 
 
-@partial(jax.jit, static_argnames="be")
-def step_seconds_grid(p: Params, dims: ModelDims, batches: Batch, hws: HwArrays, be=attn.FA2):
+@partial(jax.jit, static_argnames=("be", "needs"))
+def step_seconds_grid(
+    p: Params, dims: ModelDims, batches: Batch, hws: HwArrays, be=attn.FA2, needs=ALL
+):
     """Seconds for batches ``[N, R]`` × GPUs ``[H]`` → ``[N, H]``; features once per batch."""
 
     def one_batch(b):
-        f = features(dims, b, be)
-        return jax.vmap(lambda hw: sum(costs(p, dims, f, hw, be).values()))(hws)
+        f = features(dims, b, be, jnp, needs)
+        return jax.vmap(lambda hw: sum(costs(p, dims, f, hw, be, jnp, needs).values()))(hws)
 
     return jax.vmap(one_batch)(batches)
 
@@ -283,8 +329,8 @@ def step_seconds_packed(p, dims, cnm, hws, be=attn.FA2):
     return step_seconds_grid(p, dims, Batch(cnm[0], cnm[1], cnm[2]), hws, be)
 
 
-@partial(jax.jit, static_argnames=("treedef", "shapes", "be"))
-def step_seconds_flat(theta, cnm, treedef, shapes, be=attn.FA2):
+@partial(jax.jit, static_argnames=("treedef", "shapes", "be", "needs"))
+def step_seconds_flat(theta, cnm, treedef, shapes, be=attn.FA2, needs=ALL):
     """``step_seconds_packed`` with parameters, model and GPUs flattened into one vector
     ``theta`` (see ``Estimator``): a call then passes two arrays instead of ~40 leaves, which
     halves the cost of a simulator's small calls."""
@@ -294,7 +340,7 @@ def step_seconds_flat(theta, cnm, treedef, shapes, be=attn.FA2):
         leaves.append(theta[i : i + size].reshape(shape))
         i += size
     p, dims, hws = jax.tree.unflatten(treedef, leaves)
-    return step_seconds_grid(p, dims, Batch(cnm[0], cnm[1], cnm[2]), hws, be)
+    return step_seconds_grid(p, dims, Batch(cnm[0], cnm[1], cnm[2]), hws, be, needs)
 
 
 @partial(jax.jit, static_argnames="be")
@@ -376,6 +422,8 @@ class Estimator:
         self.backend = attn.BACKENDS[backend]
         self.tp = tp
         self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype)
+        self.dims_q_heads = self.model.num_heads // tp
+        self.dims_kv_heads = max(1, self.model.num_kv_heads // tp)
         if isinstance(calibration, Params):
             self.params = as_float_params(calibration)
         else:
@@ -385,9 +433,10 @@ class Estimator:
         self._shapes = tuple(tuple(leaf.shape) for leaf in leaves)
         self._theta = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
 
-    def _flat_call(self, cnm: np.ndarray) -> np.ndarray:
+    def _flat_call(self, cnm: np.ndarray, attention: str = "any") -> np.ndarray:
+        needs = Needs(self.model.is_moe, self.tp > 1, attention)
         return np.asarray(
-            step_seconds_flat(self._theta, cnm, self._treedef, self._shapes, self.backend)
+            step_seconds_flat(self._theta, cnm, self._treedef, self._shapes, self.backend, needs)
         )
 
     @staticmethod
@@ -408,7 +457,8 @@ class Estimator:
             cnm[0, 0, : len(arr)] = arr[:, 0]
             cnm[1, 0, : len(arr)] = arr[:, 1]
             cnm[2, 0, : len(arr)] = 1.0
-            out = self._flat_call(cnm)
+            # prompts (any new_len > 1) take the standard grid; pure decodes may fold heads
+            out = self._flat_call(cnm, "prefill" if arr[:, 1].max() > 1 else "any")
             return out[:, 0] if len(self.hardware) == 1 else out
         out = np.zeros((len(batches), len(self.hardware)))
         for idx, packed in pack_by_bucket(batches):
@@ -441,7 +491,8 @@ class Estimator:
         cnm[0, :steps] = np.where(live, ctx[None, :] + np.arange(steps)[:, None], 0.0)
         cnm[1:, :steps] = col[None, :] < padded[:, None]  # one new token each; mask
         cnm[1:, steps:, 0] = 1.0  # unused rows: a one-token dummy keeps them well defined
-        return self._flat_call(cnm)[:steps, 0]
+        folds = self.dims_q_heads > self.dims_kv_heads and self.backend.decode_swaps_groups
+        return self._flat_call(cnm, "decode" if folds else "prefill")[:steps, 0]
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:
         """Per-operator seconds of one batch on one of the GPUs."""
