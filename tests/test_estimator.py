@@ -160,3 +160,19 @@ def test_weight_only_fp8_computes_in_bf16():
     # weight-only fp8 still halves the weight bytes of a decode step
     decode = [[(100, 1)] * 4]
     assert w8a16.step_latency_s(decode)[0] < 0.75 * bf16.step_latency_s(decode)[0]
+
+
+def test_pruned_cost_graphs_match_the_full_one():
+    """Needs only removes work whose result the full graph would discard."""
+    for model, tp in (("llama-3.1-8b", 1), ("qwen3-30b-a3b", 2)):
+        est = Estimator(model, "h100-sxm", tp=tp)
+        ctx = np.array([5, 900, 4000, 12000])
+        pruned = est.decode_steps_s(ctx, 20, padded=8)
+        grid = est.step_latency_s(
+            [[(int(c) + j, 1) for c in ctx] + [(0, 1)] * 4 for j in range(20)]
+        )
+        np.testing.assert_allclose(pruned, grid, rtol=1e-6)
+        prompt = [(100, 700), (0, 3000), (5000, 1)]
+        one = est.step_latency_s([prompt])  # fast path, standard grid only
+        two = est.step_latency_s([prompt, prompt])  # grouped path, full graph
+        np.testing.assert_allclose(one, two[:1], rtol=1e-6)
