@@ -14,6 +14,7 @@ or the KV cache running out), never one JAX call per step.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -163,15 +164,18 @@ class Engine:
         )
 
     def _candidates(self, now: float) -> list[ReqState]:
-        if self.sched.schedule_policy == "fcfs" or len(self.waiting) <= 1:
-            return list(self.waiting)
+        """The head of the waiting queue in admission order: no more than can still run, so an
+        overloaded replica does not copy its whole queue every step."""
+        room = self.sched.max_running_requests - len(self.running)
+        head = list(itertools.islice(self.waiting, 0, max(0, room)))
+        if self.sched.schedule_policy == "fcfs" or len(head) <= 1:
+            return head
         # longest cached prefix first (SGLang computes it for a bounded prefix of the queue)
-        head = list(self.waiting)[:128]
-        scored = sorted(
-            head,
+        lpm = sorted(
+            head[:128],
             key=lambda s: -self.cache.lookup(s.req.block_ids, s.req.input_len).total_tokens,
         )
-        return scored + list(self.waiting)[128:]
+        return lpm + head[128:]
 
     def _admit(self, st: ReqState, now: float, budget_tokens: float, chunk_budget: int) -> int:
         """Try to start a waiting request: match its prefix, pin and load it, and allocate the
