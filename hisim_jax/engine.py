@@ -134,8 +134,11 @@ class Engine:
             self.finished += 1
             return
         st.ready_s = now
+        if not (self.cache.capacity[L3] and self.cache.capacity[L2]):
+            self.waiting.append(st)  # no L3 tier: nothing to prefetch while it waits
+            return
         hit = self.cache.lookup(st.req.block_ids, st.req.input_len)
-        if hit.tokens[L3] > 0 and self.cache.capacity[L2] > 0:
+        if hit.tokens[L3] > 0:
             done = self.cache.prefetch_to_l2(hit.nodes, now)
             if done is not None and done > now:
                 pol = self.sched.prefetch_policy
