@@ -216,13 +216,16 @@ def read_attention(
 
 
 def _gemm_kernel_s(p: Params, g: GemmRows, hw: ops.HwArrays):
-    peak = jnp.where(g.weight_bytes < 1.5, hw.fp8_flops_per_s, hw.bf16_flops_per_s)
+    fp8 = g.weight_bytes < 1.5
+    peak = jnp.where(
+        fp8, hw.fp8_flops_per_s * p.gemm_fp8_flops_eff, hw.bf16_flops_per_s * p.gemm_flops_eff
+    )
     flops = 2.0 * g.m * g.k * g.n
     bytes_ = g.k * g.n * g.weight_bytes + g.m * g.k * g.weight_bytes + g.m * g.n * 2.0
     return _roofline_s(
         flops,
         bytes_,
-        peak * p.gemm_flops_eff,
+        peak,
         hw.hbm_bytes_per_s * p.gemm_bytes_eff,
         p.gemm_blend,
         jnp,

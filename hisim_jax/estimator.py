@@ -41,6 +41,7 @@ class Params(eqx.Module):
     """Fitted scale factors. Efficiencies are fractions of datasheet peaks; ``*_s`` are seconds."""
 
     gemm_flops_eff: jnp.ndarray = 0.72
+    gemm_fp8_flops_eff: jnp.ndarray = 0.62  # fp8/fp4 GEMMs reach less of their (higher) peak
     gemm_bytes_eff: jnp.ndarray = 0.80
     gemm_blend: jnp.ndarray = 0.2  # how much of the non-binding roofline side still shows
     attn_flops_eff: jnp.ndarray = 0.5
@@ -228,7 +229,10 @@ def costs(
 ):
     """Seconds per operator group for one step on one GPU (per TP rank; ranks run in lockstep)."""
     t, r = f["tokens"], f["n_req"]
-    peak = ops.gemm_peak_flops(dims, hw, xp) * p.gemm_flops_eff
+    low_precision = xp.maximum(dims.weight_bytes, dims.gemm_in_bytes) < 1.5
+    peak = ops.gemm_peak_flops(dims, hw, xp) * xp.where(
+        low_precision, p.gemm_fp8_flops_eff, p.gemm_flops_eff
+    )
     bw = hw.hbm_bytes_per_s * p.gemm_bytes_eff
     wb, ab = dims.weight_bytes, dims.act_bytes
 
