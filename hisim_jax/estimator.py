@@ -49,6 +49,7 @@ class Params(eqx.Module):
     attn_chain_flops_eff: jnp.ndarray = 0.4  # one CTA alone on an SM, vs the SM's share of peak
     attn_chain_bytes_eff: jnp.ndarray = 2.0  # a lone SM can pull more than 1/SMs of HBM
     attn_blend: jnp.ndarray = 0.3  # tail of the block schedule beyond max(work, chain)
+    attn_crowding: jnp.ndarray = 0.2  # lone-block slowdown when every SM is busy
     attn_block_s: jnp.ndarray = 1.0e-6  # per thread block: Q load, softmax epilogue, O write
     attn_combine_s: jnp.ndarray = 3.0e-6  # the split-KV combine kernel's fixed cost
     elem_hidden: jnp.ndarray = 40.0  # unfused passes over hidden-width vectors per token-layer
@@ -170,7 +171,9 @@ def _attention_s(
             kv_bytes_per_key / (sm_bytes * p.attn_chain_bytes_eff),
         )
         work_s = work * key_gpu_s
-        chain_s = chain * key_lone_s
+        # the heaviest block streams its K/V slower the more SMs stream beside it
+        crowd = xp.minimum(blocks, hw.sm_count) / hw.sm_count
+        chain_s = chain * key_lone_s * (1.0 + p.attn_crowding * crowd)
         # The heaviest block may start late only if some blocks wait for an SM; with every
         # block on an SM of its own the makespan is max(work, chain).
         late = 1.0 - xp.minimum(1.0, hw.sm_count / xp.maximum(blocks, 1.0))
