@@ -328,19 +328,12 @@ def step_seconds_grid(
     return jax.vmap(one_batch)(batches)
 
 
-@partial(jax.jit, static_argnames="be")
-def step_seconds_packed(p, dims, cnm, hws, be=attn.FA2):
-    """``step_seconds_grid`` on one stacked ``[3, N, R]`` array (cache_len, new_len, mask): a
-    simulator's many small calls then skip building a Batch and transfer a single host array,
-    which otherwise cost more than the computation."""
-    return step_seconds_grid(p, dims, Batch(cnm[0], cnm[1], cnm[2]), hws, be)
-
-
 @partial(jax.jit, static_argnames=("treedef", "shapes", "be", "needs"))
 def step_seconds_flat(theta, cnm, treedef, shapes, be=attn.FA2, needs=ALL):
-    """``step_seconds_packed`` with parameters, model and GPUs flattened into one vector
-    ``theta`` (see ``Estimator``): a call then passes two arrays instead of ~40 leaves, which
-    halves the cost of a simulator's small calls."""
+    """``step_seconds_grid`` on one stacked ``[3, N, R]`` array (cache_len, new_len, mask),
+    with parameters, model and GPUs flattened into one vector ``theta`` (see ``Estimator``):
+    a simulator's many small calls then transfer two arrays instead of ~40 leaves and skip
+    building a Batch, which otherwise cost more than the computation."""
     leaves, i = [], 0
     for shape in shapes:
         size = math.prod(shape)

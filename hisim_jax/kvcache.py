@@ -22,7 +22,6 @@ event, never per decode step.
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass, field
 
 L1, L2, L3 = 0, 1, 2
@@ -548,8 +547,3 @@ class KVCache:
                 count += c.pins > 0
                 stack.append(c)
         return count
-
-
-def kv_tokens_capacity(free_bytes: float, bytes_per_token: float) -> int:
-    """Tokens that fit in ``free_bytes`` (floor)."""
-    return max(0, math.floor(free_bytes / bytes_per_token))

@@ -47,10 +47,6 @@ def report_rows(report: dict) -> list[tuple[str, str, float]]:
     return out
 
 
-def mape(pred: np.ndarray, meas: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(pred) / np.asarray(meas) - 1.0)))
-
-
 # ------------------------------------------------------------------------------------------------
 # KV cache alone: hits per tier for given capacities, no timing
 
