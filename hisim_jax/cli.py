@@ -487,6 +487,10 @@ def simulate(
     if fmt == Format.json:
         typer.echo(json.dumps(s, indent=2, sort_keys=True))
         return
+    if fmt == Format.csv:
+        metrics = {k: v for k, v in s.items() if k not in ("options", "replica", "workload")}
+        _print_report("", metrics, fmt)
+        return
     rows = [
         ["requests completed", f"{s['requests_completed']} / {s['requests_total']}"],
         ["simulated / wall s", f"{s['simulated_s']:.1f} / {s['wall_s']:.1f}"],
