@@ -286,7 +286,9 @@ class Engine:
                 continue
             if self.chunked is st:
                 self.chunked = None
-            path, new_pages = self.cache.insert(st.req.block_ids, st.req.input_len, end)
+            path, new_pages = self.cache.insert(
+                st.req.block_ids, st.req.input_len, end, prefix=st.hit_nodes
+            )
             self.cache.pin(path)
             self.cache.release(st.hit_nodes, end, touch=False)  # the path pin holds them on
             st.hit_nodes = []

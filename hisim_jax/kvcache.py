@@ -245,17 +245,18 @@ class KVCache:
             self.stats.hit_tokens[t] += hit.tokens[t]
         self.stats.miss_tokens += input_len - hit.total_tokens
 
-    def insert(self, block_ids, input_len: int, now: float) -> tuple[list, int]:
+    def insert(self, block_ids, input_len: int, now: float, prefix=()) -> tuple[list, int]:
         """Put a computed prompt's blocks into L1: the request's private tokens become tree
         pages. Returns the path of nodes, which the caller pins and later releases (that
         release is the use counted for LRU/LFU), and the pages newly placed in L1, which the
         caller frees from its private allocation. With write-through, new blocks are copied to
         L2 and L3 as well (as far as they fit)."""
-        node = self.root
         bt = self.cfg.block_tokens
-        path = []
+        # ``prefix``: the request's matched blocks, still pinned in L1, need no second walk
+        path = list(prefix)
+        node = path[-1] if path else self.root
         new_l1_pages = 0
-        for k, bid in enumerate(block_ids):
+        for k, bid in enumerate(block_ids[len(path) :], start=len(path)):
             block_len = min(bt, input_len - k * bt)
             if block_len <= 0:
                 break
