@@ -190,15 +190,12 @@ class Engine:
         new = prompt - hit.total_tokens
         chunk = min(new, self.sched.chunked_prefill_size, chunk_budget)
         need = self.cache.pages(chunk)
-        lower = sum(n.pages for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t != L1)
         decode_reserve = (
             min(r.output_len - st.generated, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
         )
         # cached L1 pages nobody pins count as evictable in the budget; admitting pins them
-        locked = sum(
-            n.pages for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t == L1 and n.pins == 0
-        )
-        if self.cache.pages(new) + lower + locked + decode_reserve > budget_tokens:
+        locked = hit.unpinned_l1_pages
+        if self.cache.pages(new) + hit.lower_pages + locked + decode_reserve > budget_tokens:
             return 0
         done = self.cache.acquire(hit, now)
         if done is None:
@@ -289,8 +286,8 @@ class Engine:
             path, new_pages = self.cache.insert(
                 st.req.block_ids, st.req.input_len, end, prefix=st.hit_nodes
             )
-            self.cache.pin(path)
-            self.cache.release(st.hit_nodes, end, touch=False)  # the path pin holds them on
+            # the matched prefix is pinned since admission; pin the blocks computed here
+            self.cache.pin(path[len(st.hit_nodes) :])
             st.hit_nodes = []
             st.path = path
             moved = min(new_pages, st.private)

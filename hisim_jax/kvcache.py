@@ -106,6 +106,8 @@ class PrefixHit:
     nodes: list = field(default_factory=list)
     tier_of: list = field(default_factory=list)  # per node: L1, L2 or L3
     tokens: list = field(default_factory=lambda: [0, 0, 0])  # hit tokens per tier
+    lower_pages: int = 0  # pages to bring into L1 from L2/L3
+    unpinned_l1_pages: int = 0  # L1 pages nobody pins yet (evictable until acquired)
 
     @property
     def total_tokens(self) -> int:
@@ -219,7 +221,7 @@ class KVCache:
         nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
         node = self.root
         bt = self.cfg.block_tokens
-        covered = 0
+        covered = lower = unpinned = 0
         for bid in block_ids:  # hot path: kept flat
             child = node.children.get(bid)
             if child is None:
@@ -234,8 +236,13 @@ class KVCache:
             nodes.append(child)
             tier_of.append(tier)
             tokens[tier] += block_len
+            if tier:
+                lower += child.pages
+            elif not child.pins:
+                unpinned += child.pages
             covered += block_len
             node = child
+        hit.lower_pages, hit.unpinned_l1_pages = lower, unpinned
         if covered >= input_len and hit.nodes:
             hit.tokens[hit.tier_of[-1]] -= covered - input_len + 1
         return hit
