@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from hisim_jax.kvcache import L1, L2, L3, KVCache, KVCacheConfig
-from hisim_jax.scheduler import ReqState, SchedulerConfig, cuda_graph_sizes, graph_padded_size
+from hisim_jax.scheduler import ReqState, SchedulerConfig, cuda_graph_sizes
 
 FAST_FORWARD_STEPS = 256
 CLIP_MAX_NEW_TOKENS = 4096  # SGLang caps the decode reservation of one request at this
@@ -104,6 +104,7 @@ class Engine:
         self.step_cost = step_cost
         self.cache = KVCache(cfg.cache)
         self.graph_sizes = cuda_graph_sizes(self.sched.cuda_graph_max_bs)
+        self._graph_sizes = np.array(self.graph_sizes)
         self.waiting: deque[ReqState] = deque()
         self.prefetching: list[ReqState] = []  # waiting on an L3 prefetch (policy permitting)
         self.running: list[ReqState] = []  # decoding
@@ -114,6 +115,7 @@ class Engine:
         self.steps = StepLog()
         self.finished = 0  # completed or rejected
         self._last_decode_s = 0.0  # duration of the latest decode step
+        self._remaining_clipped = 0  # sum over running of min(remaining output, clip)
         self._itl: list[np.ndarray] = []
 
     # ------------------------------------------------------------------------------------
@@ -160,11 +162,21 @@ class Engine:
         self.prefetching = still
 
     def _reserved_decode(self) -> float:
-        """KV tokens the running requests are expected to still need (SGLang's reservation)."""
-        return sum(
-            min(s.req.output_len - s.generated, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
-            for s in self.running
-        )
+        """KV tokens the running requests are expected to still need (SGLang's reservation):
+        new_token_ratio x their remaining output, each clipped, summed as it changes."""
+        return self._remaining_clipped * self.new_token_ratio
+
+    @staticmethod
+    def _clipped_left(st: ReqState) -> int:
+        return min(st.req.output_len - st.generated, CLIP_MAX_NEW_TOKENS)
+
+    def _join(self, st: ReqState) -> None:
+        self.running.append(st)
+        self._remaining_clipped += self._clipped_left(st)
+
+    def _leave(self, st: ReqState) -> None:
+        self.running.remove(st)
+        self._remaining_clipped -= self._clipped_left(st)
 
     def _candidates(self, now: float) -> list[ReqState]:
         """The head of the waiting queue in admission order: no more than can still run, so an
@@ -297,7 +309,7 @@ class Engine:
                 st.first_token_s = end
                 st.last_token_s = end
                 st.generated = 1
-            self.running.append(st)
+            self._join(st)
             if st.generated >= st.req.output_len:
                 self._finish(st, end)
         return end
@@ -324,10 +336,9 @@ class Engine:
             self._preempt(now)
             return now
         active = active[:k]
-        max_bs = self.sched.cuda_graph_max_bs
-        padded = np.array(
-            [graph_padded_size(a, self.graph_sizes) if a <= max_bs else a for a in active]
-        )
+        # decode batches replay the smallest captured CUDA graph that fits them
+        fit = np.minimum(np.searchsorted(self._graph_sizes, active), len(self._graph_sizes) - 1)
+        padded = np.where(active <= self.sched.cuda_graph_max_bs, self._graph_sizes[fit], active)
         ctx = np.array([s.req.input_len + s.generated - 1 for s in run])
         # graph replay computes the padded slots too (as one-token dummies)
         dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
@@ -348,6 +359,10 @@ class Engine:
         if k > 1:
             self._itl.append(np.repeat(dur[1:], active[1:]))
         done_steps = np.minimum(remaining, k)
+        self._remaining_clipped -= int(
+            np.minimum(remaining, CLIP_MAX_NEW_TOKENS).sum()
+            - np.minimum(remaining - done_steps, CLIP_MAX_NEW_TOKENS).sum()
+        )
         for s, d in zip(run, done_steps.tolist(), strict=True):
             s.private += d
             s.generated += d
@@ -373,7 +388,7 @@ class Engine:
         st.finish_s = now
         self.finished += 1
         if still_running:
-            self.running.remove(st)
+            self._leave(st)
         self.cache.release(st.path, now)
         st.path = []
         self.cache.free_private(st.private)
@@ -385,7 +400,7 @@ class Engine:
         order = sorted(self.running, key=lambda s: (s.generated, -s.req.input_len))
         while self.running and self.cache.l1_available() < len(self.running):
             victim = order.pop(0)
-            self.running.remove(victim)
+            self._leave(victim)
             self.preemptions += 1
             victim.preemptions += 1
             swapped = None
@@ -427,7 +442,7 @@ class Engine:
                 return
             self.swapped.popleft()
             st.ready_s = done
-            self.running.append(st)
+            self._join(st)
 
     # ------------------------------------------------------------------------------------
     # the loop

@@ -68,6 +68,7 @@ def check_run(eng, reqs, res):
     c.check_invariants()  # no tier over capacity, counts consistent
     assert c.private == 0 and c.pinned_pages == 0 and c.l2_private == 0  # nothing leaked
     assert not eng.running and not eng.waiting and not eng.swapped and eng.chunked is None
+    assert eng._remaining_clipped == 0  # the tracked decode reservation returned to zero
     assert np.all(res.steps.column("duration_s") > 0)
     assert np.all(np.diff(res.steps.column("start_s")) >= -1e-12)  # one clock, moving forward
 
