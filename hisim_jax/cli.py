@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from hisim_jax.paths import data_dir
+from hisim_jax.paths import data_dir, write_atomic
 
 app = typer.Typer(
     add_completion=False,
@@ -74,20 +74,6 @@ def handles_errors(fn):
             _fail(msg)
 
     return wrapper
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling and rename, so a failure leaves the old file intact."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise ValueError(f"{path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _progress():
@@ -224,7 +210,7 @@ def _estimate_csv(path, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, ca
             prog.advance(task)
     result = pd.concat(frames, ignore_index=True)
     if out is not None:
-        _write_atomic(out, lambda p: result.to_csv(p, index=False))
+        write_atomic(out, lambda p: result.to_csv(p, index=False))
         typer.echo(f"wrote {len(result)} rows to {out}", err=True)
     elif fmt == Format.json:
         typer.echo(result.to_json(orient="records", indent=2))
@@ -255,7 +241,7 @@ def calibrate(
             profiles, hw, steps_n=iterations, progress=lambda i, n: prog.update(task, completed=i)
         )
     doc = calibration_document(result.params, hw, report, str(profiles), result.eager_s)
-    _write_atomic(
+    write_atomic(
         out, lambda p: Path(p).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     )
     _table(
@@ -299,11 +285,9 @@ def validate_steps_cmd(
     result = validate_steps(profile, hw, params, tp=tp)
     f = result.frame
     if out is not None:
-        _write_atomic(out, lambda p: f.to_csv(p, index=False))
+        write_atomic(out, lambda p: f.to_csv(p, index=False))
     if plot is not None:
         groups = f["kind"].to_numpy() if "kind" in f.columns else None
-        if not plot.parent.exists():
-            raise ValueError(f"{plot}: directory {plot.parent} does not exist")
         predicted_vs_measured(  # writes through a temporary file itself
             f["measured_ms"].to_numpy(),
             f["predicted_ms"].to_numpy(),
@@ -407,10 +391,7 @@ def validate_scheduler_cmd(
         "trace": str(trace) if trace else None, "trace_format": trace_format, "limit": limit,
         "model": model, "hardware": hardware, "schedule_policy": schedule_policy,
     }  # fmt: skip
-    if config is not None:
-        opts = SimulationOptions.from_yaml(config, given)
-    else:
-        opts = SimulationOptions.checked({k: v for k, v in given.items() if v is not None})
+    opts = SimulationOptions.resolve(config, given)
     logged = read_step_log(log)
     result = run(opts)
     arrivals = {r.request_id: r.arrival_s for r in result.workload.requests}
@@ -471,10 +452,7 @@ def simulate(
         for k, v in locals().items()
         if k not in ("config", "out", "fmt", "run", "write_outputs", "SimulationOptions")
     }
-    if config is not None:
-        opts = SimulationOptions.from_yaml(config, given)
-    else:
-        opts = SimulationOptions.checked({k: v for k, v in given.items() if v is not None})
+    opts = SimulationOptions.resolve(config, given)
     with _progress() as prog:
         task = prog.add_task("simulating", total=None)
 

@@ -2,8 +2,8 @@
 
 The loop mirrors SGLang's: every iteration either runs a prefill batch (a chunked request
 first, then admitted waiting requests under the token budgets and KV admission control) or one
-decode step over all running requests. Step time comes from the estimator, a callable
-``step_cost(batches) -> seconds`` (so tests can hand in a fake), plus a per-step CPU overhead;
+decode step over all running requests. Step time comes from the estimator (anything with its
+``step_latency_s`` and ``decode_steps_s``, so tests can hand in a fake), plus a per-step CPU overhead;
 decode batches are padded to the captured CUDA-graph sizes.
 
 Decode-only stretches are predictable — each running request's context grows by one token per
@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from hisim_jax.kvcache import L1, L2, L3, KVCache, KVCacheConfig
-from hisim_jax.scheduler import ReqState, SchedulerConfig, cuda_graph_sizes
+from hisim_jax.scheduler import ReqState, SchedulerConfig, cuda_graph_sizes, graph_padded_size
 
 FAST_FORWARD_STEPS = 256
 CLIP_MAX_NEW_TOKENS = 4096  # SGLang caps the decode reservation of one request at this
@@ -103,8 +103,7 @@ class Engine:
         self.sched = cfg.scheduler
         self.step_cost = step_cost
         self.cache = KVCache(cfg.cache)
-        self.graph_sizes = cuda_graph_sizes(self.sched.cuda_graph_max_bs)
-        self._graph_sizes = np.array(self.graph_sizes)
+        self.graph_sizes = np.array(cuda_graph_sizes(self.sched.cuda_graph_max_bs))
         self.waiting: deque[ReqState] = deque()
         self.prefetching: list[ReqState] = []  # waiting on an L3 prefetch (policy permitting)
         self.running: list[ReqState] = []  # decoding
@@ -129,11 +128,16 @@ class Engine:
             return f"longer than L1 can ever hold ({r.input_len + r.output_len} > {self.cache.capacity[L1]} tokens)"
         return ""
 
+    def _give_up(self, st: ReqState, reason: str, now: float) -> None:
+        """Report a request as rejected: it ends here, counted once, with its reason."""
+        st.rejected = reason
+        st.finish_s = now
+        self.finished += 1
+
     def _arrive(self, st: ReqState, now: float) -> None:
-        st.rejected = self._reject(st)
-        if st.rejected:
-            st.finish_s = now
-            self.finished += 1
+        reason = self._reject(st)
+        if reason:
+            self._give_up(st, reason, now)
             return
         st.ready_s = now
         if not (self.cache.capacity[L3] and self.cache.capacity[L2]):
@@ -202,9 +206,7 @@ class Engine:
         new = prompt - hit.total_tokens
         chunk = min(new, self.sched.chunked_prefill_size, chunk_budget)
         need = self.cache.pages(chunk)
-        decode_reserve = (
-            min(r.output_len - st.generated, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
-        )
+        decode_reserve = self._clipped_left(st) * self.new_token_ratio
         # cached L1 pages nobody pins count as evictable in the budget; admitting pins them
         locked = hit.unpinned_l1_pages
         if self.cache.pages(new) + hit.lower_pages + locked + decode_reserve > budget_tokens:
@@ -337,8 +339,7 @@ class Engine:
             return now
         active = active[:k]
         # decode batches replay the smallest captured CUDA graph that fits them
-        fit = np.minimum(np.searchsorted(self._graph_sizes, active), len(self._graph_sizes) - 1)
-        padded = np.where(active <= self.sched.cuda_graph_max_bs, self._graph_sizes[fit], active)
+        padded = graph_padded_size(active, self.graph_sizes)
         ctx = np.array([s.req.input_len + s.generated - 1 for s in run])
         # graph replay computes the padded slots too (as one-token dummies)
         dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
@@ -416,9 +417,8 @@ class Engine:
             victim.private = 0
             victim.computed = 0
             if victim.preemptions > MAX_PREEMPTIONS:  # guarantees the run ends
-                victim.rejected = f"preempted {victim.preemptions} times: KV cache too small"
-                victim.finish_s = now
-                self.finished += 1
+                reason = f"preempted {victim.preemptions} times: KV cache too small"
+                self._give_up(victim, reason, now)
                 continue
             self.waiting.appendleft(victim)
         # admit more conservatively from now on, as SGLang does after a retraction
@@ -478,9 +478,7 @@ class Engine:
                 upcoming = min(next_arrival, next_prefetch)
                 if blocked is not None and upcoming == math.inf and not self.swapped:
                     self.waiting.popleft()
-                    blocked.rejected = "does not fit in the KV cache beside cached data"
-                    blocked.finish_s = now
-                    self.finished += 1
+                    self._give_up(blocked, "does not fit in the KV cache beside cached data", now)
                     continue
                 if upcoming == math.inf:
                     break

@@ -422,8 +422,12 @@ class Estimator:
         self.backend = attn.BACKENDS[backend]
         self.tp = tp
         self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype)
-        self.dims_q_heads = self.model.num_heads // tp
-        self.dims_kv_heads = max(1, self.model.num_kv_heads // tp)
+        # FA2 folds the GQA heads of a pure-decode batch into rows (its decode path) only when
+        # several query heads share a KV head on this rank
+        folds = self.model.num_heads // tp > max(1, self.model.num_kv_heads // tp)
+        self._decode_attention = (
+            "decode" if folds and self.backend.decode_swaps_groups else "prefill"
+        )
         if isinstance(calibration, Params):
             self.params = as_float_params(calibration)
         else:
@@ -451,14 +455,10 @@ class Estimator:
         grouped by power-of-two bucket, one vectorized call per bucket."""
         batches = self._as_batches(batches)
         if len(batches) == 1:  # the simulator's prefill steps: skip the grouping
-            arr = np.asarray(batches[0], dtype=float).reshape(-1, 2)
-            width = bucket_size(len(arr))
-            cnm = np.zeros((3, 1, width), dtype=_host_float())
-            cnm[0, 0, : len(arr)] = arr[:, 0]
-            cnm[1, 0, : len(arr)] = arr[:, 1]
-            cnm[2, 0, : len(arr)] = 1.0
+            b = pack(batches)
+            cnm = np.stack([b.cache_len, b.new_len, b.mask]).astype(_host_float())
             # prompts (any new_len > 1) take the standard grid; pure decodes may fold heads
-            out = self._flat_call(cnm, "prefill" if arr[:, 1].max() > 1 else "any")
+            out = self._flat_call(cnm, "prefill" if b.new_len.max() > 1 else "any")
             return out[:, 0] if len(self.hardware) == 1 else out
         out = np.zeros((len(batches), len(self.hardware)))
         for idx, packed in pack_by_bucket(batches):
@@ -491,8 +491,7 @@ class Estimator:
         cnm[0, :steps] = np.where(live, ctx[None, :] + np.arange(steps)[:, None], 0.0)
         cnm[1:, :steps] = col[None, :] < padded[:, None]  # one new token each; mask
         cnm[1:, steps:, 0] = 1.0  # unused rows: a one-token dummy keeps them well defined
-        folds = self.dims_q_heads > self.dims_kv_heads and self.backend.decode_swaps_groups
-        return self._flat_call(cnm, "decode" if folds else "prefill")[:steps, 0]
+        return self._flat_call(cnm, self._decode_attention)[:steps, 0]
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:
         """Per-operator seconds of one batch on one of the GPUs."""

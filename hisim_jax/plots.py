@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hisim_jax.paths import write_atomic
+
 
 def predicted_vs_measured(
     measured_ms: np.ndarray,
@@ -42,8 +44,7 @@ def predicted_vs_measured(
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return write_atomic(path, fig.savefig)
+    finally:
+        plt.close(fig)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 PREEMPTION_MODES = ("recompute", "swap")
@@ -60,12 +62,12 @@ def cuda_graph_sizes(max_bs: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_bs} | {max_bs})
 
 
-def graph_padded_size(n: int, sizes: list[int]) -> int:
-    """The captured size a decode batch of ``n`` replays at (n itself above the largest)."""
-    for s in sizes:
-        if s >= n:
-            return s
-    return n
+def graph_padded_size(n, sizes):
+    """The captured size a decode batch of ``n`` replays at (n itself above the largest);
+    ``n`` may be an array of batch sizes, ``sizes`` ascending."""
+    sizes = np.asarray(sizes)
+    fit = np.minimum(np.searchsorted(sizes, n), len(sizes) - 1)
+    return np.where(np.asarray(n) <= sizes[-1], sizes[fit], n)
 
 
 @dataclass(slots=True)

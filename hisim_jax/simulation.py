@@ -19,6 +19,7 @@ from hisim_jax.engine import Engine, EngineConfig, cache_config, size_replica
 from hisim_jax.estimator import Estimator
 from hisim_jax.metrics import CPU_PRICE_USD_PER_HOUR, SLO, request_frame, step_frame, summary
 from hisim_jax.ops import DTYPE_BYTES
+from hisim_jax.paths import write_atomic
 from hisim_jax.scheduler import SchedulerConfig
 from hisim_jax.specs import SpecError
 
@@ -83,6 +84,14 @@ class SimulationOptions:
             values[name] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.checked(values, where=str(path))
+
+    @classmethod
+    def resolve(cls, config: str | Path | None, given: dict) -> SimulationOptions:
+        """Options from a YAML file overridden by the flags given (None: not given), or from
+        the flags alone."""
+        if config is not None:
+            return cls.from_yaml(config, given)
+        return cls.checked({k: v for k, v in given.items() if v is not None})
 
     @classmethod
     def checked(cls, values: dict, where: str = "options") -> SimulationOptions:
@@ -223,9 +232,5 @@ def write_outputs(run_: SimulationRun, out_dir: str | Path) -> list[Path]:
             lambda p: Path(p).write_text(json.dumps(run_.summary, indent=2, sort_keys=True) + "\n"),
         ),
     ):
-        target = out / name
-        tmp = out / f".{name}.tmp"
-        write(tmp)
-        tmp.replace(target)
-        written.append(target)
+        written.append(write_atomic(out / name, write))
     return written
