@@ -14,6 +14,7 @@ or the KV cache running out), never one JAX call per step.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from collections import deque
@@ -42,12 +43,22 @@ class StepCost(Protocol):
     ) -> np.ndarray: ...
 
 
+ROLES = ("unified", "prefill", "decode")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     scheduler: SchedulerConfig
     cache: KVCacheConfig
     num_layers: int = 32  # L2→L1 loads overlap with the forward pass layer by layer
     max_context: int = 0  # model's context window (0: unlimited)
+    # prefill/decode disaggregation: a "prefill" replica hands each request off after its
+    # prompt (see ``handoffs``); a "decode" replica takes them in with their KV (``receive``)
+    role: str = "unified"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"engine role {self.role!r} unknown (choose from {', '.join(ROLES)})")
 
 
 class StepLog:
@@ -96,7 +107,8 @@ class EngineResult:
 
 
 class Engine:
-    """A single replica. ``run(requests)`` simulates a whole workload."""
+    """A single replica. ``run(requests)`` simulates a whole workload; a cluster instead
+    ``submit``s requests as they are routed and ``advance``s every replica on one clock."""
 
     def __init__(self, cfg: EngineConfig, step_cost: StepCost):
         self.cfg = cfg
@@ -116,6 +128,13 @@ class Engine:
         self._last_decode_s = 0.0  # duration of the latest decode step
         self._remaining_clipped = 0  # sum over running of min(remaining output, clip)
         self._itl: list[np.ndarray] = []
+        self.now = 0.0  # this replica's clock: when its next iteration starts
+        self._pending: list = []  # heap of (arrival_s, seq, ReqState) submitted, not yet arrived
+        self._seq = 0
+        self.ended: list[ReqState] = []  # finished, rejected or handed off; a cluster drains it
+        self.handoffs: list[ReqState] = []  # prefill role: prompts done, KV to send on
+        self.received: deque[ReqState] = deque()  # decode role: KV arrived, not yet admitted
+        self._prefill_only = cfg.role == "prefill"
 
     # ------------------------------------------------------------------------------------
     # arrivals and admission
@@ -133,6 +152,7 @@ class Engine:
         st.rejected = reason
         st.finish_s = now
         self.finished += 1
+        self.ended.append(st)
 
     def _arrive(self, st: ReqState, now: float) -> None:
         reason = self._reject(st)
@@ -206,7 +226,7 @@ class Engine:
         new = prompt - hit.total_tokens
         chunk = min(new, self.sched.chunked_prefill_size, chunk_budget)
         need = self.cache.pages(chunk)
-        decode_reserve = self._clipped_left(st) * self.new_token_ratio
+        decode_reserve = 0 if self._prefill_only else self._clipped_left(st) * self.new_token_ratio
         # cached L1 pages nobody pins count as evictable in the budget; admitting pins them
         locked = hit.unpinned_l1_pages
         if self.cache.pages(new) + hit.lower_pages + locked + decode_reserve > budget_tokens:
@@ -261,10 +281,9 @@ class Engine:
             if not chunk:
                 break  # FCFS: a request that does not fit blocks the ones behind it
             self.waiting.remove(st)
-            available -= (
-                self.cache.pages(st.prompt_left)
-                + min(st.req.output_len, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
-            )
+            available -= self.cache.pages(st.prompt_left)
+            if not self._prefill_only:
+                available -= min(st.req.output_len, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
             batch.append((st, chunk))
             budget -= chunk
             if chunk < st.prompt_left:
@@ -307,6 +326,9 @@ class Engine:
             moved = min(new_pages, st.private)
             self.cache.free_private(moved)
             st.private -= moved
+            if self._prefill_only:
+                self._hand_off(st, end)
+                continue
             if st.first_token_s < 0:
                 st.first_token_s = end
                 st.last_token_s = end
@@ -385,9 +407,60 @@ class Engine:
                 self._finish(s, s.last_token_s, still_running=False)
         return float(ends[-1])
 
+    def _hand_off(self, st: ReqState, now: float) -> None:
+        """Prefill role: the prompt is done (its first token computed); the blocks stay in this
+        replica's prefix cache and the request moves on, with a copy of its KV, to a decode
+        replica (the cluster times the transfer)."""
+        st.prefill_end_s = now
+        self.cache.release(st.path, now)
+        st.path = []
+        self.cache.free_private(st.private)
+        st.private = 0
+        self.finished += 1
+        self.ended.append(st)
+        self.handoffs.append(st)
+
+    def receive(self, st: ReqState, now: float) -> None:
+        """Decode role: a request whose prompt KV has arrived at ``now``; it joins the running
+        batch at this replica's next iteration that has room for it."""
+        st.ready_s = now
+        st.path, st.hit_nodes, st.private = [], [], 0
+        self._push_pending(st, now)
+
+    def _admit_received(self, now: float) -> None:
+        """Decode role: start received requests in arrival order while their prompt's KV and
+        their decode reservation fit (SGLang's decode server pre-allocates the same way)."""
+        while self.received:
+            st = self.received[0]
+            if len(self.running) >= self.sched.max_running_requests:
+                return
+            pages = self.cache.pages(st.req.input_len)
+            need = pages
+            if self.running:  # an idle replica takes any request that fits at all
+                need += self._clipped_left(st) * self.new_token_ratio + self._reserved_decode()
+            if self.cache.l1_available() < need or not self.cache.make_room(L1, pages, now):
+                if not (self.running or self.waiting or self.chunked or self.swapped):
+                    self.received.popleft()
+                    self._give_up(st, "does not fit in the KV cache beside cached data", now)
+                    continue
+                return
+            self.received.popleft()
+            self.cache.alloc_private(pages)
+            st.private = pages
+            st.computed = st.target = st.req.input_len
+            if st.scheduled_s < 0:
+                st.scheduled_s = now
+            # the first token, computed by the prefill replica, reaches the user with the KV
+            st.first_token_s = st.last_token_s = now
+            st.generated = 1
+            self._join(st)
+            if st.generated >= st.req.output_len:
+                self._finish(st, now)
+
     def _finish(self, st: ReqState, now: float, still_running: bool = True) -> None:
         st.finish_s = now
         self.finished += 1
+        self.ended.append(st)
         if still_running:
             self._leave(st)
         self.cache.release(st.path, now)
@@ -450,32 +523,68 @@ class Engine:
     def run(
         self, requests: Sequence, progress: Callable[[int], None] | None = None
     ) -> EngineResult:
+        """Simulate a whole workload on this replica alone."""
         states = [ReqState(r) for r in requests]
-        order = sorted(range(len(states)), key=lambda i: (states[i].req.arrival_s, i))
-        nxt = 0
-        now = 0.0
-        done_count = 0
+        for i in sorted(range(len(states)), key=lambda i: (states[i].req.arrival_s, i)):
+            self.submit(states[i])
+        self.advance(math.inf, progress)
+        return self.result(states)
+
+    def submit(self, st: ReqState) -> None:
+        """A request that arrives here at its arrival time (now, if that has passed)."""
+        self._push_pending(st, st.req.arrival_s)
+
+    def _push_pending(self, st: ReqState, t: float) -> None:
+        self._seq += 1
+        heapq.heappush(self._pending, (t, self._seq, st))
+
+    def _take_arrivals(self, now: float) -> None:
+        pending = self._pending
+        decode_role = self.cfg.role == "decode"
+        while pending and pending[0][0] <= now:
+            st = heapq.heappop(pending)[2]
+            if not decode_role:
+                self._arrive(st, now)
+            elif reason := self._reject(st):
+                self._give_up(st, reason, now)
+            else:
+                self.received.append(st)
+
+    def busy(self) -> bool:
+        return bool(
+            self.waiting or self.running or self.chunked or self.swapped or self.received
+            or self.prefetching or self._pending
+        )  # fmt: skip
+
+    def advance(self, until: float = math.inf, progress: Callable[[int], None] | None = None):
+        """Run iterations that start before ``until`` (the next event this replica cannot
+        foresee, such as a cluster's next arrival): afterwards the clock is at or past it, or
+        the replica is idle with nothing submitted."""
+        now = self.now
+        done_count = self.finished
         while True:
-            while nxt < len(order) and states[order[nxt]].req.arrival_s <= now:
-                self._arrive(states[order[nxt]], now)
-                nxt += 1
+            self._take_arrivals(now)
             self._release_prefetched(now)
-            next_arrival = states[order[nxt]].req.arrival_s if nxt < len(order) else math.inf
+            if self.received:
+                self._admit_received(now)
+            if now >= until:
+                break
+            next_arrival = self._pending[0][0] if self._pending else math.inf
             next_prefetch = min((s.ready_s for s in self.prefetching), default=math.inf)
+            upcoming = min(next_arrival, next_prefetch)
             if not (self.waiting or self.running or self.chunked or self.swapped):
-                if next_arrival == math.inf and next_prefetch == math.inf:
+                if upcoming == math.inf:
                     break
-                now = max(now, min(next_arrival, next_prefetch))
+                now = max(now, upcoming)
                 continue
             batch = self._form_prefill(now)
             if batch:
                 now = self._run_prefill(batch, now)
             elif self.running:
-                now = self._decode_stretch(now, min(next_arrival, next_prefetch))
+                now = self._decode_stretch(now, min(upcoming, until))
             else:
                 # waiting requests that cannot be admitted now; nothing runs to free memory
                 blocked = self.waiting[0] if self.waiting else None
-                upcoming = min(next_arrival, next_prefetch)
                 if blocked is not None and upcoming == math.inf and not self.swapped:
                     self.waiting.popleft()
                     self._give_up(blocked, "does not fit in the KV cache beside cached data", now)
@@ -486,8 +595,11 @@ class Engine:
             if progress is not None and self.finished != done_count:
                 progress(self.finished - done_count)
                 done_count = self.finished
+        self.now = now
+
+    def result(self, states: list) -> EngineResult:
         itl = np.concatenate(self._itl) if self._itl else np.zeros(0)
-        return EngineResult(states, self.steps, itl, self.cache, self.preemptions, now)
+        return EngineResult(states, self.steps, itl, self.cache, self.preemptions, self.now)
 
 
 # ----------------------------------------------------------------------------------------

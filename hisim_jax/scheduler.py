@@ -91,6 +91,9 @@ class ReqState:
     preemptions: int = 0
     recomputed: int = 0  # prompt tokens computed again after a preemption
     rejected: str = ""
+    replica: int = 0  # where the router sent it (the prefill replica, disaggregated)
+    decode_replica: int = -1  # disaggregated: where it decoded
+    prefill_end_s: float = -1.0  # disaggregated: prompt done, KV transfer starts
 
     @property
     def prompt_left(self) -> int:
