@@ -439,12 +439,26 @@ def simulate(
     cpu_price_usd_per_hour: float = typer.Option(
         None, help="CPU-hour price for the cost ratio [0.05]."
     ),
+    replicas: int = typer.Option(None, help="Replicas behind the router [1]."),
+    router: str = typer.Option(
+        None,
+        help="random, round_robin, least_loaded, power_of_two, cache_aware or bucket "
+        "[cache_aware].",
+    ),
+    fleet: str = typer.Option(
+        None, help="Mixed replicas, HARDWARE[:TP]xCOUNT,... (e.g. h100-sxm:1x6,h200-sxm:2x2)."
+    ),
+    bucket_bounds: str = typer.Option(None, help="Input-length bounds of --router bucket."),
+    pd: str = typer.Option(None, help="Disaggregate: PREFILL:DECODE replicas (e.g. 2:6)."),
+    kv_link_gb_s: float = typer.Option(None, help="Prefill->decode KV link per GPU, GB/s [45]."),
+    kv_link_latency_us: float = typer.Option(None, help="KV link latency, µs [20]."),
     out: Path = typer.Option(
         Path("hisim-out"), help="Folder for requests.csv, steps.csv, summary.json."
     ),
     fmt: Format = typer.Option(Format.table, "--format", help="How to print the summary."),
 ):
-    """Simulate one replica serving a workload: TTFT, TPOT, ITL, throughput, KV-cache hits."""
+    """Simulate a deployment serving a workload (one replica, or many behind a router,
+    optionally prefill/decode disaggregated): TTFT, TPOT, ITL, throughput, KV-cache hits."""
     from hisim_jax.simulation import SimulationOptions, run, write_outputs
 
     given = {

@@ -563,15 +563,17 @@ class Engine:
         now = self.now
         done_count = self.finished
         while True:
-            self._take_arrivals(now)
+            # prefetched requests became ready before anything arriving now was submitted
             self._release_prefetched(now)
+            self._take_arrivals(now)
             if self.received:
                 self._admit_received(now)
             if now >= until:
                 break
             next_arrival = self._pending[0][0] if self._pending else math.inf
             next_prefetch = min((s.ready_s for s in self.prefetching), default=math.inf)
-            upcoming = min(next_arrival, next_prefetch)
+            # the next event this replica knows of (a cluster may yet send more by ``until``)
+            upcoming = min(next_arrival, next_prefetch, until)
             if not (self.waiting or self.running or self.chunked or self.swapped):
                 if upcoming == math.inf:
                     break
@@ -581,7 +583,7 @@ class Engine:
             if batch:
                 now = self._run_prefill(batch, now)
             elif self.running:
-                now = self._decode_stretch(now, min(upcoming, until))
+                now = self._decode_stretch(now, upcoming)
             else:
                 # waiting requests that cannot be admitted now; nothing runs to free memory
                 blocked = self.waiting[0] if self.waiting else None

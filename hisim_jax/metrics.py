@@ -154,3 +154,103 @@ def summary(
         ),
     }
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# clusters
+
+
+def cluster_request_frame(result) -> pd.DataFrame:
+    """``request_frame`` of the whole cluster plus where each request ran; disaggregated runs
+    add the decode replica and the time from prompt done to first token (the KV transfer and
+    any wait for room on the decode replica)."""
+    frame = request_frame(result.merged())
+    states = result.states
+    frame.insert(1, "replica", [s.replica for s in states])
+    if any(role == "decode" for role in result.roles):
+        frame.insert(2, "decode_replica", [s.decode_replica for s in states])
+        ok = frame["rejected"] == ""
+        pre = np.array([s.prefill_end_s for s in states], float)
+        frame["kv_transfer_s"] = np.where(ok, frame["first_token_s"].to_numpy() - pre, np.nan)
+    return frame
+
+
+def cluster_step_frame(result) -> pd.DataFrame:
+    """Every replica's steps, with a ``replica`` column (decode replicas numbered after the
+    routed ones), in time order."""
+    frames = []
+    for i, r in enumerate(result.results):
+        f = step_frame(r)
+        f.insert(0, "replica", i)
+        frames.append(f)
+    steps = pd.concat(frames, ignore_index=True)
+    return steps.sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
+
+
+def _ratio_max_mean(x) -> float:
+    x = np.asarray(x, float)
+    return float(x.max() / x.mean()) if len(x) and x.mean() > 0 else 1.0
+
+
+def cluster_summary(result) -> dict:
+    """``replicas``: one record per replica; ``cluster``: its shape and how evenly it was used
+    (max/mean of requests, prompt tokens and busy seconds over the routed replicas)."""
+    n_routed = sum(1 for role in result.roles if role != "decode")
+    sim = max(result.simulated_s, 1e-12)
+    records, busy, routed_req, routed_tok = [], [], [], []
+    for i, (rep, res, role) in enumerate(
+        zip(result.replicas, result.results, result.roles, strict=True)
+    ):
+        mine = res.states
+        done = [s for s in mine if s.finish_s >= 0 and not s.rejected]
+        stats = res.cache.stats
+        hit = [int(h) for h in stats.hit_tokens]
+        busy_s = float(np.sum(res.steps.column("duration_s"))) if len(res.steps) else 0.0
+        ttft = [s.first_token_s - s.req.arrival_s for s in done]
+        tpot = [
+            (s.finish_s - s.first_token_s) / (s.req.output_len - 1)
+            for s in done
+            if s.req.output_len > 1
+        ]
+        records.append(
+            {
+                "replica": i,
+                "name": rep.name,
+                "role": role,
+                "gpus": rep.gpus,
+                "requests": len(mine),
+                "requests_completed": len(done),
+                "prompt_tokens": int(sum(s.req.input_len for s in mine)),
+                "steps": len(res.steps),
+                "busy_s": busy_s,
+                "busy_fraction": busy_s / sim,
+                "preemptions": int(res.preemptions),
+                "ttft_s": _dist(ttft),
+                "tpot_s": _dist(tpot),
+                "cache": {
+                    "hit_rate": sum(hit) / max(1, sum(hit) + stats.miss_tokens),
+                    "l1_hit_tokens": hit[0],
+                    "l2_hit_tokens": hit[1],
+                    "l3_hit_tokens": hit[2],
+                    "miss_tokens": int(stats.miss_tokens),
+                    "evicted_tokens": int(sum(stats.evicted_tokens)),
+                },
+            }
+        )
+        if i < n_routed:
+            busy.append(busy_s)
+            routed_req.append(len(mine))
+            routed_tok.append(records[-1]["prompt_tokens"])
+    rates = [r["cache"]["hit_rate"] for r in records[:n_routed]]
+    cluster = {
+        "replicas": len(records),
+        "prefill_replicas": n_routed if n_routed < len(records) else 0,
+        "decode_replicas": len(records) - n_routed,
+        "gpus": int(sum(r.gpus for r in result.replicas)),
+        "load_imbalance_requests": _ratio_max_mean(routed_req),
+        "load_imbalance_prompt_tokens": _ratio_max_mean(routed_tok),
+        "load_imbalance_busy": _ratio_max_mean(busy),
+        "hit_rate_min": float(min(rates)),
+        "hit_rate_max": float(max(rates)),
+    }
+    return {"cluster": cluster, "replicas": records}

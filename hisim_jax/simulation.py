@@ -15,11 +15,20 @@ from pathlib import Path
 import yaml
 
 from hisim_jax import workload as wl
+from hisim_jax.cluster import Cluster, KVLink, Replica
 from hisim_jax.engine import Engine, EngineConfig, cache_config, size_replica
 from hisim_jax.estimator import Estimator
-from hisim_jax.metrics import CPU_PRICE_USD_PER_HOUR, SLO, request_frame, step_frame, summary
+from hisim_jax.metrics import (
+    CPU_PRICE_USD_PER_HOUR,
+    SLO,
+    cluster_request_frame,
+    cluster_step_frame,
+    cluster_summary,
+    summary,
+)
 from hisim_jax.ops import DTYPE_BYTES
 from hisim_jax.paths import write_atomic
+from hisim_jax.router import Router, RouterConfig
 from hisim_jax.scheduler import SchedulerConfig
 from hisim_jax.specs import SpecError
 
@@ -62,6 +71,16 @@ class SimulationOptions:
     slo_tpot_ms: float | None = None
     gpu_price_usd_per_hour: float | None = None
     cpu_price_usd_per_hour: float = CPU_PRICE_USD_PER_HOUR
+    # cluster: replicas behind a router, optionally prefill/decode disaggregated
+    replicas: int = 1
+    fleet: str | None = (
+        None  # "h100-sxm:1x6,h200-sxm:2x2" (HARDWARE[:TP]xCOUNT); overrides the two above
+    )
+    router: str = "cache_aware"
+    bucket_bounds: str = "2048,8192"  # input-length bounds of the bucket router
+    pd: str | None = None  # "P:D": the first P replicas prefill, the other D decode
+    kv_link_gb_s: float = 45.0  # prefill -> decode KV bandwidth per GPU
+    kv_link_latency_us: float = 20.0
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict) -> SimulationOptions:
@@ -150,21 +169,63 @@ def build_workload(o: SimulationOptions) -> wl.Workload:
     )
 
 
-def run(o: SimulationOptions, progress=None) -> SimulationRun:
-    """Simulate one replica serving the workload; ``progress(n_finished_delta, total)``."""
-    t0 = time.perf_counter()
-    work = build_workload(o)
-    est = Estimator(o.model, o.hardware, o.tp, o.weight_dtype, o.kv_dtype, o.calibration)
-    sizing = size_replica(
-        est.model,
-        est.hardware[0],
-        o.tp,
-        DTYPE_BYTES[o.weight_dtype],
-        DTYPE_BYTES[o.kv_dtype],
-        o.l1_fraction,
-        o.l2_gb,
-        o.l3_gb,
-    )
+def parse_fleet(o: SimulationOptions) -> list[tuple[str, int]]:
+    """(hardware, tp) per replica: ``fleet`` groups, else ``replicas`` copies (``P + D`` of
+    them with ``pd``)."""
+    if o.fleet:
+        out = []
+        for group in o.fleet.split(","):
+            spec, _, count = group.strip().rpartition("x")
+            hw, _, tp = spec.partition(":")
+            try:
+                n, tp_n = int(count), int(tp or o.tp)
+                if not hw or n < 1 or tp_n < 1:
+                    raise ValueError
+            except ValueError:
+                raise SpecError(
+                    f"options: field 'fleet' has an invalid group {group!r} "
+                    "(expected HARDWARE[:TP]xCOUNT, e.g. h100-sxm:2x4)"
+                ) from None
+            out += [(hw, tp_n)] * n
+        return out
+    n = o.replicas
+    if o.pd:
+        p, d = parse_pd(o.pd)
+        if n not in (1, p + d):
+            raise SpecError(f"options: --pd {o.pd} needs {p + d} replicas, got replicas={n}")
+        n = p + d
+    if n < 1:
+        raise SpecError(f"options: field 'replicas' must be >= 1, got {n}")
+    return [(o.hardware, o.tp)] * n
+
+
+def parse_pd(text: str) -> tuple[int, int]:
+    try:
+        p, d = (int(x) for x in text.split(":"))
+        if p < 1 or d < 1:
+            raise ValueError
+    except ValueError:
+        raise SpecError(
+            f"options: field 'pd' has an invalid value {text!r} (expected PREFILL:DECODE, e.g. 2:6)"
+        ) from None
+    return p, d
+
+
+def _bucket_bounds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise SpecError(
+            f"options: field 'bucket_bounds' has an invalid value {text!r} (expected e.g. 2048,8192)"
+        ) from None
+
+
+def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
+    """Replicas (one estimator per distinct GPU and TP degree), router and KV link."""
+    fleet = parse_fleet(o)
+    n_prefill = parse_pd(o.pd)[0] if o.pd else len(fleet)
+    if o.pd and not 0 < n_prefill < len(fleet):
+        raise SpecError(f"options: --pd {o.pd} does not split a fleet of {len(fleet)} replicas")
     sched = SchedulerConfig(
         chunked_prefill_size=o.chunked_prefill_size,
         max_prefill_tokens=o.max_prefill_tokens,
@@ -175,16 +236,59 @@ def run(o: SimulationOptions, progress=None) -> SimulationRun:
         cuda_graph_max_bs=o.cuda_graph_max_bs,
         step_overhead_s=o.step_overhead_ms / 1e3,
     )
-    cfg = EngineConfig(
-        sched,
-        cache_config(
-            sizing, est.hardware[0], work.block_tokens, o.page_size, o.eviction, o.write_policy
-        ),
-        num_layers=est.model.num_layers,
-        max_context=est.model.max_position_embeddings,
-    )
+    estimators: dict[tuple[str, int], Estimator] = {}
+    replicas = []
+    for i, (hw, tp) in enumerate(fleet):
+        est = estimators.get((hw, tp))
+        if est is None:
+            est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration)
+            estimators[hw, tp] = est
+        gpu = est.hardware[0]
+        sizing = size_replica(
+            est.model, gpu, tp, DTYPE_BYTES[o.weight_dtype], DTYPE_BYTES[o.kv_dtype],
+            o.l1_fraction, o.l2_gb, o.l3_gb,
+        )  # fmt: skip
+        role = "unified" if not o.pd else "prefill" if i < n_prefill else "decode"
+        cfg = EngineConfig(
+            sched,
+            cache_config(sizing, gpu, block_tokens, o.page_size, o.eviction, o.write_policy),
+            num_layers=est.model.num_layers,
+            max_context=est.model.max_position_embeddings,
+            role=role,
+        )
+        replicas.append(
+            Replica(
+                Engine(cfg, est),
+                f"{gpu.name}/tp{tp}",
+                tp,
+                sizing.kv_bytes_per_token,
+                o.gpu_price_usd_per_hour or gpu.price_usd_per_hour,
+            )
+        )
+    routed = replicas[:n_prefill]
+    try:
+        router = Router(
+            RouterConfig(
+                policy=o.router, seed=o.seed, bucket_bounds=_bucket_bounds(o.bucket_bounds)
+            ),
+            len(routed),
+            block_tokens,
+            # the router's approximate index holds about what a replica's tiers can
+            index_tokens=[sum(r.engine.cache.capacity) for r in routed],
+        )
+        link = KVLink(o.kv_link_gb_s * 1e9, o.kv_link_latency_us * 1e-6)
+    except ValueError as e:
+        raise SpecError(f"options: {e}") from None
+    return Cluster(routed, router, replicas[n_prefill:], link)
+
+
+def run(o: SimulationOptions, progress=None) -> SimulationRun:
+    """Simulate the deployment serving the workload; ``progress(n_finished_delta, total)``."""
+    t0 = time.perf_counter()
+    work = build_workload(o)
+    cluster = build_cluster(o, work.block_tokens)
     total = len(work.requests)
-    result = Engine(cfg, est).run(
+    result = cluster.run(
         work.requests, progress=(lambda d: progress(d, total)) if progress else None
     )
     wall = time.perf_counter() - t0
@@ -194,23 +298,28 @@ def run(o: SimulationOptions, progress=None) -> SimulationRun:
             ttft_s=o.slo_ttft_ms / 1e3 if o.slo_ttft_ms is not None else None,
             tpot_s=o.slo_tpot_ms / 1e3 if o.slo_tpot_ms is not None else None,
         )
-    price = o.gpu_price_usd_per_hour or est.hardware[0].price_usd_per_hour
+    gpus = sum(r.gpus for r in result.replicas)
+    # a mixed fleet is priced replica by replica: the mean price per GPU times the GPUs
+    price = sum(r.gpus * r.price_usd_per_hour for r in result.replicas) / gpus
     summ = summary(
-        result, wall, price, gpus=o.tp, slo=slo, cpu_price_usd_per_hour=o.cpu_price_usd_per_hour
-    )
+        result.merged(), wall, price, gpus=gpus, slo=slo,
+        cpu_price_usd_per_hour=o.cpu_price_usd_per_hour,
+    )  # fmt: skip
     summ["workload"] = {"source": work.source, **_jsonable(work.summary())}
     summ["skipped_lines"] = work.skipped_lines
+    first = result.replicas[0]
     summ["replica"] = {
-        "model": est.model.name,
-        "hardware": est.hardware[0].name,
-        "tp": o.tp,
-        "l1_tokens": sizing.l1_tokens,
-        "l2_tokens": sizing.l2_tokens,
-        "l3_tokens": sizing.l3_tokens,
-        "kv_bytes_per_token": sizing.kv_bytes_per_token,
+        "model": first.engine.step_cost.model.name,
+        "hardware": first.engine.step_cost.hardware[0].name,
+        "tp": first.gpus,
+        "l1_tokens": first.engine.cache.capacity[0],
+        "l2_tokens": first.engine.cache.capacity[1],
+        "l3_tokens": first.engine.cache.capacity[2],
+        "kv_bytes_per_token": first.kv_bytes_per_token,
     }
+    summ.update(_jsonable(cluster_summary(result)))
     summ["options"] = asdict(o)
-    return SimulationRun(o, work, summ, request_frame(result), step_frame(result))
+    return SimulationRun(o, work, summ, cluster_request_frame(result), cluster_step_frame(result))
 
 
 def _jsonable(d):

@@ -1,0 +1,238 @@
+"""Many replicas on one global clock, behind a router; optionally prefill/decode disaggregated.
+
+The cluster walks the workload's arrivals in time order. Before each arrival it advances every
+replica to that instant (each replica runs the steps that start before it, so its clock ends at
+or just past it — a request arriving mid-step is seen at the step's end, as on a real server),
+tells the router which requests have ended by then, and lets the router pick a replica. The
+router sees only what a real one would: what it routed and what has finished, never the engines'
+queues or caches.
+
+Disaggregated (``prefill`` and ``decode`` engines): a request is routed to a prefill replica;
+when its prompt is done, its KV goes over that replica's link to the least-loaded decode
+replica (FIFO per link: ``latency_s + bytes / bandwidth``, every TP rank sending its heads'
+share over its own NIC, as in Mooncake's transfer engine), and the decode replica admits it
+with its KV and streams its tokens. TTFT therefore includes the transfer (the first token,
+computed by the prefill replica, reaches the user with the KV, as in SGLang's PD mode), and so
+does the first inter-token gap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hisim_jax.engine import Engine, EngineResult, StepLog
+from hisim_jax.kvcache import CacheStats
+from hisim_jax.router import Router, RouterConfig
+from hisim_jax.scheduler import ReqState
+
+
+@dataclass(frozen=True, slots=True)
+class KVLink:
+    """The prefill→decode KV path of one GPU (per TP rank); defaults: a 400 Gb/s RDMA NIC
+    per GPU at ~90% of line rate, as in Mooncake's and DistServe's deployments."""
+
+    bandwidth_bytes_per_s: float = 45e9
+    latency_s: float = 20e-6
+
+    def __post_init__(self):
+        if not self.bandwidth_bytes_per_s > 0:
+            raise ValueError(f"kv link bandwidth must be > 0, got {self.bandwidth_bytes_per_s}")
+        if not self.latency_s >= 0:
+            raise ValueError(f"kv link latency must be >= 0, got {self.latency_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """An engine and what the cluster needs to know about it."""
+
+    engine: Engine
+    name: str  # e.g. "h100-sxm/tp1"
+    gpus: int
+    kv_bytes_per_token: float  # per TP rank
+    price_usd_per_hour: float  # per GPU
+
+
+@dataclass(slots=True)
+class ClusterResult:
+    states: list  # ReqState per request, in workload order (``replica``, ``decode_replica`` set)
+    replicas: list  # Replica, prefill (or unified) ones first
+    results: list  # EngineResult per replica, same order
+    simulated_s: float
+    roles: list  # "unified", "prefill" or "decode" per replica
+
+    def merged(self) -> EngineResult:
+        """The whole cluster as one EngineResult (for the cluster-wide summary)."""
+        stats = CacheStats()
+        for r in self.results:
+            s = r.cache.stats
+            for t in range(3):
+                stats.hit_tokens[t] += s.hit_tokens[t]
+                stats.evicted_tokens[t] += s.evicted_tokens[t]
+            stats.miss_tokens += s.miss_tokens
+            for k, v in s.bytes_moved.items():
+                stats.bytes_moved[k] += v
+        steps = StepLog()
+        steps.count = sum(len(r.steps) for r in self.results)
+        itl = [r.itl_s for r in self.results if len(r.itl_s)]
+        return EngineResult(
+            self.states,
+            steps,
+            np.concatenate(itl) if itl else np.zeros(0),
+            _Stats(stats),
+            sum(r.preemptions for r in self.results),
+            self.simulated_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Stats:
+    stats: CacheStats
+
+
+class Cluster:
+    """``replicas`` serve requests as the router sends them; ``decode`` replicas, if any, take
+    every request after its prefill (disaggregation)."""
+
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        router: Router,
+        decode: Sequence[Replica] = (),
+        link: KVLink = KVLink(),
+    ):
+        if not replicas:
+            raise ValueError("a cluster needs at least one replica")
+        roles = {r.engine.cfg.role for r in replicas}
+        if decode and roles != {"prefill"}:
+            raise ValueError("with decode replicas, every routed replica must have role prefill")
+        if not decode and roles != {"unified"}:
+            raise ValueError("without decode replicas, every replica must have role unified")
+        if any(d.engine.cfg.role != "decode" for d in decode):
+            raise ValueError("decode replicas must have role decode")
+        self.replicas = list(replicas)
+        self.decode = list(decode)
+        self.router = router
+        self.link = link
+        # the decode side is balanced by outstanding tokens (SGLang's PD router picks the
+        # decode server separately from the prefill one)
+        self.decode_router = (
+            Router(RouterConfig(policy="least_loaded"), len(self.decode), 1) if decode else None
+        )
+        self._link_busy_until = [0.0] * len(self.replicas)
+        self._ended: list = []  # heap of (end_s, seq, side, replica, state) not yet told
+        self._seq = 0
+        self._handed_off = 0
+
+    # ------------------------------------------------------------------------------------
+
+    def _collect_ended(self) -> None:
+        for side, group in ((0, self.replicas), (1, self.decode)):
+            for i, rep in enumerate(group):
+                ended = rep.engine.ended
+                if not ended:
+                    continue
+                for st in ended:
+                    t = (
+                        st.prefill_end_s
+                        if side == 0 and self.decode and not st.rejected
+                        else st.finish_s
+                    )
+                    self._seq += 1
+                    heapq.heappush(self._ended, (t, self._seq, side, i, st))
+                ended.clear()
+
+    def _tell_router(self, now: float) -> None:
+        """Report to the routers every request that has left a replica by ``now``."""
+        self._collect_ended()
+        heap = self._ended
+        while heap and heap[0][0] <= now:
+            t, _, side, i, st = heapq.heappop(heap)
+            (self.router if side == 0 else self.decode_router).finish(st.req, i, t)
+
+    def _send_kv(self) -> list:
+        """Book the KV transfers of prompts finished on prefill replicas: (landing s, state)."""
+        out = []
+        for i, rep in enumerate(self.replicas):
+            eng = rep.engine
+            for st in eng.handoffs:
+                nbytes = eng.cache.pages(st.req.input_len) * rep.kv_bytes_per_token
+                start = max(st.prefill_end_s, self._link_busy_until[i])
+                # each TP rank sends its share over its own NIC, in parallel
+                end = start + nbytes / self.link.bandwidth_bytes_per_s
+                self._link_busy_until[i] = end
+                out.append((end + self.link.latency_s, st))
+            self._handed_off += len(eng.handoffs)
+            eng.handoffs.clear()
+        return out
+
+    def _advance(self, group, until: float) -> None:
+        for rep in group:
+            rep.engine.advance(until)
+
+    def run(
+        self, requests: Sequence, progress: Callable[[int], None] | None = None
+    ) -> ClusterResult:
+        states = [ReqState(r) for r in requests]
+        order = sorted(range(len(states)), key=lambda i: (states[i].req.arrival_s, i))
+        arrivals = [states[i] for i in order]
+        nxt = 0
+        deliveries: list = []  # heap of (landing s, seq, state): KV on its way to decode
+        told = 0
+        while True:
+            t_arr = arrivals[nxt].req.arrival_s if nxt < len(arrivals) else math.inf
+            self._advance(self.replicas, t_arr)
+            for landing, st in self._send_kv():
+                self._seq += 1
+                heapq.heappush(deliveries, (landing, self._seq, st))
+            t_del = deliveries[0][0] if deliveries else math.inf
+            if t_del <= t_arr and t_del < math.inf:
+                self._advance(self.decode, t_del)
+                self._tell_router(t_del)
+                while deliveries and deliveries[0][0] <= t_del:
+                    landing, _, st = heapq.heappop(deliveries)
+                    j = self.decode_router.route(st.req, landing)
+                    st.decode_replica = j
+                    self.decode[j].engine.receive(st, landing)
+                continue
+            if t_arr == math.inf:
+                break
+            self._advance(self.decode, t_arr)
+            self._tell_router(t_arr)
+            while nxt < len(arrivals) and arrivals[nxt].req.arrival_s <= t_arr:
+                st = arrivals[nxt]
+                st.replica = self.router.route(st.req, t_arr)
+                self.replicas[st.replica].engine.submit(st)
+                nxt += 1
+            if progress is not None:
+                done = self._count_done()
+                if done != told:
+                    progress(done - told)
+                    told = done
+        self._advance(self.decode, math.inf)
+        self._tell_router(math.inf)
+        if progress is not None:
+            progress(len(states) - told)
+        everyone = self.replicas + self.decode
+        by_replica: list[list] = [[] for _ in everyone]
+        for st in states:
+            by_replica[st.replica].append(st)
+            if st.decode_replica >= 0:
+                by_replica[len(self.replicas) + st.decode_replica].append(st)
+        results = [rep.engine.result(s) for rep, s in zip(everyone, by_replica, strict=True)]
+        return ClusterResult(
+            states,
+            everyone,
+            results,
+            max((rep.engine.now for rep in everyone), default=0.0),
+            [rep.engine.cfg.role for rep in everyone],
+        )
+
+    def _count_done(self) -> int:
+        """Requests completed or rejected so far (a hand-off is neither)."""
+        done = sum(r.engine.finished for r in self.replicas) - self._handed_off
+        return done + sum(r.engine.finished for r in self.decode)
