@@ -1,0 +1,215 @@
+"""Clusters on a fake step cost: routing exactly once, one clock, sessions kept together, PD."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hisim_jax.cli import app
+from hisim_jax.cluster import Cluster, KVLink, Replica
+from hisim_jax.engine import Engine, EngineConfig
+from hisim_jax.kvcache import KVCacheConfig
+from hisim_jax.metrics import cluster_request_frame, cluster_summary, request_frame
+from hisim_jax.router import POLICIES, Router, RouterConfig
+from hisim_jax.scheduler import SchedulerConfig
+from hisim_jax.workload import chat_sessions
+
+from test_engine import FakeCost
+
+BYTES_PER_TOKEN = 1e5
+
+
+def make_engine(role="unified", l1=60_000, l2=0, l3=0, **sched):
+    cache = KVCacheConfig(
+        l1_tokens=l1, bytes_per_token=BYTES_PER_TOKEN, block_tokens=64, l2_tokens=l2,
+        l3_tokens=l3, l2_read_bytes_per_s=5e10, l2_write_bytes_per_s=5e10,
+        l3_read_bytes_per_s=5e9, l3_write_bytes_per_s=3e9,
+    )  # fmt: skip
+    cfg = EngineConfig(SchedulerConfig(**sched), cache, 32, 32768, role=role)
+    return Engine(cfg, FakeCost())
+
+
+def replica(role="unified", **kw):
+    return Replica(make_engine(role, **kw), "fake", 1, BYTES_PER_TOKEN, 1.0)
+
+
+def cluster(n=4, policy="round_robin", seed=0, pd=None, link=KVLink(), **kw):
+    router = Router(RouterConfig(policy=policy, seed=seed), n, 64)
+    if pd is None:
+        return Cluster([replica(**kw) for _ in range(n)], router)
+    return Cluster(
+        [replica("prefill", **kw) for _ in range(n)],
+        router,
+        [replica("decode", **kw) for _ in range(pd)],
+        link,
+    )
+
+
+def chat(n_sessions=80, rate=3.0, seed=0):
+    return chat_sessions(n_sessions, rate, think_s_mean=2.0, block_tokens=64, seed=seed).requests
+
+
+def check_cluster(c, reqs, res):
+    """Every request ends exactly once; no engine leaks pages or keeps work."""
+    assert len(res.states) == len(reqs)
+    assert all(s.finish_s >= 0 for s in res.states)
+    n_routed = len(c.replicas)
+    assert sum(len(r.states) for r in res.results[:n_routed]) == len(reqs)  # routed once
+    assert c.router.routed.sum() == len(reqs)
+    assert c.router.outstanding_requests.sum() == 0  # the router heard of every end
+    for rep, r in zip(res.replicas, res.results, strict=True):
+        eng = rep.engine
+        r.cache.check_invariants()
+        assert eng.cache.private == 0 and eng.cache.pinned_pages == 0
+        assert not eng.busy() and not eng.handoffs
+    for s in res.states:
+        if not s.rejected:
+            assert s.generated == s.req.output_len
+            assert s.finish_s >= s.first_token_s >= s.req.arrival_s
+
+
+def test_one_replica_cluster_equals_the_engine_alone():
+    for kw in ({}, {"l1": 8000, "l2": 20_000, "l3": 60_000, "prefetch_policy": "wait_complete"}):
+        reqs = chat(120, rate=6.0)
+        alone = request_frame(make_engine(**kw).run(reqs))
+        c = cluster(1, **kw)
+        res = c.run(reqs)
+        check_cluster(c, reqs, res)
+        both = cluster_request_frame(res).drop(columns=["replica"])
+        assert both.equals(alone)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_routes_each_request_once(policy):
+    reqs = chat(60, rate=8.0, seed=1)
+    c = cluster(4, policy, seed=3)
+    res = c.run(reqs)
+    check_cluster(c, reqs, res)
+    assert {s.replica for s in res.states} <= set(range(4))
+    s = cluster_summary(res)
+    assert len(s["replicas"]) == 4 and s["cluster"]["replicas"] == 4
+    assert sum(r["requests"] for r in s["replicas"]) == len(reqs)
+
+
+def _shared_prefix_tokens(a, b, block=64):
+    n = 0
+    for x, y in zip(a.block_ids, b.block_ids, strict=False):
+        if x != y:
+            break
+        n += 1
+    return min(n * block, b.input_len)
+
+
+def test_cache_aware_keeps_sessions_together_and_hits_more():
+    reqs = chat(80, rate=2.0, seed=2)
+    kept, hit = {}, {}
+    for policy in ("cache_aware", "round_robin"):
+        res = cluster(4, policy).run(reqs)
+        prev, same = {}, []
+        for st in sorted(res.states, key=lambda s: (s.req.arrival_s, s.req.request_id)):
+            p = prev.get(st.req.session_id)
+            # a turn that mostly repeats the previous one (above SGLang's cache threshold)
+            if p is not None and _shared_prefix_tokens(p.req, st.req) > 0.35 * st.req.input_len:
+                same.append(p.replica == st.replica)
+            prev[st.req.session_id] = st
+        assert len(same) >= 40
+        kept[policy] = np.mean(same)
+        hit[policy] = sum(sum(s.hit_tokens) for s in res.states)
+    assert kept["cache_aware"] == 1.0  # load stays balanced: such turns follow their session
+    assert kept["round_robin"] < 0.5
+    assert hit["cache_aware"] > 1.3 * hit["round_robin"]
+
+
+def test_bucket_routing_respects_bounds():
+    reqs = chat(60, rate=8.0, seed=4)
+    router = Router(RouterConfig(policy="bucket", bucket_bounds=(1000,)), 4, 64)
+    c = Cluster([replica() for _ in range(4)], router)
+    res = c.run(reqs)
+    check_cluster(c, reqs, res)
+    for st in res.states:
+        assert st.replica in ((0, 1) if st.req.input_len < 1000 else (2, 3))
+
+
+def test_same_seed_same_outputs_other_seed_other_routes():
+    reqs = chat(60, rate=8.0, seed=5)
+    a = cluster_request_frame(cluster(4, "random", seed=7).run(reqs))
+    b = cluster_request_frame(cluster(4, "random", seed=7).run(reqs))
+    c = cluster_request_frame(cluster(4, "random", seed=8).run(reqs))
+    assert a.equals(b)
+    assert not a["replica"].equals(c["replica"])
+
+
+def test_power_of_two_spreads_load_better_than_random():
+    reqs = chat(200, rate=20.0, seed=6)
+    imb = {}
+    for policy in ("random", "power_of_two"):
+        res = cluster(4, policy, seed=1).run(reqs)
+        imb[policy] = cluster_summary(res)["cluster"]["load_imbalance_prompt_tokens"]
+    assert imb["power_of_two"] < imb["random"] - 0.03
+
+
+def test_disaggregated_requests_pay_the_kv_transfer():
+    reqs = chat(60, rate=4.0, seed=7)
+    fast = cluster(2, "round_robin", pd=2, link=KVLink(1e12, 0.0))
+    slow = cluster(2, "round_robin", pd=2, link=KVLink(1e9, 1e-3))
+    res_fast, res_slow = fast.run(reqs), slow.run(reqs)
+    check_cluster(fast, reqs, res_fast)
+    check_cluster(slow, reqs, res_slow)
+    frame = cluster_request_frame(res_slow)
+    assert set(frame["decode_replica"]) <= {0, 1}
+    for st in res_slow.states:
+        # the whole prompt's KV crosses the 1 GB/s link after the prefill, then the latency
+        transfer_s = st.req.input_len * BYTES_PER_TOKEN / 1e9 + 1e-3
+        assert st.first_token_s >= st.prefill_end_s + transfer_s - 1e-9
+        assert st.prefill_end_s >= st.req.arrival_s
+    ttft = lambda res: np.mean([s.first_token_s - s.req.arrival_s for s in res.states])  # noqa: E731
+    assert ttft(res_slow) > ttft(res_fast)
+    roles = cluster_summary(res_slow)["replicas"]
+    assert [r["role"] for r in roles] == ["prefill", "prefill", "decode", "decode"]
+    assert sum(r["requests"] for r in roles[2:]) == len(reqs)  # every request decoded once
+
+
+def test_cluster_rejects_mismatched_roles():
+    router = Router(RouterConfig(policy="round_robin"), 1, 64)
+    with pytest.raises(ValueError, match="role"):
+        Cluster([replica("prefill")], router)
+    with pytest.raises(ValueError, match="role"):
+        Cluster([replica()], router, [replica("decode")])
+
+
+runner = CliRunner()
+
+
+def test_cli_cluster_and_pd(tmp_path):
+    r = runner.invoke(
+        app,
+        ["simulate", "--limit", "60", "--replicas", "2", "--router", "power_of_two",
+         "--out", str(tmp_path / "a"), "--format", "json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["cluster"]["replicas"] == 2 and len(s["replicas"]) == 2
+    assert s["requests_completed"] == s["requests_total"] == 60
+    r = runner.invoke(
+        app, ["simulate", "--limit", "40", "--pd", "1:1", "--out", str(tmp_path / "b")]
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["cluster"]["prefill_replicas"] == 1 and s["cluster"]["decode_replicas"] == 1
+    assert "kv_transfer_s" in (tmp_path / "b" / "requests.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--router", "nearest"], "router policy 'nearest'"),
+        (["--pd", "0:2"], "field 'pd'"),
+        (["--fleet", "h100-sxm:1"], "field 'fleet'"),
+        (["--replicas", "2", "--pd", "1:3"], "--pd 1:3"),
+    ],
+)
+def test_cli_bad_cluster_options_exit_2(tmp_path, args, needle):
+    r = runner.invoke(app, ["simulate", "--limit", "5", *args, "--out", str(tmp_path)])
+    assert r.exit_code == 2
+    assert needle in r.output and "Traceback" not in r.output
