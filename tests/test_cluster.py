@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from test_engine import FakeCost
 from typer.testing import CliRunner
 
 from hisim_jax.cli import app
@@ -14,8 +15,6 @@ from hisim_jax.metrics import cluster_request_frame, cluster_summary, request_fr
 from hisim_jax.router import POLICIES, Router, RouterConfig
 from hisim_jax.scheduler import SchedulerConfig
 from hisim_jax.workload import chat_sessions
-
-from test_engine import FakeCost
 
 BYTES_PER_TOKEN = 1e5
 
