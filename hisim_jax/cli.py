@@ -452,6 +452,10 @@ def simulate(
     pd: str = typer.Option(None, help="Disaggregate: PREFILL:DECODE replicas (e.g. 2:6)."),
     kv_link_gb_s: float = typer.Option(None, help="Prefill->decode KV link per GPU, GB/s [45]."),
     kv_link_latency_us: float = typer.Option(None, help="KV link latency, µs [20]."),
+    l3_shared_gb: float = typer.Option(
+        None, help="KV store shared by all replicas, GB (replaces --l3-gb) [0: off]."
+    ),
+    l3_shared_gb_s: float = typer.Option(None, help="Shared store bandwidth, GB/s [25]."),
     out: Path = typer.Option(
         Path("hisim-out"), help="Folder for requests.csv, steps.csv, summary.json."
     ),

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from hisim_jax.kvcache import L1, L2, L3, KVCache, KVCacheConfig
+from hisim_jax.kvstore import KVStore
 from hisim_jax.scheduler import ReqState, SchedulerConfig, cuda_graph_sizes, graph_padded_size
 
 FAST_FORWARD_STEPS = 256
@@ -110,11 +111,11 @@ class Engine:
     """A single replica. ``run(requests)`` simulates a whole workload; a cluster instead
     ``submit``s requests as they are routed and ``advance``s every replica on one clock."""
 
-    def __init__(self, cfg: EngineConfig, step_cost: StepCost):
+    def __init__(self, cfg: EngineConfig, step_cost: StepCost, shared_l3: KVStore | None = None):
         self.cfg = cfg
         self.sched = cfg.scheduler
         self.step_cost = step_cost
-        self.cache = KVCache(cfg.cache)
+        self.cache = KVCache(cfg.cache, shared_l3)
         self.graph_sizes = np.array(cuda_graph_sizes(self.sched.cuda_graph_max_bs))
         self.waiting: deque[ReqState] = deque()
         self.prefetching: list[ReqState] = []  # waiting on an L3 prefetch (policy permitting)
@@ -160,7 +161,7 @@ class Engine:
             self._give_up(st, reason, now)
             return
         st.ready_s = now
-        if not (self.cache.capacity[L3] and self.cache.capacity[L2]):
+        if not (self.cache.has_l3 and self.cache.capacity[L2]):
             self.waiting.append(st)  # no L3 tier: nothing to prefetch while it waits
             return
         hit = self.cache.lookup(st.req.block_ids, st.req.input_len)
@@ -664,6 +665,7 @@ def cache_config(
     page_size: int = 1,
     eviction: str = "lru",
     write_policy: str = "write_through",
+    ranks: int = 1,
 ) -> KVCacheConfig:
     pcie = hardware.pcie_bytes_per_s * PCIE_EFFICIENCY
     return KVCacheConfig(
@@ -679,4 +681,5 @@ def cache_config(
         l3_write_bytes_per_s=hardware.ssd_write_bytes_per_s,
         eviction=eviction,
         write_policy=write_policy,
+        ranks=ranks,
     )

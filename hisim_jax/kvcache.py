@@ -24,6 +24,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from hisim_jax.kvstore import KVStore
+
 L1, L2, L3 = 0, 1, 2
 TIER_NAMES = ("l1", "l2", "l3")
 # Eviction policies: the key a tier's leaves are evicted in ascending order of. Add one here.
@@ -52,6 +54,7 @@ class KVCacheConfig:
     l3_write_bytes_per_s: float = 4e9  # L2 -> L3
     eviction: str = "lru"
     write_policy: str = "write_through"
+    ranks: int = 1  # TP ranks: a shared store moves every rank's share of a token
 
     def __post_init__(self):
         if self.l1_tokens <= 0:
@@ -84,11 +87,14 @@ class _Node:
         "pins",
         "last_use",
         "uses",
+        "key",
     )
 
     def __init__(self, node_id: int, parent: _Node | None, tokens: int, pages: int):
         self.id = node_id
         self.parent = parent
+        # the block's identity across replicas (the shared store's key): its whole prefix
+        self.key = hash((parent.key, node_id)) if parent is not None else 0
         self.tokens = tokens
         self.pages = pages  # tokens rounded up to the page size
         self.children: dict[int, _Node] = {}
@@ -127,8 +133,12 @@ class CacheStats:
 class KVCache:
     """The prefix trie over three tiers, with capacity accounting and timed transfers."""
 
-    def __init__(self, cfg: KVCacheConfig):
+    def __init__(self, cfg: KVCacheConfig, shared: KVStore | None = None):
         self.cfg = cfg
+        # a cluster's shared store serves as this replica's L3 (instead of a local L3)
+        self.shared = shared
+        if shared is not None and cfg.l3_tokens:
+            raise ValueError("a replica has either a local L3 tier or the shared store, not both")
         self.capacity = [cfg.l1_tokens, cfg.l2_tokens, cfg.l3_tokens]
         self.used = [0, 0, 0]  # tree pages resident per tier
         self.resident_nodes = [0, 0, 0]
@@ -222,17 +232,28 @@ class KVCache:
         node = self.root
         bt = self.cfg.block_tokens
         covered = lower = unpinned = 0
+        shared = self.shared
         for bid in block_ids:  # hot path: kept flat
             child = node.children.get(bid)
-            if child is None:
-                break
-            tiers = child.tiers
-            tier = L1 if tiers[0] else L2 if tiers[1] else L3 if tiers[2] else -1
             block_len = input_len - covered
             if block_len > bt:
                 block_len = bt
-            if tier < 0 or block_len <= 0 or child.tokens != block_len:
-                break
+            if child is None:
+                # unknown here; another replica may have put it in the shared store
+                if shared is None or block_len <= 0:
+                    break
+                if shared.tokens(hash((node.key, bid))) != block_len:
+                    break
+                child = _Node(bid, node, block_len, self.pages(block_len))  # resident nowhere yet
+                node.children[bid] = child
+                tier = L3
+            else:
+                tiers = child.tiers
+                tier = L1 if tiers[0] else L2 if tiers[1] else L3 if tiers[2] else -1
+                if tier < 0 and shared is not None and child.key in shared:
+                    tier = L3
+                if tier < 0 or block_len <= 0 or child.tokens != block_len:
+                    break
             nodes.append(child)
             tier_of.append(tier)
             tokens[tier] += block_len
@@ -284,6 +305,8 @@ class KVCache:
             for tier in (L2, L3):
                 if self.capacity[tier] > 0:
                     self._copy_down(path, tier, now, protect=path)
+            if self.shared is not None:
+                self._write_shared(path, now)
         return path, new_l1_pages
 
     def pin(self, nodes) -> None:
@@ -331,7 +354,27 @@ class KVCache:
     # --------------------------------------------------------------------------------------
     # transfers
 
+    @property
+    def has_l3(self) -> bool:
+        return self.capacity[L3] > 0 or self.shared is not None
+
+    def _write_shared(self, nodes, now: float) -> None:
+        """Copy a path's blocks the shared store lacks into it (all TP ranks' shares)."""
+        shared = self.shared
+        fresh = sum(n.tokens for n in nodes if n.key not in shared)
+        if not fresh:
+            shared.touch([n.key for n in nodes])
+            return
+        shared.write(
+            [(n.key, n.tokens) for n in nodes], self.cfg.bytes_per_token * self.cfg.ranks, now
+        )
+        self.stats.bytes_moved["l2_to_l3"] += fresh * self.cfg.bytes_per_token
+
     def _book(self, link: str, nbytes: float, bandwidth: float, now: float) -> float:
+        if link == "l3_to_l2" and self.shared is not None:
+            # every TP rank reads its share from the store, over the store's shared link
+            self.stats.bytes_moved[link] += nbytes
+            return self.shared.read(nbytes * self.cfg.ranks, now)
         start = max(now, self.link_busy_until[link])
         end = start + nbytes / bandwidth
         self.link_busy_until[link] = end
@@ -351,6 +394,8 @@ class KVCache:
         if any(not n.tiers[L2] for n in lower):
             ready = self.prefetch_to_l2(hit.nodes, now, protect=hit.nodes)
             if ready is None:  # L2 cannot take them: read L3 straight into L1, as slowly
+                if self.shared is not None:
+                    self.shared.touch([n.key for n in lower if not n.tiers[L2]])
                 nbytes = sum(n.tokens for n in lower if not n.tiers[L2]) * self.cfg.bytes_per_token
                 ready = self._book("l3_to_l2", nbytes, self.cfg.l3_read_bytes_per_s, now)
         nbytes = sum(n.tokens for n in lower) * self.cfg.bytes_per_token
@@ -372,6 +417,8 @@ class KVCache:
             return None
         from_l3 = [n for n in todo if not n.tiers[L1]]
         from_l1 = [n for n in todo if n.tiers[L1]]
+        if from_l3 and self.shared is not None:
+            self.shared.touch([n.key for n in from_l3])
         for n in todo:  # path order: parents first
             self._set_resident(n, L2, now)
         if from_l1:
@@ -495,6 +542,18 @@ class KVCache:
                 chain.append(a)
                 a = a.parent
             self._copy_down(chain[::-1], lower, now)
+        elif (
+            self.shared is not None
+            and (tier == L2 or self.capacity[L2] == 0)
+            and node.key not in self.shared
+        ):
+            # leaving this replica's last tier: write it back to the shared store (under
+            # write-through it went there at insert, unless the store evicted it since)
+            chain, a = [], node
+            while a is not self.root and a.key not in self.shared:
+                chain.append(a)
+                a = a.parent
+            self._write_shared(chain[::-1], now)
         node.tiers[tier] = False
         self.used[tier] -= node.pages
         self.resident_nodes[tier] -= 1

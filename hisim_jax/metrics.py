@@ -253,4 +253,7 @@ def cluster_summary(result) -> dict:
         "hit_rate_min": float(min(rates)),
         "hit_rate_max": float(max(rates)),
     }
+    store = result.replicas[0].engine.cache.shared
+    if store is not None:
+        cluster["shared_l3"] = store.stats()
     return {"cluster": cluster, "replicas": records}

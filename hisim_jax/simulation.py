@@ -18,6 +18,7 @@ from hisim_jax import workload as wl
 from hisim_jax.cluster import Cluster, KVLink, Replica
 from hisim_jax.engine import Engine, EngineConfig, cache_config, size_replica
 from hisim_jax.estimator import Estimator
+from hisim_jax.kvstore import KVStore, KVStoreConfig
 from hisim_jax.metrics import (
     CPU_PRICE_USD_PER_HOUR,
     SLO,
@@ -81,6 +82,8 @@ class SimulationOptions:
     pd: str | None = None  # "P:D": the first P replicas prefill, the other D decode
     kv_link_gb_s: float = 45.0  # prefill -> decode KV bandwidth per GPU
     kv_link_latency_us: float = 20.0
+    l3_shared_gb: float = 0.0  # a KV store shared by all replicas (instead of a local L3)
+    l3_shared_gb_s: float = 25.0  # its aggregate read and write bandwidth
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict) -> SimulationOptions:
@@ -236,8 +239,11 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
         cuda_graph_max_bs=o.cuda_graph_max_bs,
         step_overhead_s=o.step_overhead_ms / 1e3,
     )
+    if o.l3_shared_gb and o.l3_gb:
+        raise SpecError("options: give either l3_gb (per replica) or l3_shared_gb, not both")
     estimators: dict[tuple[str, int], Estimator] = {}
     replicas = []
+    store = None
     for i, (hw, tp) in enumerate(fleet):
         est = estimators.get((hw, tp))
         if est is None:
@@ -249,16 +255,29 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
             o.l1_fraction, o.l2_gb, o.l3_gb,
         )  # fmt: skip
         role = "unified" if not o.pd else "prefill" if i < n_prefill else "decode"
+        if o.l3_shared_gb > 0 and store is None:
+            try:
+                store = KVStore(
+                    KVStoreConfig(
+                        int(o.l3_shared_gb * 1e9 // (sizing.kv_bytes_per_token * tp)),
+                        o.l3_shared_gb_s * 1e9,
+                        o.l3_shared_gb_s * 1e9,
+                    )
+                )
+            except ValueError as e:
+                raise SpecError(f"options: {e}") from None
         cfg = EngineConfig(
             sched,
-            cache_config(sizing, gpu, block_tokens, o.page_size, o.eviction, o.write_policy),
+            cache_config(
+                sizing, gpu, block_tokens, o.page_size, o.eviction, o.write_policy, ranks=tp
+            ),
             num_layers=est.model.num_layers,
             max_context=est.model.max_position_embeddings,
             role=role,
         )
         replicas.append(
             Replica(
-                Engine(cfg, est),
+                Engine(cfg, est, store if role != "decode" else None),
                 f"{gpu.name}/tp{tp}",
                 tp,
                 sizing.kv_bytes_per_token,

@@ -11,6 +11,7 @@ from hisim_jax.cli import app
 from hisim_jax.cluster import Cluster, KVLink, Replica
 from hisim_jax.engine import Engine, EngineConfig
 from hisim_jax.kvcache import KVCacheConfig
+from hisim_jax.kvstore import KVStore, KVStoreConfig
 from hisim_jax.metrics import cluster_request_frame, cluster_summary, request_frame
 from hisim_jax.router import POLICIES, Router, RouterConfig
 from hisim_jax.scheduler import SchedulerConfig
@@ -212,3 +213,62 @@ def test_cli_bad_cluster_options_exit_2(tmp_path, args, needle):
     r = runner.invoke(app, ["simulate", "--limit", "5", *args, "--out", str(tmp_path)])
     assert r.exit_code == 2
     assert needle in r.output and "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------------------------------
+# the shared L3 store
+
+
+def test_store_lru_evicts_leaves_first_and_books_time():
+    s = KVStore(KVStoreConfig(capacity_tokens=300, read_bytes_per_s=1e3, write_bytes_per_s=1e3))
+    done = s.write([(1, 100), (2, 100)], 1.0, now=0.0)
+    assert done == pytest.approx(0.2)  # 200 tokens x 1 byte at 1 kB/s
+    assert s.write([(1, 100), (2, 100)], 1.0, now=5.0) == 5.0  # nothing new: no write
+    s.write([(3, 100), (4, 100)], 1.0, now=6.0)  # over capacity: the oldest leaf goes
+    assert 1 in s and 2 not in s and 3 in s and 4 in s  # the parent 1 stayed over its leaf 2
+    assert s.used_tokens == 300 and s.evicted_tokens == 100
+    s.check_invariants()
+    assert s.read(500.0, now=0.0) == pytest.approx(0.5)
+    assert s.read(500.0, now=0.1) == pytest.approx(1.0)  # FIFO behind the first read
+    with pytest.raises(ValueError, match="capacity"):
+        KVStoreConfig(capacity_tokens=0)
+
+
+def test_shared_store_serves_one_replicas_prefix_to_another():
+    reqs = chat(80, rate=2.0, seed=2)
+    hits = {}
+    for shared in (False, True):
+        store = KVStore(KVStoreConfig(capacity_tokens=10**7)) if shared else None
+        engines = [make_engine(l1=60_000, l2=100_000) for _ in range(4)]
+        if store is not None:
+            engines = [
+                Engine(e.cfg, FakeCost(), shared_l3=store) for e in engines
+            ]  # same config, one store
+        router = Router(RouterConfig(policy="round_robin"), 4, 64)
+        c = Cluster([Replica(e, "fake", 1, BYTES_PER_TOKEN, 1.0) for e in engines], router)
+        res = c.run(reqs)
+        check_cluster(c, reqs, res)
+        hits[shared] = sum(s.hit_tokens[0] + s.hit_tokens[1] + s.hit_tokens[2] for s in res.states)
+        if store is not None:
+            store.check_invariants()
+            assert store.bytes_read > 0 and store.bytes_written > 0
+            assert sum(s.hit_tokens[1] + s.hit_tokens[2] for s in res.states) > 0
+            assert cluster_summary(res)["cluster"]["shared_l3"]["used_tokens"] > 0
+    # round-robin scatters sessions; the store lets a turn reuse its previous turn's KV
+    assert hits[True] > 1.5 * hits[False]
+
+
+def test_cli_shared_store(tmp_path):
+    r = runner.invoke(
+        app,
+        ["simulate", "--limit", "60", "--replicas", "2", "--router", "round_robin",
+         "--l2-gb", "8", "--l3-shared-gb", "100", "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["cluster"]["shared_l3"]["capacity_tokens"] > 0
+    r = runner.invoke(
+        app, ["simulate", "--limit", "5", "--l3-gb", "10", "--l3-shared-gb", "10",
+              "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert r.exit_code == 2 and "not both" in r.output
