@@ -327,6 +327,8 @@ class KVCache:
                 if n.pins < 0:
                     raise AssertionError("KV node unpinned more often than pinned")
                 self.pinned_pages -= n.pages
+                if not touch and n.tiers[0] and not n.child_res[0]:
+                    push(n, 0)  # evictable again: L1's heap drops pinned entries
             if touch:
                 n.last_use = now
                 n.uses += 1
@@ -518,6 +520,8 @@ class KVCache:
         victim = None
         while heap:
             key, seq, node = heapq.heappop(heap)
+            if tier == L1 and node.pins:
+                continue  # pinned: dropped here, pushed again when its last pin is released
             if not self._evictable(node, tier) or id(node) in guard:
                 if node.tiers[tier] and node.child_res[tier] == 0 and key == self._key(node):
                     skipped.append((key, seq, node))  # pinned or protected now, evictable later
