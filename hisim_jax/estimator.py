@@ -343,6 +343,21 @@ def step_seconds_flat(theta, cnm, treedef, shapes, be=attn.FA2, needs=ALL):
     return step_seconds_grid(p, dims, Batch(cnm[0], cnm[1], cnm[2]), hws, be, needs)
 
 
+@partial(jax.jit, static_argnames=("treedef", "shapes", "be", "needs"))
+def decode_seconds_flat(theta, ctx, active, padded, treedef, shapes, be=attn.FA2, needs=ALL):
+    """Consecutive decode steps (rows) of a batch whose requests (columns) hold ``ctx`` tokens
+    at the first step and one more each step; row j has its first ``active[j]`` requests
+    decoding and ``padded[j]`` slots in all (one-token dummies fill the rest). Rows past the
+    stretch have active 0 and padded 1. Built here rather than on the host: a simulator's
+    decode stretch then hands over three small vectors instead of three [k, R] planes."""
+    col = jnp.arange(ctx.shape[0], dtype=ctx.dtype)
+    step = jnp.arange(active.shape[0], dtype=ctx.dtype)[:, None]
+    live = col[None, :] < active[:, None]
+    c = jnp.where(live, ctx[None, :] + step, 0.0)
+    nm = (col[None, :] < padded[:, None]).astype(c.dtype)
+    return step_seconds_flat(theta, jnp.stack([c, nm, nm]), treedef, shapes, be, needs)
+
+
 @partial(jax.jit, static_argnames="be")
 def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, be=attn.FA2):
     """Seconds for rows that each carry their own model: dims ``[N]``, batches ``[N, R]``."""
@@ -436,11 +451,13 @@ class Estimator:
         leaves, self._treedef = jax.tree.flatten((self.params, self.dims, self.hws))
         self._shapes = tuple(tuple(leaf.shape) for leaf in leaves)
         self._theta = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+        self._needs = {a: Needs(self.model.is_moe, tp > 1, a) for a in ("any", "decode", "prefill")}
 
     def _flat_call(self, cnm: np.ndarray, attention: str = "any") -> np.ndarray:
-        needs = Needs(self.model.is_moe, self.tp > 1, attention)
         return np.asarray(
-            step_seconds_flat(self._theta, cnm, self._treedef, self._shapes, self.backend, needs)
+            step_seconds_flat(
+                self._theta, cnm, self._treedef, self._shapes, self.backend, self._needs[attention]
+            )
         )
 
     @staticmethod
@@ -454,11 +471,13 @@ class Estimator:
         """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several. Batches are
         grouped by power-of-two bucket, one vectorized call per bucket."""
         batches = self._as_batches(batches)
-        if len(batches) == 1:  # the simulator's prefill steps: skip the grouping
-            b = pack(batches)
-            cnm = np.stack([b.cache_len, b.new_len, b.mask]).astype(_host_float())
+        if len(batches) == 1:  # the simulator's prefill steps: straight to one array
+            arr = np.asarray(batches[0], _host_float()).reshape(-1, 2)
+            cnm = np.zeros((3, 1, bucket_size(len(arr))), _host_float())
+            cnm[:2, 0, : len(arr)] = arr.T
+            cnm[2, 0, : len(arr)] = 1.0
             # prompts (any new_len > 1) take the standard grid; pure decodes may fold heads
-            out = self._flat_call(cnm, "prefill" if b.new_len.max() > 1 else "any")
+            out = self._flat_call(cnm, "prefill" if arr[:, 1].max() > 1 else "any")
             return out[:, 0] if len(self.hardware) == 1 else out
         out = np.zeros((len(batches), len(self.hardware)))
         for idx, packed in pack_by_bucket(batches):
@@ -479,19 +498,20 @@ class Estimator:
         requests to a power of four), so a simulation compiles a handful of shapes and costs a
         whole decode stretch in one call."""
         n = len(context)
-        active = np.full(steps, n) if active is None else np.asarray(active)[:steps]
-        padded = np.maximum(np.broadcast_to(np.asarray(padded), (steps,)), active)
-        width = max(8, 1 << (2 * math.ceil(math.log2(max(int(padded.max()), 1)) / 2)))
+        dtype = _host_float()
         k = 16 if steps <= 16 else max(256, 1 << max(0, steps - 1).bit_length())
-        cnm = np.zeros((3, k, width), dtype=_host_float())
-        col = np.arange(width)
-        ctx = np.zeros(width)
+        act = np.zeros(k, dtype)  # rows past the stretch: no request decodes...
+        pad = np.ones(k, dtype)  # ...and a one-token dummy keeps them well defined
+        act[:steps] = n if active is None else np.asarray(active)[:steps]
+        pad[:steps] = np.maximum(padded, act[:steps])
+        width = max(8, 1 << (2 * math.ceil(math.log2(max(int(pad.max()), 1)) / 2)))
+        ctx = np.zeros(width, dtype)
         ctx[:n] = context
-        live = col[None, :] < active[:, None]
-        cnm[0, :steps] = np.where(live, ctx[None, :] + np.arange(steps)[:, None], 0.0)
-        cnm[1:, :steps] = col[None, :] < padded[:, None]  # one new token each; mask
-        cnm[1:, steps:, 0] = 1.0  # unused rows: a one-token dummy keeps them well defined
-        return self._flat_call(cnm, self._decode_attention)[:steps, 0]
+        out = decode_seconds_flat(
+            self._theta, ctx, act, pad, self._treedef, self._shapes, self.backend,
+            self._needs[self._decode_attention],
+        )  # fmt: skip
+        return np.asarray(out)[:steps, 0]
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:
         """Per-operator seconds of one batch on one of the GPUs."""
