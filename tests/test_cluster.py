@@ -272,3 +272,19 @@ def test_cli_shared_store(tmp_path):
               "--out", str(tmp_path)],
     )  # fmt: skip
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_cli_mixed_fleet_of_gpus_and_tp(tmp_path):
+    r = runner.invoke(
+        app,
+        ["simulate", "--limit", "40", "--fleet", "h100-sxm:1x1,h200-sxm:2x1",
+         "--router", "least_loaded", "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert [(x["name"], x["gpus"]) for x in s["replicas"]] == [
+        ("h100-sxm/tp1", 1),
+        ("h200-sxm/tp2", 2),
+    ]
+    assert s["cluster"]["gpus"] == 3
+    assert all(x["requests"] > 0 for x in s["replicas"])
