@@ -14,6 +14,7 @@ or the KV cache running out), never one JAX call per step.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -32,6 +33,10 @@ FAST_FORWARD_STEPS = 256
 CLIP_MAX_NEW_TOKENS = 4096  # SGLang caps the decode reservation of one request at this
 MAX_PREEMPTIONS = 50  # a request retracted more often than this is rejected
 RETRACT_DECODE_STEPS = 20  # SGLang's look-ahead when it re-estimates after a retraction
+
+
+def _left_key(st: ReqState) -> int:
+    return st.generated - st.req.output_len
 
 
 class StepCost(Protocol):
@@ -128,6 +133,7 @@ class Engine:
         self.finished = 0  # completed or rejected
         self._last_decode_s = 0.0  # duration of the latest decode step
         self._remaining_clipped = 0  # sum over running of min(remaining output, clip)
+        self._joins = 0
         self._itl: list[np.ndarray] = []
         self.now = 0.0  # this replica's clock: when its next iteration starts
         self._pending: list = []  # heap of (arrival_s, seq, ReqState) submitted, not yet arrived
@@ -196,7 +202,11 @@ class Engine:
         return min(st.req.output_len - st.generated, CLIP_MAX_NEW_TOKENS)
 
     def _join(self, st: ReqState) -> None:
-        self.running.append(st)
+        # ``running`` stays sorted by remaining output, longest first: every running request
+        # decodes one token per step, so joins are the only thing that can break the order
+        self._joins += 1
+        st.join_seq = self._joins
+        bisect.insort(self.running, st, key=_left_key)
         self._remaining_clipped += self._clipped_left(st)
 
     def _leave(self, st: ReqState) -> None:
@@ -345,7 +355,7 @@ class Engine:
         With nobody waiting, requests that finish mid-stretch leave without ending it (their
         batch simply shrinks); with requests waiting, the first finish ends it, since the freed
         KV may admit one of them."""
-        run = sorted(self.running, key=lambda s: s.generated - s.req.output_len)  # longest first
+        run = self.running  # longest remaining output first
         remaining = np.array([s.req.output_len - s.generated for s in run])
         through = not (self.waiting or self.swapped or self.chunked)
         k = int(min(remaining[0] if through else remaining[-1], FAST_FORWARD_STEPS))
@@ -353,7 +363,8 @@ class Engine:
             # cost only about as many steps as fit before the next event (+ slack): costing
             # steps an arrival would cut off wastes estimator work
             k = max(1, min(k, int((next_event - now) / self._last_decode_s * 1.25) + 2))
-        active = (remaining[None, :] > np.arange(k)[:, None]).sum(axis=1)  # decoding per step
+        # decoding per step: requests with more than j tokens left (remaining is descending)
+        active = np.searchsorted(-remaining, -np.arange(k), side="left")
         # KV for one more token per decoding request per step; evictable pages count as free
         need = np.cumsum(active)
         k = min(k, int(np.searchsorted(need, self.cache.l1_available(), side="right")))
@@ -387,10 +398,10 @@ class Engine:
             np.minimum(remaining, CLIP_MAX_NEW_TOKENS).sum()
             - np.minimum(remaining - done_steps, CLIP_MAX_NEW_TOKENS).sum()
         )
-        for s, d in zip(run, done_steps.tolist(), strict=True):
+        for s, d, t in zip(run, done_steps.tolist(), ends[done_steps - 1].tolist(), strict=True):
             s.private += d
             s.generated += d
-            s.last_token_s = float(ends[d - 1])
+            s.last_token_s = t
         ctx_prefix = np.concatenate([[0], np.cumsum(ctx)])
         self.steps.add_many(
             ends - dur, dur, "decode", active, active,
@@ -400,10 +411,10 @@ class Engine:
             self.sched.min_new_token_ratio,
             self.new_token_ratio - k * self.sched.new_token_ratio_decay,
         )
-        finished = [s for s in run if s.generated >= s.req.output_len]
-        if finished:
-            gone = set(map(id, finished))
-            self.running = [s for s in self.running if id(s) not in gone]
+        n_done = int(np.count_nonzero(remaining <= k))  # the tail of the sorted batch
+        if n_done:
+            finished = run[len(run) - n_done :]
+            self.running = run[: len(run) - n_done]
             for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
                 self._finish(s, s.last_token_s, still_running=False)
         return float(ends[-1])
@@ -472,7 +483,7 @@ class Engine:
     def _preempt(self, now: float) -> None:
         """Out of KV for the next decode step: retract requests (fewest output tokens, then
         longest input, first — as SGLang's retract_decode) until one step fits."""
-        order = sorted(self.running, key=lambda s: (s.generated, -s.req.input_len))
+        order = sorted(self.running, key=lambda s: (s.generated, -s.req.input_len, s.join_seq))
         while self.running and self.cache.l1_available() < len(self.running):
             victim = order.pop(0)
             self._leave(victim)

@@ -499,12 +499,18 @@ class Estimator:
         whole decode stretch in one call."""
         n = len(context)
         dtype = _host_float()
-        k = 16 if steps <= 16 else max(256, 1 << max(0, steps - 1).bit_length())
+        k = (
+            16
+            if steps <= 16
+            else 64
+            if steps <= 64
+            else max(256, 1 << max(0, steps - 1).bit_length())
+        )
         act = np.zeros(k, dtype)  # rows past the stretch: no request decodes...
         pad = np.ones(k, dtype)  # ...and a one-token dummy keeps them well defined
         act[:steps] = n if active is None else np.asarray(active)[:steps]
         pad[:steps] = np.maximum(padded, act[:steps])
-        width = max(8, 1 << (2 * math.ceil(math.log2(max(int(pad.max()), 1)) / 2)))
+        width = max(8, 1 << math.ceil(math.log2(max(int(pad.max()), 1))))
         ctx = np.zeros(width, dtype)
         ctx[:n] = context
         out = decode_seconds_flat(

@@ -91,6 +91,7 @@ class ReqState:
     preemptions: int = 0
     recomputed: int = 0  # prompt tokens computed again after a preemption
     rejected: str = ""
+    join_seq: int = 0  # when it last joined the running batch (ties in preemption order)
     replica: int = 0  # where the router sent it (the prefill replica, disaggregated)
     decode_replica: int = -1  # disaggregated: where it decoded
     prefill_end_s: float = -1.0  # disaggregated: prompt done, KV transfer starts
