@@ -284,6 +284,7 @@ class KVCache:
         path = list(prefix)
         node = path[-1] if path else self.root
         new_l1_pages = 0
+        fresh = False  # whether the path's last block was just placed in L1
         for k, bid in enumerate(block_ids[len(path) :], start=len(path)):
             block_len = min(bt, input_len - k * bt)
             if block_len <= 0:
@@ -294,13 +295,18 @@ class KVCache:
                 node.children[bid] = child
             elif child.tokens != block_len:
                 break  # a partial block that another prompt extends: not the same KV
-            if not child.tiers[L1]:
+            fresh = not child.tiers[L1]
+            if fresh:
                 child.last_use = now  # before it is queued for eviction with this key
-                self._set_resident(child, L1, now)
+                # only the path's last block can be an L1 leaf (the heap's candidates); the
+                # others are queued when their child leaves L1
+                self._set_resident(child, L1, now, push=False)
                 new_l1_pages += child.pages
             # blocks already in L1 are touched when the request releases its path
             path.append(child)
             node = child
+        if fresh:
+            self._push(node, L1)  # a new leaf (old ones are queued already or at release)
         if self.cfg.write_policy == "write_through":
             for tier in (L2, L3):
                 if self.capacity[tier] > 0:
@@ -459,7 +465,7 @@ class KVCache:
     # --------------------------------------------------------------------------------------
     # residency and eviction
 
-    def _set_resident(self, node: _Node, tier: int, now: float) -> None:
+    def _set_resident(self, node: _Node, tier: int, now: float, push: bool = True) -> None:
         if node.tiers[tier]:
             return
         parent = node.parent
@@ -471,7 +477,8 @@ class KVCache:
         self.used[tier] += node.pages
         self.resident_nodes[tier] += 1
         parent.child_res[tier] += 1
-        self._push(node, tier)
+        if push:
+            self._push(node, tier)
 
     def _touch(self, node: _Node, now: float) -> None:
         node.last_use = now
