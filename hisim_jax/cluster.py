@@ -30,6 +30,8 @@ from hisim_jax.kvcache import CacheStats
 from hisim_jax.router import Router, RouterConfig
 from hisim_jax.scheduler import ReqState
 
+DRAIN_ROUND_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class KVLink:
@@ -181,31 +183,29 @@ class Cluster:
         order = sorted(range(len(states)), key=lambda i: (states[i].req.arrival_s, i))
         arrivals = [states[i] for i in order]
         nxt = 0
-        deliveries: list = []  # heap of (landing s, seq, state): KV on its way to decode
         told = 0
         while True:
-            t_arr = arrivals[nxt].req.arrival_s if nxt < len(arrivals) else math.inf
-            self._advance(self.replicas, t_arr)
-            for landing, st in self._send_kv():
-                self._seq += 1
-                heapq.heappush(deliveries, (landing, self._seq, st))
-            t_del = deliveries[0][0] if deliveries else math.inf
-            if t_del <= t_arr and t_del < math.inf:
-                self._advance(self.decode, t_del)
-                self._tell_router(t_del)
-                while deliveries and deliveries[0][0] <= t_del:
-                    landing, _, st = heapq.heappop(deliveries)
-                    j = self.decode_router.route(st.req, landing)
-                    st.decode_replica = j
-                    self.decode[j].engine.receive(st, landing)
-                continue
-            if t_arr == math.inf:
+            if nxt < len(arrivals):
+                t = arrivals[nxt].req.arrival_s
+            elif self.decode and any(r.engine.busy() for r in self.replicas):
+                # after the last arrival, prefill replicas drain in short rounds so that the
+                # decode side is still chosen on a recent view of its load
+                t = min(r.engine.now for r in self.replicas if r.engine.busy()) + DRAIN_ROUND_S
+            else:
                 break
-            self._advance(self.decode, t_arr)
-            self._tell_router(t_arr)
-            while nxt < len(arrivals) and arrivals[nxt].req.arrival_s <= t_arr:
+            self._advance(self.replicas, t)
+            # KV of prompts done by now goes to a decode replica chosen on the load it had at
+            # the last round (SGLang's PD router also picks it before the transfer); the
+            # decode replica takes it in when it lands, advancing below
+            for landing, st in self._send_kv():
+                j = self.decode_router.route(st.req, st.prefill_end_s)
+                st.decode_replica = j
+                self.decode[j].engine.receive(st, landing)
+            self._advance(self.decode, t)
+            self._tell_router(t)
+            while nxt < len(arrivals) and arrivals[nxt].req.arrival_s <= t:
                 st = arrivals[nxt]
-                st.replica = self.router.route(st.req, t_arr)
+                st.replica = self.router.route(st.req, t)
                 self.replicas[st.replica].engine.submit(st)
                 nxt += 1
             if progress is not None:
@@ -213,6 +213,11 @@ class Cluster:
                 if done != told:
                     progress(done - told)
                     told = done
+        self._advance(self.replicas, math.inf)
+        for landing, st in self._send_kv():  # none are left unless a replica was never busy
+            j = self.decode_router.route(st.req, st.prefill_end_s)
+            st.decode_replica = j
+            self.decode[j].engine.receive(st, landing)
         self._advance(self.decode, math.inf)
         self._tell_router(math.inf)
         if progress is not None:
