@@ -515,7 +515,23 @@ def simulate(
                 f"{s['goodput_req_s']:.2f} ({s['slo_attainment']:.1%})",
             ]
         )
-    _table(f"{s['replica']['model']} on {s['replica']['hardware']}", ["name", "value"], rows)
+    c = s["cluster"]
+    title = f"{s['replica']['model']} on {s['replica']['hardware']}"
+    if c["replicas"] > 1:
+        shape = (
+            f"{c['prefill_replicas']} prefill + {c['decode_replicas']} decode"
+            if c["decode_replicas"]
+            else f"{c['replicas']} replicas, {opts.router}"
+        )
+        title = f"{s['replica']['model']}: {shape}, {c['gpus']} GPUs"
+        rows += [
+            [
+                "hit rate min / max per replica",
+                f"{c['hit_rate_min']:.1%} / {c['hit_rate_max']:.1%}",
+            ],
+            ["busy s max / mean", f"{c['load_imbalance_busy']:.2f}"],
+        ]
+    _table(title, ["name", "value"], rows)
     typer.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
 
 
