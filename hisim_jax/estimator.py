@@ -46,10 +46,10 @@ class Params(eqx.Module):
     gemm_blend: jnp.ndarray = 0.2  # how much of the non-binding roofline side still shows
     attn_flops_eff: jnp.ndarray = 0.5
     attn_bytes_eff: jnp.ndarray = 0.8
-    attn_chain_flops_eff: jnp.ndarray = 0.4  # one CTA alone on an SM, vs the SM's share of peak
-    attn_chain_bytes_eff: jnp.ndarray = 2.0  # a lone SM can pull more than 1/SMs of HBM
+    attn_chain_flops_eff: jnp.ndarray = 0.3  # one CTA alone on an SM, vs the SM's share of peak
+    attn_chain_bytes_eff: jnp.ndarray = 0.75  # one CTA's K/V stream vs the SM's share of HBM
     attn_blend: jnp.ndarray = 0.3  # tail of the block schedule beyond max(work, chain)
-    attn_crowding: jnp.ndarray = 0.2  # lone-block slowdown when every SM is busy
+    attn_crowding: jnp.ndarray = 0.6  # heaviest block's compute slowdown when every SM is busy
     attn_block_s: jnp.ndarray = 1.0e-6  # per thread block: Q load, softmax epilogue, O write
     attn_combine_s: jnp.ndarray = 3.0e-6  # the split-KV combine kernel's fixed cost
     elem_hidden: jnp.ndarray = 40.0  # unfused passes over hidden-width vectors per token-layer
@@ -166,14 +166,16 @@ def _attention_s(
             4.0 * rows * d / (hw.bf16_flops_per_s * p.attn_flops_eff),
             kv_bytes_per_key / heads_per_kv / (hw.hbm_bytes_per_s * p.attn_bytes_eff),
         )
+        # The heaviest block is bound by its own tile math, which slows the busier the GPU is
+        # (a co-resident CTA shares its SM), or by the few K/V tiles one 4-warp CTA keeps in
+        # flight, about its SM's share of HBM whether or not other SMs stream beside it.
+        crowd = xp.minimum(blocks, hw.sm_count) / hw.sm_count
         key_lone_s = xp.maximum(
-            4.0 * rows * d / (sm_flops * p.attn_chain_flops_eff),
+            4.0 * rows * d / (sm_flops * p.attn_chain_flops_eff) * (1.0 + p.attn_crowding * crowd),
             kv_bytes_per_key / (sm_bytes * p.attn_chain_bytes_eff),
         )
         work_s = work * key_gpu_s
-        # the heaviest block streams its K/V slower the more SMs stream beside it
-        crowd = xp.minimum(blocks, hw.sm_count) / hw.sm_count
-        chain_s = chain * key_lone_s * (1.0 + p.attn_crowding * crowd)
+        chain_s = chain * key_lone_s
         # The heaviest block may start late only if some blocks wait for an SM; with every
         # block on an SM of its own the makespan is max(work, chain).
         late = 1.0 - xp.minimum(1.0, hw.sm_count / xp.maximum(blocks, 1.0))

@@ -99,3 +99,26 @@ def test_read_steps_rejects_bad_rows(tmp_path):
     p.write_text('model,batch,step_ms\nno-such-model,"[[0,5]]",1\n')
     with pytest.raises(cal.ProfileError, match=r"line 2: field 'model'"):
         cal.read_steps(p)
+
+
+def test_micro_tables_use_the_fastest_run(tmp_path):
+    g = tmp_path / "gemm.csv"
+    g.write_text(
+        "model,op,dtype,m,k,n,ms,ms_min,ms_max\n"
+        "llama-3.1-8b,qkv,bf16,4096,4096,6144,0.30,0.20,0.90\n"
+        "llama-3.1-8b,qkv,bf16,1,4096,6144,0.09,0.05,0.12\n"  # below the floor once at its fastest
+    )
+    rows = cal.read_gemm(g)
+    assert np.asarray(rows.measured_s) == pytest.approx([0.20e-3])
+    # a table with only the median still reads
+    g.write_text("model,op,dtype,m,k,n,ms\nllama-3.1-8b,qkv,bf16,4096,4096,6144,0.30\n")
+    assert np.asarray(cal.read_gemm(g).measured_s) == pytest.approx([0.30e-3])
+    steps = _synthetic_steps_csv(tmp_path / "s.csv", Params())
+    a = tmp_path / "attention.csv"
+    a.write_text(
+        "nq,nkv,d,batch,ms,ms_min,ms_max\n"
+        '12,2,128,"[[16384,128]]",0.83,0.53,0.99\n'
+        '12,2,128,"[[0,512]]",0.20,0.05,0.30\n'
+    )
+    template = jax.tree.map(lambda x: x[0], steps.dims)
+    assert np.asarray(cal.read_attention(a, template).measured_s) == pytest.approx([0.53e-3])

@@ -176,3 +176,19 @@ def test_pruned_cost_graphs_match_the_full_one():
         one = est.step_latency_s([prompt])  # fast path, standard grid only
         two = est.step_latency_s([prompt, prompt])  # grouped path, full graph
         np.testing.assert_allclose(one, two[:1], rtol=1e-6)
+
+
+def test_busy_gpu_slows_the_heaviest_blocks_math_not_its_kv_stream():
+    # one long prefill chunk (12 blocks on Qwen2.5-1.5B), then with 108 short decode blocks
+    # beside it: still one block per SM, so the heaviest block sets the time in both
+    alone, beside = [(16000, 30)], [(16000, 30)] + [(64, 1)] * 9
+
+    def attention_s(**params):
+        p = est_mod.Params(attn_crowding=5.0, attn_block_s=1e-12, **params)
+        est = Estimator("qwen2.5-1.5b", "h100-sxm", calibration=p)
+        return [est.breakdown_s(b)["attention"] for b in (alone, beside)]
+
+    a, b = attention_s(attn_chain_bytes_eff=0.05)  # its K/V stream binds: no slowdown
+    assert b == pytest.approx(a, rel=0.01)
+    a, b = attention_s(attn_chain_bytes_eff=100.0)  # its tile math binds: slowed by crowding
+    assert b / a == pytest.approx((1 + 5.0 * 120 / 132) / (1 + 5.0 * 12 / 132), rel=0.01)
