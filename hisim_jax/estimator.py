@@ -496,9 +496,9 @@ class Estimator:
         output, longest first), and the batch is padded with one-token dummies to ``padded[j]``
         requests (CUDA-graph replay). ``active`` defaults to all, ``padded`` may be one int.
 
-        Arrays are built directly and padded to a few coarse shapes (steps to 16 or 256,
-        requests to a power of four), so a simulation compiles a handful of shapes and costs a
-        whole decode stretch in one call."""
+        Three small vectors go in and the planes are built inside the jit, padded to a few
+        coarse shapes (steps to 16, 64 or 256, requests to a power of two), so a simulation
+        compiles a handful of shapes and costs a whole decode stretch in one call."""
         n = len(context)
         dtype = _host_float()
         k = (
