@@ -213,11 +213,8 @@ class Cluster:
                 if done != told:
                     progress(done - told)
                     told = done
+        # disaggregated, the loop ran until no prefill replica was busy: no KV is left to send
         self._advance(self.replicas, math.inf)
-        for landing, st in self._send_kv():  # none are left unless a replica was never busy
-            j = self.decode_router.route(st.req, st.prefill_end_s)
-            st.decode_replica = j
-            self.decode[j].engine.receive(st, landing)
         self._advance(self.decode, math.inf)
         self._tell_router(math.inf)
         if progress is not None:

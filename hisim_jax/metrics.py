@@ -84,6 +84,19 @@ def _dist(x) -> dict:
     return {"mean": float(x.mean()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
 
 
+def _cache_summary(stats) -> dict:
+    """Hit rate and tokens per tier, misses and evictions of a cache's counters."""
+    hit = [int(h) for h in stats.hit_tokens]
+    return {
+        "hit_rate": sum(hit) / max(1, sum(hit) + stats.miss_tokens),
+        "l1_hit_tokens": hit[0],
+        "l2_hit_tokens": hit[1],
+        "l3_hit_tokens": hit[2],
+        "miss_tokens": int(stats.miss_tokens),
+        "evicted_tokens": int(sum(stats.evicted_tokens)),
+    }
+
+
 def summary(
     result: EngineResult,
     wall_s: float,
@@ -96,7 +109,6 @@ def summary(
     done = req[req["rejected"] == ""]
     span = float(done["finish_s"].max() - req["arrival_s"].min()) if len(done) else 0.0
     stats = result.cache.stats
-    hit = [int(h) for h in stats.hit_tokens]
     prompt_tokens = int(done["input_len"].sum())
     out = {
         "requests_total": int(len(req)),
@@ -117,12 +129,7 @@ def summary(
         "throughput_input_tok_s": prompt_tokens / span if span > 0 else 0.0,
         "throughput_output_tok_s": float(done["output_len"].sum()) / span if span > 0 else 0.0,
         "cache": {
-            "hit_rate": sum(hit) / max(1, sum(hit) + stats.miss_tokens),
-            "l1_hit_tokens": hit[0],
-            "l2_hit_tokens": hit[1],
-            "l3_hit_tokens": hit[2],
-            "miss_tokens": int(stats.miss_tokens),
-            "evicted_tokens": int(sum(stats.evicted_tokens)),
+            **_cache_summary(stats),
             "evicted_tokens_per_tier": dict(
                 zip(TIER_NAMES, map(int, stats.evicted_tokens), strict=True)
             ),
@@ -204,7 +211,6 @@ def cluster_summary(result) -> dict:
         mine = res.states
         done = [s for s in mine if s.finish_s >= 0 and not s.rejected]
         stats = res.cache.stats
-        hit = [int(h) for h in stats.hit_tokens]
         busy_s = float(np.sum(res.steps.column("duration_s"))) if len(res.steps) else 0.0
         ttft = [s.first_token_s - s.req.arrival_s for s in done]
         tpot = [
@@ -227,14 +233,7 @@ def cluster_summary(result) -> dict:
                 "preemptions": int(res.preemptions),
                 "ttft_s": _dist(ttft),
                 "tpot_s": _dist(tpot),
-                "cache": {
-                    "hit_rate": sum(hit) / max(1, sum(hit) + stats.miss_tokens),
-                    "l1_hit_tokens": hit[0],
-                    "l2_hit_tokens": hit[1],
-                    "l3_hit_tokens": hit[2],
-                    "miss_tokens": int(stats.miss_tokens),
-                    "evicted_tokens": int(sum(stats.evicted_tokens)),
-                },
+                "cache": _cache_summary(stats),
             }
         )
         if i < n_routed:
