@@ -56,6 +56,7 @@ class Params(eqx.Module):
     elem_inter: jnp.ndarray = 5.0  # ... over MLP-width vectors
     elem_qkv: jnp.ndarray = 8.0  # ... over q/k/v-width vectors
     layer_s: jnp.ndarray = 70.0e-6  # fixed cost per layer (small kernels, even in a CUDA graph)
+    gemv_saving_s: jnp.ndarray = 3.0e-6  # per cuBLAS GEMM with one row: a GEMV kernel, no tiles
     step_s: jnp.ndarray = 50.0e-6  # fixed cost per step (embedding, final norm, argmax)
     comm_eff: jnp.ndarray = 0.75  # all-reduce bus efficiency vs the interconnect's peak
     comm_latency_s: jnp.ndarray = 8.0e-6  # per all-reduce
@@ -268,7 +269,13 @@ def costs(
     out["lm_head"] = gemm_s(r, h, dims.vocab) + r * dims.vocab * ab / copy_bw
     out["embedding"] = 2.0 * t * h * ab / copy_bw
     out["communication"] = _communication_s(p, dims, t, r, hw, xp) if needs.comm else 0.0 * t
-    out["fixed"] = dims.layers * p.layer_s + p.step_s
+    # cuBLAS runs a one-row GEMM as a GEMV, which skips the tiled kernel's fixed cost: every
+    # projection of a lone decode, and the LM head of any single-request step.
+    gemms_per_step = 2.0 * dims.layers + 2.0 * dims.dense_layers
+    gemv_s = p.gemv_saving_s * (
+        xp.where(t <= 1.0, gemms_per_step, 0.0) + xp.where(r <= 1.0, 1.0, 0.0)
+    )
+    out["fixed"] = dims.layers * p.layer_s + p.step_s - gemv_s
     return out
 
 

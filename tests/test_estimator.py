@@ -192,3 +192,14 @@ def test_busy_gpu_slows_the_heaviest_blocks_math_not_its_kv_stream():
     assert b == pytest.approx(a, rel=0.01)
     a, b = attention_s(attn_chain_bytes_eff=100.0)  # its tile math binds: slowed by crowding
     assert b / a == pytest.approx((1 + 5.0 * 120 / 132) / (1 + 5.0 * 12 / 132), rel=0.01)
+
+
+def test_one_row_gemms_run_as_gemv_and_skip_their_fixed_cost():
+    p = est_mod.Params(gemv_saving_s=2e-6)
+    est = Estimator("llama-3.1-8b", "h100-sxm", calibration=p)
+    lone = est.breakdown_s([(100, 1)])["fixed"]
+    pair = est.breakdown_s([(100, 1), (100, 1)])["fixed"]
+    prefill = est.breakdown_s([(0, 64)])["fixed"]  # its LM head has one row
+    # 32 layers x (qkv, o, gate_up, down) + the LM head
+    assert pair - lone == pytest.approx(2e-6 * (4 * 32 + 1), rel=1e-4)
+    assert pair - prefill == pytest.approx(2e-6, rel=1e-3)
