@@ -89,18 +89,24 @@ def main(argv=None) -> int:
     api_us = statistics.median(timed(lambda: single.step_latency_s(one), 200)) * 1e6
     one_packed = jax.tree.map(ops._float, pack(one))
     hw1 = single.hws
-    est_mod.step_seconds_grid(single.params, single.dims, one_packed, hw1).block_until_ready()
-    raw_us = (
-        statistics.median(
-            timed(
-                lambda: est_mod.step_seconds_grid(
-                    single.params, single.dims, one_packed, hw1
-                ).block_until_ready(),
-                500,
-            )
-        )
-        * 1e6
+
+    def grid_call():  # every parameter, model and GPU field a separate argument (~40 leaves)
+        est_mod.step_seconds_grid(single.params, single.dims, one_packed, hw1).block_until_ready()
+
+    # what step_latency_s calls for one batch: one flattened parameter vector, one batch array
+    cnm = np.stack([one_packed.cache_len, one_packed.new_len, one_packed.mask]).astype(
+        est_mod._host_float()
     )
+    needs = single._needs["any"]
+
+    def flat_call():
+        est_mod.step_seconds_flat(
+            single._theta, cnm, single._treedef, single._shapes, single.backend, needs
+        ).block_until_ready()
+
+    grid_call(), flat_call()
+    raw_us = statistics.median(timed(grid_call, 500)) * 1e6
+    flat_us = statistics.median(timed(flat_call, 500)) * 1e6
 
     # straightforward Python loop over the same formulas (numpy, eager)
     np_params = jax.tree.map(np.asarray, est.params)
@@ -129,6 +135,7 @@ def main(argv=None) -> int:
         "evals_per_s": round(evals / vec_s),
         "single_call_api_us": round(api_us, 1),
         "single_call_jit_us": round(raw_us, 1),
+        "single_call_flat_jit_us": round(flat_us, 1),
         "python_loop_evals_per_s": round(1.0 / loop_per_eval_s),
         "speedup_vs_python_loop": round(loop_per_eval_s / (vec_s / evals)),
         "loop_vs_vectorized_max_rel_diff": agree,
