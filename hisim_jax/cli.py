@@ -544,7 +544,15 @@ def list_cmd():
     typer.echo("hardware: " + ", ".join(available_hardware()))
 
 
+# serial commands: one core is faster for their many tiny estimator calls (see cores.py)
+ONE_CORE_COMMANDS = frozenset({"simulate"})
+
+
 def main():  # pragma: no cover
+    if len(sys.argv) > 1 and sys.argv[1] in ONE_CORE_COMMANDS:
+        from hisim_jax.cores import pin_to_one_core
+
+        pin_to_one_core()
     app()
 
 

@@ -14,7 +14,6 @@ or the KV cache running out), never one JAX call per step.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import math
@@ -35,8 +34,30 @@ MAX_PREEMPTIONS = 50  # a request retracted more often than this is rejected
 RETRACT_DECODE_STEPS = 20  # SGLang's look-ahead when it re-estimates after a retraction
 
 
-def _left_key(st: ReqState) -> int:
-    return st.generated - st.req.output_len
+class _Columns:
+    """Rows of numbers with one column per element of a list kept beside them: inserts and
+    deletes shift a slice in place (np.insert would allocate a new array each time)."""
+
+    def __init__(self, rows: int, dtype):
+        self._buf = np.zeros((rows, 64), dtype)
+        self.n = 0
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[:, : self.n]
+
+    def insert(self, i: int, values) -> None:
+        n, buf = self.n, self._buf
+        if n == buf.shape[1]:
+            self._buf = buf = np.concatenate([buf, np.zeros_like(buf)], axis=1)
+        buf[:, i + 1 : n + 1] = buf[:, i:n]
+        buf[:, i] = values
+        self.n = n + 1
+
+    def delete(self, i: int) -> None:
+        n, buf = self.n, self._buf
+        buf[:, i : n - 1] = buf[:, i + 1 : n]
+        self.n = n - 1
 
 
 class StepCost(Protocol):
@@ -134,6 +155,15 @@ class Engine:
         self._last_decode_s = 0.0  # duration of the latest decode step
         self._remaining_clipped = 0  # sum over running of min(remaining output, clip)
         self._joins = 0
+        # The running batch's per-request counters live in arrays parallel to ``running``
+        # while it runs, offset by ``_tick`` (decode steps every request that stayed in the
+        # batch has taken): a decode stretch then bumps one integer instead of updating each
+        # request. ``_materialize`` writes them back to the ReqState when it leaves.
+        self._tick = 0
+        # rows: generated - output_len - tick (ascending: the sort key), input_len +
+        # generated - 1 - tick (the context), private - tick
+        self._r_int = _Columns(3, np.int64)
+        self._r_last = _Columns(1, np.float64)  # last_token_s
         self._itl: list[np.ndarray] = []
         self.now = 0.0  # this replica's clock: when its next iteration starts
         self._pending: list = []  # heap of (arrival_s, seq, ReqState) submitted, not yet arrived
@@ -206,11 +236,33 @@ class Engine:
         # decodes one token per step, so joins are the only thing that can break the order
         self._joins += 1
         st.join_seq = self._joins
-        bisect.insort(self.running, st, key=_left_key)
+        tick = self._tick
+        key = st.generated - st.req.output_len - tick
+        i = int(np.searchsorted(self._r_int.view[0], key, side="right"))  # after equal keys
+        self.running.insert(i, st)
+        self._r_int.insert(i, (key, st.req.input_len + st.generated - 1 - tick, st.private - tick))
+        self._r_last.insert(i, st.last_token_s)
         self._remaining_clipped += self._clipped_left(st)
 
+    def _materialize(self, i: int) -> ReqState:
+        """Write the counters of the running request at position ``i`` back to its state."""
+        st = self.running[i]
+        key, _, priv = self._r_int.view[:, i].tolist()
+        st.generated = key + st.req.output_len + self._tick
+        st.private = priv + self._tick
+        st.last_token_s = float(self._r_last.view[0, i])
+        return st
+
+    def _sync_running(self) -> None:
+        for i in range(len(self.running)):
+            self._materialize(i)
+
     def _leave(self, st: ReqState) -> None:
-        self.running.remove(st)
+        i = self.running.index(st)
+        self._materialize(i)
+        del self.running[i]
+        self._r_int.delete(i)
+        self._r_last.delete(i)
         self._remaining_clipped -= self._clipped_left(st)
 
     def _candidates(self, now: float) -> list[ReqState]:
@@ -356,7 +408,10 @@ class Engine:
         batch simply shrinks); with requests waiting, the first finish ends it, since the freed
         KV may admit one of them."""
         run = self.running  # longest remaining output first
-        remaining = np.array([s.req.output_len - s.generated for s in run])
+        tick = self._tick
+        key, ctx0, priv0 = self._r_int.view
+        last = self._r_last.view[0]
+        remaining = -(key + tick)
         through = not (self.waiting or self.swapped or self.chunked)
         k = int(min(remaining[0] if through else remaining[-1], FAST_FORWARD_STEPS))
         if math.isfinite(next_event) and self._last_decode_s > 0:
@@ -374,7 +429,7 @@ class Engine:
         active = active[:k]
         # decode batches replay the smallest captured CUDA graph that fits them
         padded = graph_padded_size(active, self.graph_sizes)
-        ctx = np.array([s.req.input_len + s.generated - 1 for s in run])
+        ctx = ctx0 + tick
         # graph replay computes the padded slots too (as one-token dummies)
         dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
         dur = dur + self.sched.step_overhead_s
@@ -390,7 +445,7 @@ class Engine:
             return now
         self.cache.alloc_private(slots)
         # ITL samples: a request's first gap also spans any prefill steps since its last token
-        self._itl.append(ends[0] - np.array([s.last_token_s for s in run]))
+        self._itl.append(ends[0] - last)
         if k > 1:
             self._itl.append(np.repeat(dur[1:], active[1:]))
         done_steps = np.minimum(remaining, k)
@@ -398,10 +453,20 @@ class Engine:
             np.minimum(remaining, CLIP_MAX_NEW_TOKENS).sum()
             - np.minimum(remaining - done_steps, CLIP_MAX_NEW_TOKENS).sum()
         )
-        for s, d, t in zip(run, done_steps.tolist(), ends[done_steps - 1].tolist(), strict=True):
-            s.private += d
-            s.generated += d
-            s.last_token_s = t
+        # every request that stays decoded all k steps; the finishing tail gets its own counts
+        n_done = int(np.count_nonzero(remaining <= k))  # the tail of the sorted batch
+        keep = len(run) - n_done
+        if n_done:
+            tail = done_steps[keep:]
+            for s, d, t, p in zip(
+                run[keep:], tail.tolist(), ends[tail - 1].tolist(),
+                (priv0[keep:] + tick).tolist(), strict=True,
+            ):  # fmt: skip
+                s.private = p + d
+                s.generated = s.req.output_len
+                s.last_token_s = t
+        self._tick = tick + k
+        last[:keep] = ends[-1]
         ctx_prefix = np.concatenate([[0], np.cumsum(ctx)])
         self.steps.add_many(
             ends - dur, dur, "decode", active, active,
@@ -411,10 +476,10 @@ class Engine:
             self.sched.min_new_token_ratio,
             self.new_token_ratio - k * self.sched.new_token_ratio_decay,
         )
-        n_done = int(np.count_nonzero(remaining <= k))  # the tail of the sorted batch
         if n_done:
-            finished = run[len(run) - n_done :]
-            self.running = run[: len(run) - n_done]
+            finished = run[keep:]
+            self.running = run[:keep]
+            self._r_int.n = self._r_last.n = keep
             for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
                 self._finish(s, s.last_token_s, still_running=False)
         return float(ends[-1])
@@ -483,6 +548,7 @@ class Engine:
     def _preempt(self, now: float) -> None:
         """Out of KV for the next decode step: retract requests (fewest output tokens, then
         longest input, first — as SGLang's retract_decode) until one step fits."""
+        self._sync_running()
         order = sorted(self.running, key=lambda s: (s.generated, -s.req.input_len, s.join_seq))
         while self.running and self.cache.l1_available() < len(self.running):
             victim = order.pop(0)
@@ -612,6 +678,7 @@ class Engine:
         self.now = now
 
     def result(self, states: list) -> EngineResult:
+        self._sync_running()
         itl = np.concatenate(self._itl) if self._itl else np.zeros(0)
         return EngineResult(states, self.steps, itl, self.cache, self.preemptions, self.now)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from hisim_jax import Estimator
 from hisim_jax import workload as wl
+from hisim_jax.cores import pin_to_one_core
 from hisim_jax.engine import Engine, EngineConfig, cache_config, size_replica
 from hisim_jax.scheduler import SchedulerConfig
 
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    core = pin_to_one_core()  # as `hisim simulate` does, before JAX starts
     est = Estimator("llama-3.1-8b", "h100-sxm")
     t0 = time.perf_counter()
     make_engine(est, 64).run(chat(600, 2.0, args.seed + 1).requests)  # compile the shapes
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
         offered = len(work.requests) / max(r.arrival_s for r in work.requests)
         rate *= args.target_load * capacity_rps / offered
     out = {
+        "pinned_core": core,
         "warmup_compile_s": round(warmup_s, 2),
         "saturation_requests_per_s": round(capacity_rps, 2),
         "session_rate_per_s": round(rate, 3),
