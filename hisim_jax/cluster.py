@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hisim_jax.engine import Engine, EngineResult, StepLog
+from hisim_jax.engine import Engine, EngineResult, StepLog, no_cyclic_gc
 from hisim_jax.kvcache import CacheStats
 from hisim_jax.router import Router, RouterConfig
 from hisim_jax.scheduler import ReqState
@@ -179,6 +179,10 @@ class Cluster:
     def run(
         self, requests: Sequence, progress: Callable[[int], None] | None = None
     ) -> ClusterResult:
+        with no_cyclic_gc():
+            return self._run(requests, progress)
+
+    def _run(self, requests: Sequence, progress) -> ClusterResult:
         states = [ReqState(r) for r in requests]
         order = sorted(range(len(states)), key=lambda i: (states[i].req.arrival_s, i))
         arrivals = [states[i] for i in order]

@@ -209,6 +209,8 @@ class KVCache:
         prevent it (what was evicted stays evicted)."""
         if tokens > self.capacity[tier]:
             return False
+        if self.free(tier) >= tokens:
+            return True  # the common case: nothing to evict, nothing to guard
         added = {id(n) for n in protect} - self._guard
         self._guard |= added
         try:
@@ -283,15 +285,16 @@ class KVCache:
         # ``prefix``: the request's matched blocks, still pinned in L1, need no second walk
         path = list(prefix)
         node = path[-1] if path else self.root
-        new_l1_pages = 0
+        new_l1_pages = new_nodes = 0
         fresh = False  # whether the path's last block was just placed in L1
+        page = self.cfg.page_size
         for k, bid in enumerate(block_ids[len(path) :], start=len(path)):
             block_len = min(bt, input_len - k * bt)
             if block_len <= 0:
                 break
             child = node.children.get(bid)
             if child is None:
-                child = _Node(bid, node, block_len, self.pages(block_len))
+                child = _Node(bid, node, block_len, -(-block_len // page) * page)
                 node.children[bid] = child
             elif child.tokens != block_len:
                 break  # a partial block that another prompt extends: not the same KV
@@ -299,12 +302,19 @@ class KVCache:
             if fresh:
                 child.last_use = now  # before it is queued for eviction with this key
                 # only the path's last block can be an L1 leaf (the heap's candidates); the
-                # others are queued when their child leaves L1
-                self._set_resident(child, L1, now, push=False)
+                # others are queued when their child leaves L1 (_set_resident, inlined: the
+                # parent is the previous block of the path, resident in L1)
+                if not node.tiers[L1]:
+                    raise AssertionError(f"prefix broken: parent of block {bid} not in l1")
+                child.tiers[L1] = True
+                node.child_res[L1] += 1
                 new_l1_pages += child.pages
+                new_nodes += 1
             # blocks already in L1 are touched when the request releases its path
             path.append(child)
             node = child
+        self.used[L1] += new_l1_pages
+        self.resident_nodes[L1] += new_nodes
         if fresh:
             self._push(node, L1)  # a new leaf (old ones are queued already or at release)
         if self.cfg.write_policy == "write_through":
@@ -327,29 +337,41 @@ class KVCache:
         """A request is done with these nodes: unpin them (they stay cached) and count the use,
         unless ``touch`` is False (the same request still holds them through another pin)."""
         push = self._push
+        if not touch:
+            for n in nodes:
+                n.pins -= 1
+                if n.pins <= 0:
+                    if n.pins < 0:
+                        raise AssertionError("KV node unpinned more often than pinned")
+                    self.pinned_pages -= n.pages
+                    if n.tiers[0] and not n.child_res[0]:
+                        push(n, 0)  # evictable again: L1's heap drops pinned entries
+            return
+        unpinned = 0
         for n in nodes:  # hot path: the touch is inlined
             n.pins -= 1
             if n.pins <= 0:
                 if n.pins < 0:
                     raise AssertionError("KV node unpinned more often than pinned")
-                self.pinned_pages -= n.pages
-                if not touch and n.tiers[0] and not n.child_res[0]:
-                    push(n, 0)  # evictable again: L1's heap drops pinned entries
-            if touch:
-                n.last_use = now
-                n.uses += 1
-                tiers, below = n.tiers, n.child_res
-                if tiers[0] and not below[0]:
-                    push(n, 0)
-                if tiers[1] and not below[1]:
-                    push(n, 1)
-                if tiers[2] and not below[2]:
-                    push(n, 2)
+                unpinned += n.pages
+            n.last_use = now
+            n.uses += 1
+            tiers, below = n.tiers, n.child_res
+            if tiers[0] and not below[0]:
+                push(n, 0)
+            if tiers[1] and not below[1]:
+                push(n, 1)
+            if tiers[2] and not below[2]:
+                push(n, 2)
+        self.pinned_pages -= unpinned
 
     def acquire(self, hit: PrefixHit, now: float) -> float | None:
         """Pin a hit's nodes in L1 for a request, loading its L2/L3 part into L1 first.
         Returns when the loaded bytes have landed (``now`` if all were in L1), or None, with
         nothing pinned, if L1 cannot make room."""
+        if not hit.lower_pages:  # all in L1 (the common case): nothing to load
+            self.pin(hit.nodes)
+            return now
         l1_nodes = [n for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t == L1]
         self.pin(l1_nodes)
         done = self._load_to_l1(hit, now)
@@ -499,7 +521,8 @@ class KVCache:
     def _push(self, node: _Node, tier: int) -> None:
         self._seq += 1
         heap = self._heaps[tier]
-        heapq.heappush(heap, (self._key(node), self._seq, node))
+        key = node.last_use if self._lru else self._eviction_key(node)
+        heapq.heappush(heap, (key, self._seq, node))
         if len(heap) > 64 + 4 * self.resident_nodes[tier]:
             self._compact(tier)
 
@@ -525,15 +548,19 @@ class KVCache:
         guard = self._guard
         skipped = []
         victim = None
-        while heap:
-            key, seq, node = heapq.heappop(heap)
-            if tier == L1 and node.pins:
+        lru, key_of, root, l1 = self._lru, self._eviction_key, self.root, tier == L1
+        pop = heapq.heappop
+        while heap:  # hot path: _evictable and _key inlined
+            key, seq, node = pop(heap)
+            if l1 and node.pins:
                 continue  # pinned: dropped here, pushed again when its last pin is released
-            if not self._evictable(node, tier) or id(node) in guard:
-                if node.tiers[tier] and node.child_res[tier] == 0 and key == self._key(node):
+            leaf = node.tiers[tier] and not node.child_res[tier]
+            current = node.last_use if lru else key_of(node)
+            if not leaf or node is root or (guard and id(node) in guard):
+                if leaf and key == current:
                     skipped.append((key, seq, node))  # pinned or protected now, evictable later
                 continue
-            if key != self._key(node):
+            if key != current:
                 continue  # stale entry; a fresher one is in the heap
             victim = node
             break
