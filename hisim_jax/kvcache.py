@@ -140,6 +140,8 @@ class KVCache:
         if shared is not None and cfg.l3_tokens:
             raise ValueError("a replica has either a local L3 tier or the shared store, not both")
         self.capacity = [cfg.l1_tokens, cfg.l2_tokens, cfg.l3_tokens]
+        # whether blocks can live below L1 at all (else release skips the L2/L3 checks)
+        self._lower_tiers = bool(cfg.l2_tokens or cfg.l3_tokens or shared is not None)
         self.used = [0, 0, 0]  # tree pages resident per tier
         self.resident_nodes = [0, 0, 0]
         self.private = 0  # L1 tokens of running requests outside the tree
@@ -218,10 +220,26 @@ class KVCache:
                 node = self._pop_victim(tier)
                 if node is None:
                     return False
-                self._evict(node, tier, now)
+                while node is not None:
+                    parent = self._evict(node, tier, now)  # a new leaf of this tier, or None
+                    node = None
+                    if parent is None:
+                        pass
+                    elif self.free(tier) < tokens and self._next_victim(parent, tier):
+                        node = parent  # a prefix chain leaves leaf by leaf without the heap
+                    else:
+                        self._push(parent, tier)
             return True
         finally:
             self._guard -= added
+
+    def _next_victim(self, leaf: _Node, tier: int) -> bool:
+        """Whether a leaf just made by an eviction would be the heap's next victim: evictable
+        and older (strictly: ties go to entries already queued) than anything queued."""
+        if (tier == L1 and leaf.pins) or id(leaf) in self._guard:
+            return False
+        heap = self._heaps[tier]
+        return not heap or self._key(leaf) < heap[0][0]
 
     # --------------------------------------------------------------------------------------
     # lookup and insertion
@@ -348,6 +366,7 @@ class KVCache:
                         push(n, 0)  # evictable again: L1's heap drops pinned entries
             return
         unpinned = 0
+        lower = self._lower_tiers
         for n in nodes:  # hot path: the touch is inlined
             n.pins -= 1
             if n.pins <= 0:
@@ -356,13 +375,15 @@ class KVCache:
                 unpinned += n.pages
             n.last_use = now
             n.uses += 1
-            tiers, below = n.tiers, n.child_res
-            if tiers[0] and not below[0]:
+            below = n.child_res
+            if not below[0]:  # a pinned node is in L1: pins keep it from eviction
                 push(n, 0)
-            if tiers[1] and not below[1]:
-                push(n, 1)
-            if tiers[2] and not below[2]:
-                push(n, 2)
+            if lower:
+                tiers = n.tiers
+                if tiers[1] and not below[1]:
+                    push(n, 1)
+                if tiers[2] and not below[2]:
+                    push(n, 2)
         self.pinned_pages -= unpinned
 
     def acquire(self, hit: PrefixHit, now: float) -> float | None:
@@ -568,7 +589,7 @@ class KVCache:
             heapq.heappush(heap, item)
         return victim
 
-    def _evict(self, node: _Node, tier: int, now: float) -> None:
+    def _evict(self, node: _Node, tier: int, now: float) -> _Node | None:
         # write back on evict: a block leaving L1 (L2) goes down to L2 (L3) unless already
         # there (always, under write-through, when it fitted at insert time)
         # (with the ancestors it lacks there, which stay where they are too: the lower tier
@@ -598,10 +619,11 @@ class KVCache:
         node.parent.child_res[tier] -= 1
         self.stats.evicted_tokens[tier] += node.tokens
         parent = node.parent
-        if parent is not self.root and parent.child_res[tier] == 0 and parent.tiers[tier]:
-            self._push(parent, tier)
         if not any(node.tiers) and not node.children:
             del parent.children[node.id]  # forget blocks held nowhere
+        if parent is not self.root and parent.child_res[tier] == 0 and parent.tiers[tier]:
+            return parent  # a new leaf: the caller queues it or evicts it next
+        return None
 
     # --------------------------------------------------------------------------------------
     # checks
