@@ -160,6 +160,8 @@ class Engine:
         self.step_cost = step_cost
         self.cache = KVCache(cfg.cache, shared_l3)
         self.graph_sizes = np.array(cuda_graph_sizes(self.sched.cuda_graph_max_bs))
+        # the padded size of every batch size up to the largest captured graph: one lookup
+        self._graph_pad = graph_padded_size(np.arange(self.graph_sizes[-1] + 1), self.graph_sizes)
         self.waiting: deque[ReqState] = deque()
         self.prefetching: list[ReqState] = []  # waiting on an L3 prefetch (policy permitting)
         self.running: list[ReqState] = []  # decoding
@@ -445,15 +447,20 @@ class Engine:
             return now
         active = active[:k]
         # decode batches replay the smallest captured CUDA graph that fits them
-        padded = graph_padded_size(active, self.graph_sizes)
+        pad_of = self._graph_pad
+        padded = (
+            pad_of[active]
+            if active[0] < len(pad_of)
+            else graph_padded_size(active, self.graph_sizes)
+        )
         ctx = ctx0 + tick
         # graph replay computes the padded slots too (as one-token dummies)
         dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
         dur = dur + self.sched.step_overhead_s
         ends = now + np.cumsum(dur)
         # stop at the first step that ends after the next event (the scheduler looks then)
-        over = np.flatnonzero(ends >= next_event)
-        k = int(over[0]) + 1 if len(over) else k
+        over = int(np.searchsorted(ends, next_event))  # ends ascend
+        k = over + 1 if over < k else k
         dur, ends, active = dur[:k], ends[:k], active[:k]
         self._last_decode_s = float(dur[-1])
         slots = int(active.sum())
@@ -484,10 +491,10 @@ class Engine:
                 s.last_token_s = t
         self._tick = tick + k
         last[:keep] = ends[-1]
-        ctx_prefix = np.concatenate([[0], np.cumsum(ctx)])
+        # KV read at step j: the first active[j] contexts (>= 1 of them), each j tokens longer
+        kv = np.cumsum(ctx)[active - 1] + active * np.arange(k)
         self.steps.add_many(
-            ends - dur, dur, "decode", active, active,
-            ctx_prefix[active] + active * np.arange(k), len(self.waiting), active,
+            ends - dur, dur, "decode", active, active, kv, len(self.waiting), active
         )  # fmt: skip
         self.new_token_ratio = max(
             self.sched.min_new_token_ratio,

@@ -547,10 +547,10 @@ class Estimator:
             else max(256, 1 << max(0, steps - 1).bit_length())
         )
         act = np.zeros(k, dtype)  # rows past the stretch: no request decodes...
-        pad = np.ones(k, dtype)  # ...and a one-token dummy keeps them well defined
+        pad = np.full(k, 1.0, dtype)  # ...and a one-token dummy keeps them well defined
         act[:steps] = n if active is None else np.asarray(active)[:steps]
         pad[:steps] = np.maximum(padded, act[:steps])
-        width = max(8, 1 << math.ceil(math.log2(max(int(pad.max()), 1))))
+        width = max(8, 1 << (max(int(pad.max()), 1) - 1).bit_length())
         ctx = np.zeros(width, dtype)
         ctx[:n] = context
         out = self._baked("decode", self._decode_attention)(ctx, act, pad)
