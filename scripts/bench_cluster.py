@@ -4,7 +4,7 @@ L3 store), reporting prompt-token hit rate, TTFT/TPOT p50/p99, load imbalance an
 
 Wall time is ``hisim_jax.simulation.run`` (reading the trace, building the cluster, simulating,
 computing the metrics; not writing the CSVs), after an untimed warm-up run that compiles the
-estimator's shapes (reported apart).
+estimator's shapes (reported apart). Like ``hisim simulate``, it runs on one core (cores.py).
 
     python scripts/bench_cluster.py [--replicas 8 16] [--policies ...] [--extras] [--json out.json]
 """
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from hisim_jax.cores import pin_to_one_core
 from hisim_jax.router import POLICIES
 from hisim_jax.simulation import SimulationOptions, run
 
@@ -61,10 +62,11 @@ def main(argv=None) -> int:
     if not args.trace.is_file():
         print(f"{args.trace}: no such trace", file=sys.stderr)
         return 2
+    core = pin_to_one_core()  # as `hisim simulate` does, before JAX starts
     base = SimulationOptions(trace=str(args.trace), trace_format="mooncake")
     t0 = time.perf_counter()
     run(SimulationOptions(trace=str(args.trace), limit=300, replicas=2))  # compile the shapes
-    out = {"warmup_compile_s": round(time.perf_counter() - t0, 2), "runs": []}
+    out = {"pinned_core": core, "warmup_compile_s": round(time.perf_counter() - t0, 2), "runs": []}
     configs = [{"replicas": n, "router": p} for n in args.replicas for p in args.policies]
     if args.extras:
         n = max(args.replicas)
