@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     def grid_call():  # every parameter, model and GPU field a separate argument (~40 leaves)
         est_mod.step_seconds_grid(single.params, single.dims, one_packed, hw1).block_until_ready()
 
-    # what step_latency_s calls for one batch: one flattened parameter vector, one batch array
+    # one flattened parameter vector, one batch array (what step_latency_s called until the
+    # parameters were baked in as constants)
     cnm = np.stack([one_packed.cache_len, one_packed.new_len, one_packed.mask]).astype(
         est_mod._host_float()
     )
@@ -104,9 +105,16 @@ def main(argv=None) -> int:
             single._theta, cnm, single._treedef, single._shapes, single.backend, needs
         ).block_until_ready()
 
-    grid_call(), flat_call()
+    # what step_latency_s calls now: the same with parameters, model and GPU baked in
+    baked = single._baked("flat", "any")
+
+    def baked_call():
+        baked(cnm).block_until_ready()
+
+    grid_call(), flat_call(), baked_call()
     raw_us = statistics.median(timed(grid_call, 500)) * 1e6
     flat_us = statistics.median(timed(flat_call, 500)) * 1e6
+    baked_us = statistics.median(timed(baked_call, 500)) * 1e6
 
     # straightforward Python loop over the same formulas (numpy, eager)
     np_params = jax.tree.map(np.asarray, est.params)
@@ -136,6 +144,7 @@ def main(argv=None) -> int:
         "single_call_api_us": round(api_us, 1),
         "single_call_jit_us": round(raw_us, 1),
         "single_call_flat_jit_us": round(flat_us, 1),
+        "single_call_baked_jit_us": round(baked_us, 1),
         "python_loop_evals_per_s": round(1.0 / loop_per_eval_s),
         "speedup_vs_python_loop": round(loop_per_eval_s / (vec_s / evals)),
         "loop_vs_vectorized_max_rel_diff": agree,
