@@ -166,6 +166,7 @@ class Engine:
         self.prefetching: list[ReqState] = []  # waiting on an L3 prefetch (policy permitting)
         self.running: list[ReqState] = []  # decoding
         self.swapped: deque[ReqState] = deque()
+        self.swapping_in: list[ReqState] = []  # KV on its way back to L1, then they decode
         self.chunked: ReqState | None = None  # a prompt being prefilled chunk by chunk
         self.new_token_ratio = self.sched.new_token_ratio
         self.preemptions = 0
@@ -304,7 +305,7 @@ class Engine:
         r = st.req
         # after a recompute preemption the tokens generated so far are prefilled again
         prompt = r.input_len + (st.generated if st.preemptions else 0)
-        hit = self.cache.lookup(r.block_ids, r.input_len)
+        hit = self.cache.lookup(r.block_ids, r.input_len, now)
         new = prompt - hit.total_tokens
         chunk = min(new, self.sched.chunked_prefill_size, chunk_budget)
         need = self.cache.pages(chunk)
@@ -322,7 +323,10 @@ class Engine:
         # allocated now, not when the step runs: the next admission's make_room must see it
         self.cache.alloc_private(need)
         st.private += need
-        self.cache.record_lookup(hit, r.input_len)
+        if st.counted:  # re-admitted after a recompute: count its last admission only
+            self.cache.record_lookup(st.hit_tokens, r.input_len, sign=-1)
+        self.cache.record_lookup(hit.tokens, r.input_len)
+        st.counted = True
         st.hit_nodes = hit.nodes
         st.hit_tokens = list(hit.tokens)  # of the prefill that counts (the last, if preempted)
         st.target = prompt
@@ -571,7 +575,10 @@ class Engine:
 
     def _preempt(self, now: float) -> None:
         """Out of KV for the next decode step: retract requests (fewest output tokens, then
-        longest input, first — as SGLang's retract_decode) until one step fits."""
+        longest input, first — as SGLang's retract_decode) until one step fits. With
+        ``preemption="swap"`` a victim's private KV (what is not in the prefix cache) is
+        copied to L2 and its prompt blocks are unpinned (they stay cached); otherwise, or if L2
+        cannot take it, it is recomputed from its prompt later."""
         self._sync_running()
         order = sorted(self.running, key=lambda s: (s.generated, -s.req.input_len, s.join_seq))
         while self.running and self.cache.l1_available() < len(self.running):
@@ -579,22 +586,22 @@ class Engine:
             self._leave(victim)
             self.preemptions += 1
             victim.preemptions += 1
-            swapped = None
-            if self.sched.preemption == "swap":
-                swapped = self.cache.swap_out(victim.private, now)
-            self.cache.release(victim.path, now)
-            victim.path = []
-            if swapped is not None:
-                victim.ready_s = swapped
-                self.swapped.append(victim)
-                continue
-            self.cache.free_private(victim.private)
-            victim.private = 0
-            victim.computed = 0
             if victim.preemptions > MAX_PREEMPTIONS:  # guarantees the run ends
+                self._drop_kv(victim, now)
                 reason = f"preempted {victim.preemptions} times: KV cache too small"
                 self._give_up(victim, reason, now)
                 continue
+            swapped = None
+            if self.sched.preemption == "swap":
+                swapped = self.cache.swap_out(victim.private, now)
+            if swapped is not None:
+                victim.swapped_blocks = len(victim.path)
+                self.cache.release(victim.path, now)
+                victim.path = []
+                victim.ready_s = swapped
+                self.swapped.append(victim)
+                continue
+            self._drop_kv(victim, now)
             self.waiting.appendleft(victim)
         # admit more conservatively from now on, as SGLang does after a retraction
         if self.running:
@@ -606,18 +613,59 @@ class Engine:
         else:
             self.new_token_ratio = 1.0
 
+    def _drop_kv(self, st: ReqState, now: float) -> None:
+        """A preempted request keeps no KV of its own: its prompt is prefilled again (the
+        prefix cache may still hold some of it) and its output tokens with it."""
+        self.cache.release(st.path, now)
+        st.path = []
+        self.cache.free_private(st.private)
+        st.private = 0
+        st.computed = 0
+
     def _swap_in(self, now: float) -> None:
+        """Bring swapped requests back in order while their KV fits: pin their prompt blocks
+        again (loading any that were evicted to L2/L3) and copy their private KV back from L2.
+        They decode again once all of it has landed. A request whose prompt blocks left every
+        tier meanwhile is recomputed instead."""
+        cache = self.cache
         while self.swapped:
             st = self.swapped[0]
-            tokens = st.req.input_len + st.generated
-            if self.cache.l1_available() - self._reserved_decode() < tokens:
+            n = st.swapped_blocks
+            hit = cache.lookup(st.req.block_ids[:n], st.req.input_len, now)
+            if len(hit.nodes) < n:
+                self.swapped.popleft()
+                cache.drop_swapped(st.private)
+                st.private = 0
+                st.computed = 0
+                self.waiting.appendleft(st)
+                continue
+            need = hit.lower_pages + hit.unpinned_l1_pages + st.private
+            if cache.l1_available() - self._reserved_decode() < need:
                 return
-            done = self.cache.swap_in(st.private, max(now, st.ready_s))
+            prompt_done = cache.acquire(hit, now)
+            if prompt_done is None:
+                return
+            done = cache.swap_in(st.private, max(now, st.ready_s))
             if done is None:
+                cache.release(hit.nodes, now, touch=False)
                 return
             self.swapped.popleft()
-            st.ready_s = done
-            self._join(st)
+            st.path = hit.nodes
+            st.ready_s = max(prompt_done, done)
+            if st.ready_s <= now:
+                self._join(st)
+            else:
+                self.swapping_in.append(st)
+
+    def _land_swapped(self, now: float) -> None:
+        """Swapped-in requests whose KV has landed rejoin the running batch."""
+        still = []
+        for st in self.swapping_in:
+            if st.ready_s <= now:
+                self._join(st)
+            else:
+                still.append(st)
+        self.swapping_in = still
 
     # ------------------------------------------------------------------------------------
     # the loop
@@ -656,7 +704,7 @@ class Engine:
     def busy(self) -> bool:
         return bool(
             self.waiting or self.running or self.chunked or self.swapped or self.received
-            or self.prefetching or self._pending
+            or self.prefetching or self.swapping_in or self._pending
         )  # fmt: skip
 
     def advance(self, until: float = math.inf, progress: Callable[[int], None] | None = None):
@@ -668,21 +716,21 @@ class Engine:
         while True:
             # prefetched requests became ready before anything arriving now was submitted
             self._release_prefetched(now)
+            if self.swapping_in:
+                self._land_swapped(now)
             self._take_arrivals(now)
             if self.received:
                 self._admit_received(now)
             if now >= until:
                 break
-            next_arrival = self._pending[0][0] if self._pending else math.inf
-            next_prefetch = min((s.ready_s for s in self.prefetching), default=math.inf)
-            # the next event this replica knows of (a cluster may yet send more by ``until``)
-            upcoming = min(next_arrival, next_prefetch, until)
             if not (self.waiting or self.running or self.chunked or self.swapped):
+                upcoming = self._next_event(until)
                 if upcoming == math.inf:
                     break
                 now = max(now, upcoming)
                 continue
             batch = self._form_prefill(now)
+            upcoming = self._next_event(until)  # after it: a swap-in it started is an event
             if batch:
                 now = self._run_prefill(batch, now)
             elif self.running:
@@ -694,6 +742,12 @@ class Engine:
                     self.waiting.popleft()
                     self._give_up(blocked, "does not fit in the KV cache beside cached data", now)
                     continue
+                if self.swapped and upcoming == math.inf:
+                    st = self.swapped.popleft()  # nothing will free the memory it needs
+                    self.cache.drop_swapped(st.private)
+                    st.private = 0
+                    self._give_up(st, "swapped out and does not fit back beside cached data", now)
+                    continue
                 if upcoming == math.inf:
                     break
                 now = max(now, upcoming)
@@ -701,6 +755,16 @@ class Engine:
                 progress(self.finished - done_count)
                 done_count = self.finished
         self.now = now
+
+    def _next_event(self, until: float) -> float:
+        """The next event this replica knows of: an arrival, a prefetch or swap-in landing,
+        or ``until`` (a cluster may yet send more by then)."""
+        t = self._pending[0][0] if self._pending else until
+        if self.prefetching:
+            t = min(t, min(s.ready_s for s in self.prefetching))
+        if self.swapping_in:
+            t = min(t, min(s.ready_s for s in self.swapping_in))
+        return min(t, until)
 
     def result(self, states: list) -> EngineResult:
         self._sync_running()

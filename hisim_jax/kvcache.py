@@ -22,6 +22,7 @@ event, never per decode step.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 from hisim_jax.kvstore import KVStore
@@ -88,6 +89,8 @@ class _Node:
         "last_use",
         "uses",
         "key",
+        "l2_ready_s",
+        "via_l3",
     )
 
     def __init__(self, node_id: int, parent: _Node | None, tokens: int, pages: int):
@@ -103,6 +106,8 @@ class _Node:
         self.pins = 0
         self.last_use = 0.0
         self.uses = 0
+        self.l2_ready_s = 0.0  # when its L2 copy has landed (reads before then wait or miss)
+        self.via_l3 = False  # in L2 because it was prefetched from L3: its hits count as L3
 
 
 @dataclass(slots=True)
@@ -196,6 +201,12 @@ class KVCache:
             "l1_to_l2", tokens * self.cfg.bytes_per_token, self.cfg.l2_write_bytes_per_s, now
         )
 
+    def drop_swapped(self, tokens: int) -> None:
+        """Forget a swapped-out request's KV in L2 (it will be recomputed instead)."""
+        self.l2_private -= tokens
+        if self.l2_private < 0:
+            raise AssertionError("swapped KV tokens went negative")
+
     def swap_in(self, tokens: int, now: float) -> float | None:
         """Bring a swapped request's KV back to L1; returns when it has landed."""
         if not self.make_room(L1, tokens, now):
@@ -244,14 +255,20 @@ class KVCache:
     # --------------------------------------------------------------------------------------
     # lookup and insertion
 
-    def lookup(self, block_ids, input_len: int) -> PrefixHit:
+    def lookup(self, block_ids, input_len: int, now: float = math.inf) -> PrefixHit:
         """Longest prefix of the prompt resident in any tier. A fully cached prompt still
-        computes its last token (the step must produce logits), as SGLang's radix cache does."""
+        computes its last token (the step must produce logits), as SGLang's radix cache does.
+
+        At time ``now`` a block whose L2 copy is still in flight (an L3 prefetch, a write-back)
+        ends the prefix: a request scheduled before its prefetch completes recomputes the rest,
+        as SGLang's ``best_effort`` and ``timeout`` prefetch policies do. Blocks in L2 because
+        they were prefetched from L3 count as L3 hits: that is where they were served from."""
         hit = PrefixHit()
         nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
         node = self.root
         bt = self.cfg.block_tokens
         covered = lower = unpinned = 0
+        src = L1
         shared = self.shared
         for bid in block_ids:  # hot path: kept flat
             child = node.children.get(bid)
@@ -274,9 +291,12 @@ class KVCache:
                     tier = L3
                 if tier < 0 or block_len <= 0 or child.tokens != block_len:
                     break
+                if tier == 1 and child.l2_ready_s > now:
+                    break  # still landing in L2
             nodes.append(child)
             tier_of.append(tier)
-            tokens[tier] += block_len
+            src = L3 if tier == 1 and child.via_l3 else tier
+            tokens[src] += block_len
             if tier:
                 lower += child.pages
             elif not child.pins:
@@ -285,13 +305,15 @@ class KVCache:
             node = child
         hit.lower_pages, hit.unpinned_l1_pages = lower, unpinned
         if covered >= input_len and hit.nodes:
-            hit.tokens[hit.tier_of[-1]] -= covered - input_len + 1
+            hit.tokens[src] -= covered - input_len + 1
         return hit
 
-    def record_lookup(self, hit: PrefixHit, input_len: int) -> None:
+    def record_lookup(self, hit_tokens, input_len: int, sign: int = 1) -> None:
+        """Count a prompt's hit tokens per tier and its misses (``sign`` -1 takes back a count:
+        a request preempted by recompute is counted at its last admission only)."""
         for t in range(3):
-            self.stats.hit_tokens[t] += hit.tokens[t]
-        self.stats.miss_tokens += input_len - hit.total_tokens
+            self.stats.hit_tokens[t] += sign * hit_tokens[t]
+        self.stats.miss_tokens += sign * (input_len - sum(hit_tokens))
 
     def insert(self, block_ids, input_len: int, now: float, prefix=()) -> tuple[list, int]:
         """Put a computed prompt's blocks into L1: the request's private tokens become tree
@@ -325,6 +347,7 @@ class KVCache:
                 if not node.tiers[L1]:
                     raise AssertionError(f"prefix broken: parent of block {bid} not in l1")
                 child.tiers[L1] = True
+                child.via_l3 = False
                 node.child_res[L1] += 1
                 new_l1_pages += child.pages
                 new_nodes += 1
@@ -422,15 +445,20 @@ class KVCache:
         self.stats.bytes_moved["l2_to_l3"] += fresh * self.cfg.bytes_per_token
 
     def _book(self, link: str, nbytes: float, bandwidth: float, now: float) -> float:
+        return self._book_span(link, nbytes, bandwidth, now)[1]
+
+    def _book_span(self, link: str, nbytes: float, bandwidth: float, now: float):
+        """Book a transfer on a FIFO link: (start, end) seconds."""
+        self.stats.bytes_moved[link] += nbytes
         if link == "l3_to_l2" and self.shared is not None:
             # every TP rank reads its share from the store, over the store's shared link
-            self.stats.bytes_moved[link] += nbytes
-            return self.shared.read(nbytes * self.cfg.ranks, now)
+            nbytes *= self.cfg.ranks
+            end = self.shared.read(nbytes, now)
+            return end - nbytes / self.shared.cfg.read_bytes_per_s, end
         start = max(now, self.link_busy_until[link])
         end = start + nbytes / bandwidth
         self.link_busy_until[link] = end
-        self.stats.bytes_moved[link] += nbytes
-        return end
+        return start, end
 
     def _load_to_l1(self, hit: PrefixHit, now: float) -> float | None:
         """Copy the hit's L2 (and, through L2, L3) nodes into L1; returns when the last byte
@@ -441,9 +469,10 @@ class KVCache:
         need = sum(n.pages for n in lower)
         if not self.make_room(L1, need, now, protect=hit.nodes):
             return None
-        ready = now
+        # L2 copies still in flight (callers that looked up at ``now`` see none) are waited for
+        ready = max([now] + [n.l2_ready_s for n in lower if n.tiers[L2]])
         if any(not n.tiers[L2] for n in lower):
-            ready = self.prefetch_to_l2(hit.nodes, now, protect=hit.nodes)
+            ready = self.prefetch_to_l2(hit.nodes, ready, protect=hit.nodes)
             if ready is None:  # L2 cannot take them: read L3 straight into L1, as slowly
                 if self.shared is not None:
                     self.shared.touch([n.key for n in lower if not n.tiers[L2]])
@@ -453,16 +482,18 @@ class KVCache:
         done = self._book("l2_to_l1", nbytes, self.cfg.l2_read_bytes_per_s, ready)
         for n in lower:
             self._set_resident(n, L1, now)
+            n.via_l3 = False  # served; from now on a hit on it is an L1 (or L2) hit
             self._touch(n, now)
         return done
 
     def prefetch_to_l2(self, path, now: float, protect=()) -> float | None:
         """Bring a prefix path into L2 ahead of scheduling: blocks only in L3 are read from it,
-        blocks only in L1 are copied down (so L2 holds the whole prefix). Returns when the L3
-        reads complete, or None if L2 cannot make room."""
+        blocks only in L1 are copied down (so L2 holds the whole prefix). Returns when the
+        path's L2 copies have all landed (including reads other requests started), or None if
+        L2 cannot make room."""
         todo = [n for n in path if not n.tiers[L2]]
         if not todo:
-            return now
+            return max([now] + [n.l2_ready_s for n in path if not n.tiers[L1]])
         keep = list(protect) + list(path)
         if not self.make_room(L2, sum(n.pages for n in todo), now, protect=keep):
             return None
@@ -473,16 +504,28 @@ class KVCache:
         for n in todo:  # path order: parents first
             self._set_resident(n, L2, now)
         if from_l1:
-            self._book(
+            end = self._book(
                 "l1_to_l2",
                 sum(n.tokens for n in from_l1) * self.cfg.bytes_per_token,
                 self.cfg.l2_write_bytes_per_s,
                 now,
             )
+            for n in from_l1:
+                n.l2_ready_s = end
+        landed = max([now] + [n.l2_ready_s for n in path if not n.tiers[L1]])
         if not from_l3:
-            return now
-        nbytes = sum(n.tokens for n in from_l3) * self.cfg.bytes_per_token
-        return self._book("l3_to_l2", nbytes, self.cfg.l3_read_bytes_per_s, now)
+            return landed
+        # the read streams the blocks in path order: each lands when its bytes are through
+        total = sum(n.tokens for n in from_l3)
+        start, end = self._book_span(
+            "l3_to_l2", total * self.cfg.bytes_per_token, self.cfg.l3_read_bytes_per_s, now
+        )
+        done = 0
+        for n in from_l3:
+            done += n.tokens
+            n.l2_ready_s = start + (end - start) * done / total
+            n.via_l3 = True
+        return max(landed, end)
 
     def _copy_down(self, nodes, tier: int, now: float, protect=()) -> None:
         """Write nodes that are not yet in ``tier`` (L2 or L3), evicting there as needed; stops
@@ -503,7 +546,10 @@ class KVCache:
                 if tier == L2
                 else ("l2_to_l3", self.cfg.l3_write_bytes_per_s)
             )
-            self._book(link, sum(n.tokens for n in kept) * self.cfg.bytes_per_token, bw, now)
+            end = self._book(link, sum(n.tokens for n in kept) * self.cfg.bytes_per_token, bw, now)
+            if tier == L2:
+                for n in kept:
+                    n.l2_ready_s = end
 
     # --------------------------------------------------------------------------------------
     # residency and eviction
@@ -614,6 +660,8 @@ class KVCache:
                 a = a.parent
             self._write_shared(chain[::-1], now)
         node.tiers[tier] = False
+        if tier == L2:
+            node.via_l3 = False
         self.used[tier] -= node.pages
         self.resident_nodes[tier] -= 1
         node.parent.child_res[tier] -= 1

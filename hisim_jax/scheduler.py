@@ -7,7 +7,8 @@ policy; the engine owns the clock.
 
 Queues: ``waiting`` (arrived, not admitted), ``prefetch`` (waiting for an L3→L2 prefetch under
 the ``wait_complete`` or ``timeout`` policies), ``running`` (admitted: prefilling or decoding)
-and ``swapped`` (preempted to L2 with ``preemption="swap"``).
+and ``swapped`` (preempted to L2 with ``preemption="swap"``; on the way back its KV is
+copied into L1 before it decodes again).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class ReqState:
     preemptions: int = 0
     recomputed: int = 0  # prompt tokens computed again after a preemption
     rejected: str = ""
+    counted: bool = False  # its prefix lookup is in the cache's hit counters
+    swapped_blocks: int = 0  # prompt blocks it held when swapped out (to pin again on swap-in)
     join_seq: int = 0  # when it last joined the running batch (ties in preemption order)
     replica: int = 0  # where the router sent it (the prefill replica, disaggregated)
     decode_replica: int = -1  # disaggregated: where it decoded

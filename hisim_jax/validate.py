@@ -69,7 +69,7 @@ def replay_cache(requests, cfg) -> dict:
         if cache.acquire(hit, now) is None:
             rejected += 1
             continue
-        cache.record_lookup(hit, r.input_len)
+        cache.record_lookup(hit.tokens, r.input_len)
         new = cache.pages(r.input_len - hit.total_tokens)
         if not cache.make_room(L1, new, now):
             cache.release(hit.nodes, now)

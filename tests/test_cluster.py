@@ -239,7 +239,11 @@ def test_shared_store_serves_one_replicas_prefix_to_another():
     hits = {}
     for shared in (False, True):
         store = KVStore(KVStoreConfig(capacity_tokens=10**7)) if shared else None
-        engines = [make_engine(l1=60_000, l2=100_000) for _ in range(4)]
+        # wait_complete: at this light load a request is scheduled on arrival, before any of
+        # its prefetch could land (best_effort would then recompute it, as SGLang does)
+        engines = [
+            make_engine(l1=60_000, l2=100_000, prefetch_policy="wait_complete") for _ in range(4)
+        ]
         if store is not None:
             engines = [
                 Engine(e.cfg, FakeCost(), shared_l3=store) for e in engines

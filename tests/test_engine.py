@@ -100,16 +100,100 @@ def test_same_seed_same_result():
     assert not a.equals(c)
 
 
+def watch_decodes(eng):
+    """Check before every decode stretch that each running request's KV is in L1 (its prompt
+    blocks pinned there plus its private pages) and has landed: the batch never computes on
+    KV it does not hold."""
+    stretch, seen = eng._decode_stretch, []
+
+    def checked(now, next_event):
+        eng._sync_running()
+        for s in eng.running:
+            assert all(n.tiers[L1] and n.pins > 0 for n in s.path)
+            held = sum(n.tokens for n in s.path) + s.private
+            assert held >= s.req.input_len + s.generated - 1, (s.req.request_id, held)
+            assert s.ready_s <= now + 1e-12, (s.req.request_id, s.ready_s, now)
+        seen.append(len(eng.running))
+        return stretch(now, next_event)
+
+    eng._decode_stretch = checked
+    return seen
+
+
 def test_small_l1_preempts_and_still_finishes_everything():
     reqs = synthetic(
         40, 50.0, input=LengthDist.fixed(1500), output=LengthDist.fixed(600), seed=2
     ).requests
     for mode, l2 in (("recompute", 0), ("swap", 200_000)):
         eng = engine(l1=20_000, l2=l2, preemption=mode)
+        seen = watch_decodes(eng)
         res = eng.run(reqs)
         check_run(eng, reqs, res)
-        assert res.preemptions > 0, mode
+        assert seen and res.preemptions > 0, mode
         assert all(not s.rejected for s in res.states)
+        # the summary counts each request's prefix lookup once (its last admission)
+        stats = res.cache.stats
+        for t in range(3):
+            assert stats.hit_tokens[t] == sum(s.hit_tokens[t] for s in res.states)
+        assert stats.miss_tokens == sum(s.req.input_len - sum(s.hit_tokens) for s in res.states)
+    # swapped requests came back without recomputing anything, their KV copied both ways
+    assert sum(s.recomputed for s in res.states) == 0
+    moved = res.cache.stats.bytes_moved
+    assert moved["l2_to_l1"] > 0 and moved["l1_to_l2"] >= moved["l2_to_l1"]
+
+
+def test_swap_in_reloads_prompt_blocks_evicted_meanwhile():
+    # long shared prompts under a tiny L1: while a request is swapped out, others evict its
+    # (unpinned) prompt blocks to L2; swapping back must load them into L1 before it decodes
+    reqs = [Request(i, 0.01 * i, 1200, 400, tuple(range(i * 100, i * 100 + 19))) for i in range(16)]
+    eng = engine(l1=8_000, l2=100_000, preemption="swap")
+    seen = watch_decodes(eng)
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    assert seen and res.preemptions > 0
+    assert all(not s.rejected and s.recomputed == 0 for s in res.states)
+
+
+def l3_engine(policy, **sched):
+    # 1 MB of KV per token and a 1 GB/s L3: a 6,000-token prefix takes 6 s to read back
+    cache = KVCacheConfig(
+        l1_tokens=8_000, bytes_per_token=1e6, block_tokens=64, l2_tokens=8_000,
+        l3_tokens=200_000, l2_read_bytes_per_s=1e12, l2_write_bytes_per_s=1e12,
+        l3_read_bytes_per_s=1e9, l3_write_bytes_per_s=1e12,
+    )  # fmt: skip
+    cfg = EngineConfig(
+        SchedulerConfig(prefetch_policy=policy, **sched), cache, num_layers=32, max_context=32768
+    )
+    return Engine(cfg, FakeCost())
+
+
+def test_prefetch_policies_use_only_the_l3_blocks_that_have_landed():
+    def prompt(family, t, rid):
+        return Request(rid, t, 6_000, 2, tuple(range(family * 1000, family * 1000 + 94)))
+
+    # family 0 is computed, pushed out of L1 and L2 by families 1-3, then asked for again
+    reqs = [prompt(0, 0.0, 0), prompt(1, 1.0, 1), prompt(2, 2.0, 2), prompt(3, 3.0, 3)]
+    reqs.append(prompt(0, 10.0, 4))
+    out = {}
+    for policy, extra in (
+        ("best_effort", {}),
+        ("wait_complete", {}),
+        ("timeout", {"prefetch_timeout_base_s": 3.0, "prefetch_timeout_per_ki_token_s": 0.0}),
+    ):
+        eng = l3_engine(policy, **extra)
+        res = eng.run(reqs)
+        check_run(eng, reqs, res)
+        last = res.states[4]
+        out[policy] = (last.hit_tokens, last.first_token_s - last.req.arrival_s)
+        assert last.hit_tokens[L1] == last.hit_tokens[1] == 0  # it was only in L3
+        assert res.cache.stats.hit_tokens[2] == last.hit_tokens[2]
+    # scheduled at once: the read has not landed anything, so the prompt is recomputed
+    assert out["best_effort"][0][2] == 0 and out["best_effort"][1] < 1.0
+    # waits the whole 6 s read and reuses all of it (but the last token)
+    assert out["wait_complete"][0][2] == 5_999 and out["wait_complete"][1] >= 6.0
+    # gives up after 3 s: the half of the prefix read by then is reused
+    hit, ttft = out["timeout"]
+    assert 2_900 <= hit[2] <= 3_100 and 3.0 <= ttft < 4.0
 
 
 def test_rejections_are_reported_with_a_reason():
@@ -200,6 +284,7 @@ def test_random_workloads_conserve_requests_and_memory(specs, l1, preemption, po
         ids = tuple(fam * 1000 + k if k < 4 else 10**6 + i * 100 + k for k in range(blocks))
         reqs.append(Request(i, t, n_in, n_out, ids))
     eng = engine(l1=l1, l2=20_000, preemption=preemption, schedule_policy=policy)
+    watch_decodes(eng)
     res = eng.run(reqs)
     check_run(eng, reqs, res)
     for s in res.states:

@@ -19,7 +19,7 @@ def serve(cache: KVCache, ids, input_len, now):
     """One request's life, as the engine drives it: look up, acquire, compute the rest,
     insert, release."""
     hit = cache.lookup(ids, input_len)
-    cache.record_lookup(hit, input_len)
+    cache.record_lookup(hit.tokens, input_len)
     done = cache.acquire(hit, now)
     assert done is not None
     new = input_len - hit.total_tokens
