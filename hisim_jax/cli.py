@@ -422,6 +422,10 @@ def simulate(
     l1_fraction: float = typer.Option(None, help="HBM share for weights + KV [0.88]."),
     l2_gb: float = typer.Option(None, help="Host-DRAM KV tier per GPU, GB [0: off]."),
     l3_gb: float = typer.Option(None, help="SSD/remote KV tier per GPU, GB [0: off]."),
+    l2_gb_s: float = typer.Option(
+        None, help="L1<->L2 link per GPU, GB/s [PCIe of the spec x 0.86]."
+    ),
+    l3_gb_s: float = typer.Option(None, help="L2<->L3 link per GPU, GB/s [SSD of the spec]."),
     page_size: int = typer.Option(None, help="KV page size in tokens [1]."),
     eviction: str = typer.Option(None, help="lru or lfu [lru]."),
     write_policy: str = typer.Option(None, help="write_through or write_back [write_through]."),
@@ -457,20 +461,23 @@ def simulate(
     ),
     l3_shared_gb_s: float = typer.Option(None, help="Shared store bandwidth, GB/s [25]."),
     out: Path = typer.Option(
-        Path("hisim-out"), help="Folder for requests.csv, steps.csv, summary.json."
+        None, help="Folder for requests.csv, steps.csv, summary.json [hisim-out]."
     ),
     fmt: Format = typer.Option(Format.table, "--format", help="How to print the summary."),
 ):
     """Simulate a deployment serving a workload (one replica, or many behind a router,
     optionally prefill/decode disaggregated): TTFT, TPOT, ITL, throughput, KV-cache hits."""
-    from hisim_jax.simulation import SimulationOptions, run, write_outputs
+    from hisim_jax.simulation import SimulationOptions, read_config, run, write_outputs
 
     given = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in locals().items()
-        if k not in ("config", "out", "fmt", "run", "write_outputs", "SimulationOptions")
+        if k
+        not in ("config", "out", "fmt", "run", "write_outputs", "SimulationOptions", "read_config")
     }
     opts = SimulationOptions.resolve(config, given)
+    if out is None:
+        out = Path((read_config(config) if config else {}).get("out") or "hisim-out")
     with _progress() as prog:
         task = prog.add_task("simulating", total=None)
 
@@ -508,6 +515,10 @@ def simulate(
         ["cache hit rate", f"{s['cache']['hit_rate']:.1%}"],
         ["preemptions", str(s["preemptions"])],
     ]
+    if s["requests_rejected"]:
+        rows.append(["rejected", "; ".join(f"{n} {why}" for why, n in s["rejections"].items())])
+    if s["skipped_lines"]:
+        rows.append(["skipped trace lines", str(s["skipped_lines"])])
     if "goodput_req_s" in s:
         rows.append(
             [

@@ -805,8 +805,15 @@ def size_replica(
     the host DRAM and SSD given per GPU."""
     if not 0 < l1_fraction <= 1:
         raise ValueError(f"l1 fraction must be in (0, 1], got {l1_fraction}")
-    if l2_gb < 0 or l3_gb < 0:
-        raise ValueError("l2/l3 sizes must be >= 0 GB")
+    for name, gb in (("l2_gb", l2_gb), ("l3_gb", l3_gb)):
+        if not (math.isfinite(gb) and gb >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {gb}")
+    host = hardware.host_dram_bytes
+    if host and l2_gb * 1e9 > host:
+        raise ValueError(
+            f"l2_gb={l2_gb:g} exceeds the {host / 1e9:.0f} GB of host DRAM per GPU of "
+            f"{hardware.name} (its spec's host_dram_bytes)"
+        )
     kv_heads = max(1, model.num_kv_heads // tp)
     per_token = 2.0 * model.num_layers * kv_heads * model.head_dim * kv_bytes
     weights = model.weight_params() * weight_bytes_per_param / tp
@@ -833,8 +840,12 @@ def cache_config(
     eviction: str = "lru",
     write_policy: str = "write_through",
     ranks: int = 1,
+    l2_bytes_per_s: float | None = None,
+    l3_bytes_per_s: float | None = None,
 ) -> KVCacheConfig:
-    pcie = hardware.pcie_bytes_per_s * PCIE_EFFICIENCY
+    """Tier links from the hardware spec (PCIe at its measured efficiency for L1<->L2, the
+    SSD for L2<->L3), or the given overrides (both directions)."""
+    pcie = l2_bytes_per_s or hardware.pcie_bytes_per_s * PCIE_EFFICIENCY
     return KVCacheConfig(
         l1_tokens=sizing.l1_tokens,
         bytes_per_token=sizing.kv_bytes_per_token,
@@ -844,8 +855,8 @@ def cache_config(
         l3_tokens=sizing.l3_tokens,
         l2_read_bytes_per_s=pcie,
         l2_write_bytes_per_s=pcie,
-        l3_read_bytes_per_s=hardware.ssd_read_bytes_per_s,
-        l3_write_bytes_per_s=hardware.ssd_write_bytes_per_s,
+        l3_read_bytes_per_s=l3_bytes_per_s or hardware.ssd_read_bytes_per_s,
+        l3_write_bytes_per_s=l3_bytes_per_s or hardware.ssd_write_bytes_per_s,
         eviction=eviction,
         write_policy=write_policy,
         ranks=ranks,

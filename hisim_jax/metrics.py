@@ -97,6 +97,14 @@ def _cache_summary(stats) -> dict:
     }
 
 
+def _rejection_counts(reasons: pd.Series) -> dict:
+    """Rejected requests per reason, the request's own numbers left out ("longer than the
+    context window (140000 > 131072)" counts as "longer than the context window")."""
+    kinds = reasons[reasons != ""].str.replace(r"\s*\([^)]*\)", "", regex=True)
+    kinds = kinds.str.replace(r"\b\d+\b", "N", regex=True)
+    return {k: int(v) for k, v in sorted(kinds.value_counts().items())}
+
+
 def summary(
     result: EngineResult,
     wall_s: float,
@@ -114,9 +122,7 @@ def summary(
         "requests_total": int(len(req)),
         "requests_completed": int(len(done)),
         "requests_rejected": int((req["rejected"] != "").sum()),
-        "rejections": {
-            k: int(v) for k, v in req.loc[req["rejected"] != "", "rejected"].value_counts().items()
-        },
+        "rejections": _rejection_counts(req["rejected"]),
         "simulated_s": float(result.simulated_s),
         "wall_s": float(wall_s),
         "steps": len(result.steps),
@@ -156,7 +162,7 @@ def summary(
         "simulated_gpu_usd": gpu_hours * gpu_price_usd_per_hour,
         "evaluation_cost_ratio": (
             gpu_hours * gpu_price_usd_per_hour / (cpu_hours * cpu_price_usd_per_hour)
-            if cpu_hours > 0
+            if cpu_hours > 0 and cpu_price_usd_per_hour > 0
             else None
         ),
     }

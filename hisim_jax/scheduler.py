@@ -52,6 +52,10 @@ class SchedulerConfig:
             raise ValueError("chunked_prefill_size and max_prefill_tokens must be >= 1")
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be >= 1")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if not self.step_overhead_s >= 0:
+            raise ValueError(f"step_overhead_s must be >= 0, got {self.step_overhead_s}")
 
     def prefetch_timeout_s(self, tokens: int) -> float:
         return self.prefetch_timeout_base_s + self.prefetch_timeout_per_ki_token_s * tokens / 1024

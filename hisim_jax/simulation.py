@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,6 +34,47 @@ from hisim_jax.router import Router, RouterConfig
 from hisim_jax.scheduler import SchedulerConfig
 from hisim_jax.specs import SpecError
 
+# Numeric options and the range each must lie in: (lowest, whether lowest itself is allowed,
+# highest). Checked up front so a bad value is named with its field, not found deep in a run.
+_RANGES = {
+    "tp": (1, True, None),
+    "limit": (1, True, None),
+    "rate_scale": (0, False, None),
+    "start_s": (0, True, None),
+    "end_s": (0, True, None),
+    "seed": (0, True, None),
+    "l1_fraction": (0, False, 1),
+    "l2_gb": (0, True, None),
+    "l3_gb": (0, True, None),
+    "l2_gb_s": (0, False, None),
+    "l3_gb_s": (0, False, None),
+    "page_size": (1, True, None),
+    "chunked_prefill_size": (1, True, None),
+    "max_prefill_tokens": (1, True, None),
+    "max_running_requests": (1, True, None),
+    "cuda_graph_max_bs": (1, True, None),
+    "step_overhead_ms": (0, True, None),
+    "slo_ttft_ms": (0, False, None),
+    "slo_tpot_ms": (0, False, None),
+    "gpu_price_usd_per_hour": (0, True, None),
+    "cpu_price_usd_per_hour": (0, False, None),
+    "replicas": (1, True, None),
+    "kv_link_gb_s": (0, False, None),
+    "kv_link_latency_us": (0, True, None),
+    "l3_shared_gb": (0, True, None),
+    "l3_shared_gb_s": (0, False, None),
+}
+
+
+def _range_error(name: str, v, lo, closed: bool, hi) -> str | None:
+    """Why ``v`` is out of range for option ``name`` (None if it is in range)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"field '{name}' must be a finite number, got {v!r}"
+    if (v < lo if closed else v <= lo) or (hi is not None and v > hi):
+        rule = f"{'>=' if closed else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        return f"field '{name}' must be {rule}, got {v!r}"
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class SimulationOptions:
@@ -55,6 +97,8 @@ class SimulationOptions:
     l1_fraction: float = 0.88
     l2_gb: float = 0.0
     l3_gb: float = 0.0
+    l2_gb_s: float | None = None  # L1<->L2 link per GPU (default: PCIe from the spec)
+    l3_gb_s: float | None = None  # L2<->L3 link per GPU (default: the spec's SSD)
     page_size: int = 1
     eviction: str = "lru"
     write_policy: str = "write_through"
@@ -85,25 +129,17 @@ class SimulationOptions:
     l3_shared_gb: float = 0.0  # a KV store shared by all replicas (instead of a local L3)
     l3_shared_gb_s: float = 25.0  # its aggregate read and write bandwidth
 
+    def __post_init__(self):
+        for name, (lo, closed, hi) in _RANGES.items():
+            v = getattr(self, name)
+            if v is not None and (why := _range_error(name, v, lo, closed, hi)):
+                raise ValueError(why)
+
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict) -> SimulationOptions:
         """Options from a YAML mapping (keys as the CLI flags, - or _), then ``overrides``."""
-        path = Path(path)
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise SpecError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise SpecError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(doc, dict):
-            raise SpecError(f"{path}: expected a mapping of options, got {type(doc).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for key, value in doc.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise SpecError(f"{path}: field '{key}' is not an option of simulate")
-            values[name] = value
+        values = read_config(path)
+        values.pop("out", None)  # where to write, not what to simulate
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.checked(values, where=str(path))
 
@@ -143,7 +179,33 @@ class SimulationOptions:
                     out[f.name] = str(v)
             except (TypeError, ValueError):
                 raise SpecError(f"{where}: field '{f.name}' has an invalid value {v!r}") from None
-        return cls(**out)
+        try:
+            return cls(**out)
+        except ValueError as e:
+            raise SpecError(f"{where}: {e}") from None
+
+
+def read_config(path: str | Path) -> dict:
+    """A simulate config file: its mapping with keys as option names (``out`` included)."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (FileNotFoundError, IsADirectoryError):
+        raise SpecError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: expected a mapping of options, got {type(doc).__name__}")
+    known = {f.name for f in fields(SimulationOptions)} | {"out"}
+    values = {}
+    for key, value in doc.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise SpecError(f"{path}: field '{key}' is not an option of simulate")
+        values[name] = value
+    if "out" in values and not isinstance(values["out"], str):
+        raise SpecError(f"{path}: field 'out' must be a folder path, got {values['out']!r}")
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +303,11 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     )
     if o.l3_shared_gb and o.l3_gb:
         raise SpecError("options: give either l3_gb (per replica) or l3_shared_gb, not both")
+    if o.write_policy == "write_back" and (o.l3_gb or o.l3_shared_gb) and not o.l2_gb:
+        raise SpecError(
+            "options: write_back moves evicted blocks down through L2, so an L3 tier without "
+            "l2_gb would stay empty (give l2_gb > 0, or use write_through)"
+        )
     estimators: dict[tuple[str, int], Estimator] = {}
     replicas = []
     store = None
@@ -250,10 +317,13 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
             est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration)
             estimators[hw, tp] = est
         gpu = est.hardware[0]
-        sizing = size_replica(
-            est.model, gpu, tp, DTYPE_BYTES[o.weight_dtype], DTYPE_BYTES[o.kv_dtype],
-            o.l1_fraction, o.l2_gb, o.l3_gb,
-        )  # fmt: skip
+        try:
+            sizing = size_replica(
+                est.model, gpu, tp, DTYPE_BYTES[o.weight_dtype], DTYPE_BYTES[o.kv_dtype],
+                o.l1_fraction, o.l2_gb, o.l3_gb,
+            )  # fmt: skip
+        except ValueError as e:
+            raise SpecError(f"options: {e}") from None
         role = "unified" if not o.pd else "prefill" if i < n_prefill else "decode"
         if o.l3_shared_gb > 0 and store is None:
             try:
@@ -269,8 +339,16 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
         cfg = EngineConfig(
             sched,
             cache_config(
-                sizing, gpu, block_tokens, o.page_size, o.eviction, o.write_policy, ranks=tp
-            ),
+                sizing,
+                gpu,
+                block_tokens,
+                o.page_size,
+                o.eviction,
+                o.write_policy,
+                ranks=tp,
+                l2_bytes_per_s=o.l2_gb_s * 1e9 if o.l2_gb_s else None,
+                l3_bytes_per_s=o.l3_gb_s * 1e9 if o.l3_gb_s else None,
+            ),  # fmt: skip
             num_layers=est.model.num_layers,
             max_context=est.model.max_position_embeddings,
             role=role,

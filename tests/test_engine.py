@@ -208,6 +208,13 @@ def test_rejections_are_reported_with_a_reason():
     assert "context window" in res.states[0].rejected
     assert "L1" in res.states[1].rejected
     assert res.states[2].rejected == "" and res.states[2].generated == 5
+    # the summary groups rejections by reason, without each request's own numbers
+    s = summary(res, wall_s=1.0, gpu_price_usd_per_hour=3.0)
+    assert s["requests_rejected"] == 2
+    assert s["rejections"] == {
+        "longer than L1 can ever hold": 1,
+        "longer than the context window": 1,
+    }
 
 
 def test_l2_and_l3_tiers_serve_hits_under_each_prefetch_policy():

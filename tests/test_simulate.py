@@ -82,13 +82,27 @@ def test_bad_trace_line_is_one_line_error_or_skipped(tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["skipped_lines"] == 1 and s["requests_completed"] == 1
+    r = invoke("--trace", trace, "--skip-bad-lines", "--out", tmp_path / "o")
+    assert r.exit_code == 0 and "skipped trace lines" in r.stdout
 
 
 @pytest.mark.parametrize(
     "args, needle",
     [
         (["--schedule-policy", "random"], "schedule_policy"),
-        (["--l1-fraction", "1.5"], "l1 fraction"),
+        (["--l1-fraction", "1.5"], "field 'l1_fraction' must be > 0 and <= 1, got 1.5"),
+        (["--l2-gb", "-3"], "field 'l2_gb' must be >= 0, got -3.0"),
+        (["--l2-gb", "nan"], "field 'l2_gb' must be a finite number, got nan"),
+        (["--l2-gb", "300"], "exceeds the 256 GB of host DRAM"),
+        (["--l2-gb-s", "0"], "field 'l2_gb_s' must be > 0"),
+        (["--seed", "-1"], "field 'seed' must be >= 0, got -1"),
+        (["--page-size", "0"], "field 'page_size' must be >= 1, got 0"),
+        (["--step-overhead-ms", "-1"], "field 'step_overhead_ms' must be >= 0"),
+        (["--cuda-graph-max-bs", "0"], "field 'cuda_graph_max_bs' must be >= 1"),
+        (["--slo-ttft-ms", "-5"], "field 'slo_ttft_ms' must be > 0"),
+        (["--gpu-price-usd-per-hour", "-1"], "field 'gpu_price_usd_per_hour' must be >= 0"),
+        (["--cpu-price-usd-per-hour", "0"], "field 'cpu_price_usd_per_hour' must be > 0"),
+        (["--l3-gb", "10", "--write-policy", "write_back"], "L3 tier without l2_gb"),
         (["--model", "nope"], "nope"),
         (["--trace-format", "parquet", "--trace", "x.jsonl"], "x.jsonl"),
     ],
@@ -97,6 +111,25 @@ def test_bad_options_exit_2(tmp_path, args, needle):
     r = invoke(*args, "--limit", 5, "--out", tmp_path / "o")
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and r.stderr.startswith("error:")
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_bad_option_in_a_config_file_names_the_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("l2_gb: -5\n")
+    r = invoke("--config", cfg, "--out", tmp_path / "o")
+    assert r.exit_code == 2
+    assert r.stderr == f"error: {cfg}: field 'l2_gb' must be >= 0, got -5.0\n"
+
+
+def test_config_file_may_name_the_output_folder(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"limit: 10\nout: {tmp_path / 'from-yaml'}\n")
+    assert invoke("--config", cfg).exit_code == 0
+    assert (tmp_path / "from-yaml" / "summary.json").is_file()
+    # the flag wins over the file
+    assert invoke("--config", cfg, "--out", tmp_path / "flag").exit_code == 0
+    assert (tmp_path / "flag" / "summary.json").is_file()
 
 
 def test_unknown_config_key(tmp_path):
