@@ -418,7 +418,12 @@ def simulate(
     start_s: float = typer.Option(None, help="Window start, seconds after the first arrival."),
     end_s: float = typer.Option(None, help="Window end, seconds after the first arrival."),
     skip_bad_lines: bool = typer.Option(None, help="Skip and count malformed trace lines."),
-    seed: int = typer.Option(None, help="Seed of the synthetic workload [0]."),
+    block_tokens: int = typer.Option(
+        None, help="Tokens per prefix block of a jsonl/csv/sharegpt trace [512; sharegpt 64]."
+    ),
+    seed: int = typer.Option(
+        None, help="Seed of the synthetic workload, ShareGPT arrivals, random routing [0]."
+    ),
     l1_fraction: float = typer.Option(None, help="HBM share for weights + KV [0.88]."),
     l2_gb: float = typer.Option(None, help="Host-DRAM KV tier per GPU, GB [0: off]."),
     l3_gb: float = typer.Option(None, help="SSD/remote KV tier per GPU, GB [0: off]."),

@@ -200,8 +200,11 @@ class Engine:
         r = st.req
         if self.cfg.max_context and r.input_len + r.output_len > self.cfg.max_context:
             return f"longer than the context window ({r.input_len + r.output_len} > {self.cfg.max_context})"
-        if self.cache.pages(r.input_len + r.output_len) > self.cache.capacity[L1]:
-            return f"longer than L1 can ever hold ({r.input_len + r.output_len} > {self.cache.capacity[L1]} tokens)"
+        need = self.cache.pages(r.input_len + r.output_len)
+        if need > self.cache.capacity[L1]:
+            page = self.cache.cfg.page_size
+            held = f"{need} in pages of {page}" if page > 1 else str(need)
+            return f"longer than L1 can ever hold ({held} > {self.cache.capacity[L1]} tokens)"
         return ""
 
     def _give_up(self, st: ReqState, reason: str, now: float) -> None:

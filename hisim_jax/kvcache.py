@@ -304,9 +304,31 @@ class KVCache:
             covered += block_len
             node = child
         hit.lower_pages, hit.unpinned_l1_pages = lower, unpinned
-        if covered >= input_len and hit.nodes:
+        if self.cfg.page_size > 1:
+            self._page_align(hit, covered, input_len)
+        elif covered >= input_len and hit.nodes:
             hit.tokens[src] -= covered - input_len + 1
         return hit
+
+    def _page_align(self, hit: PrefixHit, covered: int, input_len: int) -> None:
+        """SGLang matches whole pages of the prompt minus its last token: cut the hit there.
+        Blocks that start at or after the cut leave the hit; the one it falls in stays (its KV
+        is held) but only its tokens before the cut count, the rest are computed again."""
+        page = self.cfg.page_size
+        usable = min(covered, input_len - 1)
+        usable -= usable % page
+        nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
+        while nodes and covered - nodes[-1].tokens >= usable:
+            n, t = nodes.pop(), tier_of.pop()
+            covered -= n.tokens
+            tokens[L3 if t == L2 and n.via_l3 else t] -= n.tokens
+            if t != L1:
+                hit.lower_pages -= n.pages
+            elif not n.pins:
+                hit.unpinned_l1_pages -= n.pages
+        if nodes:
+            n, t = nodes[-1], tier_of[-1]
+            tokens[L3 if t == L2 and n.via_l3 else t] -= covered - usable
 
     def record_lookup(self, hit_tokens, input_len: int, sign: int = 1) -> None:
         """Count a prompt's hit tokens per tier and its misses (``sign`` -1 takes back a count:

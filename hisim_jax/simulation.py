@@ -43,6 +43,7 @@ _RANGES = {
     "start_s": (0, True, None),
     "end_s": (0, True, None),
     "seed": (0, True, None),
+    "block_tokens": (1, True, None),
     "l1_fraction": (0, False, 1),
     "l2_gb": (0, True, None),
     "l3_gb": (0, True, None),
@@ -92,6 +93,7 @@ class SimulationOptions:
     start_s: float | None = None
     end_s: float | None = None
     skip_bad_lines: bool = False
+    block_tokens: int | None = None  # prefix block of a jsonl/csv/sharegpt trace [512; 64]
     seed: int = 0
     # KV cache
     l1_fraction: float = 0.88
@@ -223,6 +225,9 @@ def build_workload(o: SimulationOptions) -> wl.Workload:
         return wl.select(
             w, start_s=o.start_s, end_s=o.end_s, limit=o.limit, rate_scale=o.rate_scale
         )
+    extra = {} if o.block_tokens is None else {"block_tokens": o.block_tokens}
+    if str(o.trace_format).lower() == "sharegpt":
+        extra["seed"] = o.seed  # conversation starts are drawn (the file has no times)
     return wl.load_trace(
         o.trace,
         o.trace_format,
@@ -231,6 +236,7 @@ def build_workload(o: SimulationOptions) -> wl.Workload:
         rate_scale=o.rate_scale,
         start_s=o.start_s,
         end_s=o.end_s,
+        **extra,
     )
 
 

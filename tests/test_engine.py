@@ -39,9 +39,10 @@ class FakeCost:
         )
 
 
-def engine(l1=60_000, l2=0, l3=0, block=64, **sched):
+def engine(l1=60_000, l2=0, l3=0, block=64, page_size=1, **sched):
     cache = KVCacheConfig(
         l1_tokens=l1, bytes_per_token=1e5, block_tokens=block, l2_tokens=l2, l3_tokens=l3,
+        page_size=page_size,
         l2_read_bytes_per_s=5e10, l2_write_bytes_per_s=5e10, l3_read_bytes_per_s=5e9,
         l3_write_bytes_per_s=3e9,
     )  # fmt: skip
@@ -254,6 +255,48 @@ def test_summary_metrics_and_goodput():
     assert s["cost"]["evaluation_cost_ratio"] > 0
 
 
+def test_page_size_keeps_hits_on_page_boundaries():
+    reqs = chat(n_sessions=40, seed=7)
+    eng = engine(page_size=16)
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    hits = [sum(s.hit_tokens) for s in res.states]
+    assert sum(hits) > 0 and all(h % 16 == 0 for h in hits)
+    # a request that fits in tokens but not in whole pages says so
+    eng = engine(l1=1_000, page_size=64)
+    res = eng.run([Request(0, 0.0, 990, 5)])
+    assert (
+        res.states[0].rejected == "longer than L1 can ever hold (1024 in pages of 64 > 1000 tokens)"
+    )
+
+
+def test_step_overhead_is_added_to_every_step():
+    reqs = [Request(i, 0.0, 300 + 50 * i, 40 + 7 * i) for i in range(6)]  # all at once
+    base = engine().run(reqs).steps
+    slow = engine(step_overhead_s=0.003).run(reqs).steps
+    assert len(base) == len(slow)
+    assert list(base.column("kind")) == list(slow.column("kind"))
+    assert np.allclose(slow.column("duration_s") - base.column("duration_s"), 0.003)
+
+
+def test_decode_batches_are_padded_to_captured_graph_sizes():
+    seen = []
+    for max_bs in (160, 2):
+        eng = engine(cuda_graph_max_bs=max_bs)
+        cost = eng.step_cost
+        decode = cost.decode_steps_s
+
+        def record(ctx, k, padded=0, active=None, decode=decode, max_bs=max_bs):
+            seen.append((max_bs, int(np.max(active)), int(np.max(padded))))
+            return decode(ctx, k, padded, active)
+
+        cost.decode_steps_s = record
+        eng.run([Request(i, 0.0, 100, 30) for i in range(3)])
+    # three decoding requests replay the graph captured for 4; above the largest captured
+    # size (2) the batch runs as it is
+    assert (160, 3, 4) in seen and (2, 3, 3) in seen
+
+
 def test_cuda_graph_sizes():
     sizes = cuda_graph_sizes(160)
     assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 160
@@ -283,14 +326,15 @@ def test_bad_scheduler_options_are_rejected():
     st.sampled_from([4_000, 12_000, 60_000]),
     st.sampled_from(["recompute", "swap"]),
     st.sampled_from(["fcfs", "lpm"]),
+    st.sampled_from([1, 16]),
 )
-def test_random_workloads_conserve_requests_and_memory(specs, l1, preemption, policy):
+def test_random_workloads_conserve_requests_and_memory(specs, l1, preemption, policy, page):
     reqs = []
     for i, (t, n_in, n_out, fam) in enumerate(sorted(specs)):
         blocks = -(-n_in // 64)
         ids = tuple(fam * 1000 + k if k < 4 else 10**6 + i * 100 + k for k in range(blocks))
         reqs.append(Request(i, t, n_in, n_out, ids))
-    eng = engine(l1=l1, l2=20_000, preemption=preemption, schedule_policy=policy)
+    eng = engine(l1=l1, l2=20_000, preemption=preemption, schedule_policy=policy, page_size=page)
     watch_decodes(eng)
     res = eng.run(reqs)
     check_run(eng, reqs, res)

@@ -53,6 +53,26 @@ def test_partial_last_block_is_not_a_full_block():
     assert c.lookup((1, 2), 6).tokens == [5, 0, 0]
 
 
+def test_page_size_cuts_hits_to_whole_pages():
+    # blocks of 4 tokens, pages of 8: SGLang matches whole pages of the prompt minus its
+    # last token, so a hit is a multiple of 8 and a block past the cut leaves the hit
+    c = KVCache(cfg(page_size=8, l1_tokens=64))
+    serve(c, (1, 2, 3, 4, 5), 18, 0.0)  # blocks of 4, 4, 4, 4, 2 tokens
+    hit = c.lookup((1, 2, 3, 4, 5), 18)
+    assert hit.tokens == [16, 0, 0] and len(hit.nodes) == 4
+    hit = c.lookup((1, 2, 3, 9), 16)  # 12 tokens cached: one whole page
+    assert hit.tokens == [8, 0, 0] and len(hit.nodes) == 2
+    hit = c.lookup((1, 2, 3, 4), 16)  # all 16 cached: the last token is computed, so 8
+    assert hit.tokens == [8, 0, 0] and len(hit.nodes) == 2
+    # pages of 6 cut inside a block: it stays in the hit (held), but counts 2 of its 4 tokens
+    c = KVCache(cfg(page_size=6, l1_tokens=60))
+    serve(c, (1, 2), 8, 0.0)
+    hit = c.lookup((1, 2, 9), 12)
+    assert hit.tokens == [6, 0, 0] and len(hit.nodes) == 2
+    assert hit.unpinned_l1_pages == 12  # two blocks, each rounded up to a 6-token page
+    assert serve(c, (1, 2, 9), 12, 1.0)[0].total_tokens == 6
+
+
 def test_lru_evicts_least_recent_leaf_first():
     c = KVCache(cfg(l1_tokens=16))
     serve(c, (1, 2), 8, 0.0)

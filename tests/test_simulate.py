@@ -137,3 +137,35 @@ def test_unknown_config_key(tmp_path):
     cfg.write_text("modle: llama-3.1-8b\n")
     r = invoke("--config", cfg)
     assert r.exit_code == 2 and "modle" in r.stderr and str(cfg) in r.stderr
+
+
+def test_sharegpt_arrivals_follow_the_seed_and_block_tokens_reach_the_reader(tmp_path):
+    conv = [
+        {"conversations": [{"from": "human", "value": "h" * (400 + i)}, {"from": "gpt", "value": "g" * 80}]}
+        for i in range(6)
+    ]  # fmt: skip
+    trace = tmp_path / "sg.json"
+    trace.write_text(json.dumps(conv))
+    arrivals = {}
+    for seed in (1, 1, 2):
+        out = tmp_path / f"s{seed}"
+        r = invoke("--trace", trace, "--trace-format", "sharegpt", "--seed", seed, "--out", out)
+        assert r.exit_code == 0, r.output
+        arrivals.setdefault(seed, []).append(
+            pd.read_csv(out / "requests.csv")["arrival_s"].tolist()
+        )
+    assert arrivals[1][0] == arrivals[1][1] and arrivals[1][0] != arrivals[2][0]
+    out = tmp_path / "b"
+    r = invoke("--trace", trace, "--trace-format", "sharegpt", "--block-tokens", 32,
+               "--out", out, "--format", "json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["options"]["block_tokens"] == 32
+    assert s["workload"]["prompt_blocks"] == 6 * 4  # 101-token prompts in 32-token blocks
+    # Mooncake's blocks are 512 tokens by definition: the option is refused, not ignored
+    mooncake = tmp_path / "m.jsonl"
+    mooncake.write_text(
+        '{"timestamp": 0, "input_length": 600, "output_length": 2, "hash_ids": [1, 2]}\n'
+    )
+    r = invoke("--trace", mooncake, "--block-tokens", 64, "--out", tmp_path / "m")
+    assert r.exit_code == 2 and "block_tokens" in r.stderr
