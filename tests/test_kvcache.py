@@ -180,6 +180,56 @@ def test_single_tier_matches_brute_force_lru(prompts, capacity_blocks):
         assert hit.total_tokens == ref.serve(ids, n, float(t))
 
 
+class RefL1OverL2(RefLRU):
+    """Brute-force L1 LRU over an L2 that keeps every block ever written (write-through): the
+    hit is the L1 prefix, then the L2 prefix beyond it, which is loaded into L1."""
+
+    def __init__(self, capacity_tokens):
+        super().__init__(capacity_tokens)
+        self.l2 = set()
+
+    def serve(self, ids, input_len, now):
+        l1 = total = 0
+        while l1 < len(ids) and ids[: l1 + 1] in self.last:
+            l1 += 1
+        total = l1
+        while total < len(ids) and ids[: total + 1] in self.l2:
+            total += 1
+        hit = min(total * BT, input_len - 1)
+        l1_hit = min(l1 * BT, hit)
+        pinned = {ids[:k] for k in range(1, l1 + 1)}
+        loaded = (total - l1) * BT
+        while (len(self.last) * BT + loaded) + (input_len - hit) > self.cap:
+            leaves = [
+                p
+                for p in self.last
+                if p not in pinned
+                and not any(len(q) > len(p) and q[: len(p)] == p for q in self.last)
+            ]
+            del self.last[min(leaves, key=lambda p: self.last[p])]
+        for k in range(1, len(ids) + 1):
+            self.last[ids[:k]] = now
+            self.l2.add(ids[:k])
+        return [l1_hit, hit - l1_hit, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.integers(0, 3), min_size=1, max_size=5).map(tuple), min_size=1, max_size=40
+    ),
+    st.integers(3, 10),
+)
+def test_l1_over_l2_matches_brute_force_reference(prompts, capacity_blocks):
+    cap = capacity_blocks * BT + BT * 5
+    c = KVCache(cfg(l1_tokens=cap, l2_tokens=10_000))
+    ref = RefL1OverL2(cap)
+    for t, ids in enumerate(prompts):
+        n = len(ids) * BT
+        hit, _ = serve(c, ids, n, float(t))
+        assert hit.tokens == ref.serve(ids, n, float(t))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
