@@ -634,7 +634,7 @@ class Engine:
         while self.swapped:
             st = self.swapped[0]
             n = st.swapped_blocks
-            hit = cache.lookup(st.req.block_ids[:n], st.req.input_len, now)
+            hit = cache.lookup(st.req.block_ids[:n], st.req.input_len, now, whole=True)
             if len(hit.nodes) < n:
                 self.swapped.popleft()
                 cache.drop_swapped(st.private)

@@ -255,14 +255,19 @@ class KVCache:
     # --------------------------------------------------------------------------------------
     # lookup and insertion
 
-    def lookup(self, block_ids, input_len: int, now: float = math.inf) -> PrefixHit:
+    def lookup(
+        self, block_ids, input_len: int, now: float = math.inf, whole: bool = False
+    ) -> PrefixHit:
         """Longest prefix of the prompt resident in any tier. A fully cached prompt still
         computes its last token (the step must produce logits), as SGLang's radix cache does.
 
         At time ``now`` a block whose L2 copy is still in flight (an L3 prefetch, a write-back)
         ends the prefix: a request scheduled before its prefetch completes recomputes the rest,
         as SGLang's ``best_effort`` and ``timeout`` prefetch policies do. Blocks in L2 because
-        they were prefetched from L3 count as L3 hits: that is where they were served from."""
+        they were prefetched from L3 count as L3 hits: that is where they were served from.
+
+        ``whole``: every resident block counts, with no page cut or last-token rule (a swapped
+        request taking back the blocks it already held)."""
         hit = PrefixHit()
         nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
         node = self.root
@@ -304,6 +309,8 @@ class KVCache:
             covered += block_len
             node = child
         hit.lower_pages, hit.unpinned_l1_pages = lower, unpinned
+        if whole:
+            return hit
         if self.cfg.page_size > 1:
             self._page_align(hit, covered, input_len)
         elif covered >= input_len and hit.nodes:

@@ -37,6 +37,7 @@ def measure(opts: SimulationOptions) -> dict:
         "pd": opts.pd,
         "l2_gb": opts.l2_gb,
         "l3_shared_gb": opts.l3_shared_gb,
+        "prefetch": opts.prefetch_policy,
         "requests": s["requests_total"],
         "completed": s["requests_completed"],
         "hit_rate": round(s["cache"]["hit_rate"], 4),
@@ -73,6 +74,14 @@ def main(argv=None) -> int:
         configs += [
             {"replicas": n, "router": "cache_aware", "l2_gb": 256.0},
             {"replicas": n, "router": "round_robin", "l2_gb": 256.0, "l3_shared_gb": 4000.0},
+            # SGLang's default best_effort uses only what landed by scheduling time
+            {
+                "replicas": n,
+                "router": "round_robin",
+                "l2_gb": 256.0,
+                "l3_shared_gb": 4000.0,
+                "prefetch_policy": "wait_complete",
+            },  # fmt: skip
             {"replicas": n, "router": "cache_aware", "pd": f"{n // 4}:{n - n // 4}"},
         ]
     for cfg in configs:

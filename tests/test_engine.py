@@ -146,13 +146,15 @@ def test_small_l1_preempts_and_still_finishes_everything():
 def test_swap_in_reloads_prompt_blocks_evicted_meanwhile():
     # long shared prompts under a tiny L1: while a request is swapped out, others evict its
     # (unpinned) prompt blocks to L2; swapping back must load them into L1 before it decodes
-    reqs = [Request(i, 0.01 * i, 1200, 400, tuple(range(i * 100, i * 100 + 19))) for i in range(16)]
-    eng = engine(l1=8_000, l2=100_000, preemption="swap")
-    seen = watch_decodes(eng)
-    res = eng.run(reqs)
-    check_run(eng, reqs, res)
-    assert seen and res.preemptions > 0
-    assert all(not s.rejected and s.recomputed == 0 for s in res.states)
+    # (1,153 tokens: the last of the 19 blocks holds 1 token, which a 16-token page cut drops)
+    reqs = [Request(i, 0.01 * i, 1153, 400, tuple(range(i * 100, i * 100 + 19))) for i in range(16)]
+    for page in (1, 16):  # a swapped request takes back all its blocks, whatever the page
+        eng = engine(l1=8_000, l2=100_000, preemption="swap", page_size=page)
+        seen = watch_decodes(eng)
+        res = eng.run(reqs)
+        check_run(eng, reqs, res)
+        assert seen and res.preemptions > 0
+        assert all(not s.rejected and s.recomputed == 0 for s in res.states), page
 
 
 def l3_engine(policy, **sched):
