@@ -311,7 +311,7 @@ class Engine:
         hit = self.cache.lookup(r.block_ids, r.input_len, now)
         new = prompt - hit.total_tokens
         chunk = min(new, self.sched.chunked_prefill_size, chunk_budget)
-        need = self.cache.pages(chunk)
+        need = self.cache.pages(chunk)  # a chunk's pages: later chunks fill the last one first
         decode_reserve = 0 if self._prefill_only else self._clipped_left(st) * self.new_token_ratio
         # cached L1 pages nobody pins count as evictable in the budget; admitting pins them
         locked = hit.unpinned_l1_pages
@@ -351,7 +351,9 @@ class Engine:
         if self.chunked is not None:
             st = self.chunked
             chunk = min(st.prompt_left, self.sched.chunked_prefill_size, budget)
-            pages = self.cache.pages(chunk)
+            # the prompt's private KV is paged as one allocation, not chunk by chunk
+            done = st.computed - st.cached
+            pages = self.cache.pages(done + chunk) - self.cache.pages(done)
             if not self.cache.make_room(L1, pages, now):
                 return []  # cannot continue the chunked prompt: let decodes free memory
             self.cache.alloc_private(pages)
@@ -533,6 +535,8 @@ class Engine:
         batch at this replica's next iteration that has room for it."""
         st.ready_s = now
         st.path, st.hit_nodes, st.private = [], [], 0
+        # its prefix lookup is in the prefill replica's counters; a recompute here counts anew
+        st.counted = False
         self._push_pending(st, now)
 
     def _admit_received(self, now: float) -> None:
@@ -547,7 +551,10 @@ class Engine:
             if self.running:  # an idle replica takes any request that fits at all
                 need += self._clipped_left(st) * self.new_token_ratio + self._reserved_decode()
             if self.cache.l1_available() < need or not self.cache.make_room(L1, pages, now):
-                if not (self.running or self.waiting or self.chunked or self.swapped):
+                if not (
+                    self.running or self.waiting or self.chunked or self.swapped
+                    or self.swapping_in
+                ):  # fmt: skip
                     self.received.popleft()
                     self._give_up(st, "does not fit in the KV cache beside cached data", now)
                     continue
@@ -634,12 +641,14 @@ class Engine:
         while self.swapped:
             st = self.swapped[0]
             n = st.swapped_blocks
-            hit = cache.lookup(st.req.block_ids[:n], st.req.input_len, now, whole=True)
+            # blocks whose L2 copy is still landing count (acquire waits for them)
+            hit = cache.lookup(st.req.block_ids[:n], st.req.input_len, whole=True)
             if len(hit.nodes) < n:
                 self.swapped.popleft()
                 cache.drop_swapped(st.private)
                 st.private = 0
                 st.computed = 0
+                st.ready_s = now  # nothing of its own to wait for any more
                 self.waiting.appendleft(st)
                 continue
             need = hit.lower_pages + hit.unpinned_l1_pages + st.private
@@ -659,12 +668,15 @@ class Engine:
                 self._join(st)
             else:
                 self.swapping_in.append(st)
+                # its decode reservation holds from now, as for a running request
+                self._remaining_clipped += self._clipped_left(st)
 
     def _land_swapped(self, now: float) -> None:
         """Swapped-in requests whose KV has landed rejoin the running batch."""
         still = []
         for st in self.swapping_in:
             if st.ready_s <= now:
+                self._remaining_clipped -= self._clipped_left(st)  # _join counts it again
                 self._join(st)
             else:
                 still.append(st)
@@ -740,6 +752,14 @@ class Engine:
                 now = self._decode_stretch(now, upcoming)
             else:
                 # waiting requests that cannot be admitted now; nothing runs to free memory
+                if self.chunked is not None and upcoming == math.inf:
+                    st, self.chunked = self.chunked, None  # its next chunk can never fit
+                    self.cache.release(st.hit_nodes, now, touch=False)
+                    st.hit_nodes = []
+                    self.cache.free_private(st.private)
+                    st.private = 0
+                    self._give_up(st, "prompt does not fit in the KV cache beside cached data", now)
+                    continue
                 blocked = self.waiting[0] if self.waiting else None
                 if blocked is not None and upcoming == math.inf and not self.swapped:
                     self.waiting.popleft()

@@ -526,6 +526,8 @@ class KVCache:
         keep = list(protect) + list(path)
         if not self.make_room(L2, sum(n.pages for n in todo), now, protect=keep):
             return None
+        # copies already landing in L2 (``todo`` gets fresh times below)
+        landed = max([now] + [n.l2_ready_s for n in path if n.tiers[L2] and not n.tiers[L1]])
         from_l3 = [n for n in todo if not n.tiers[L1]]
         from_l1 = [n for n in todo if n.tiers[L1]]
         if from_l3 and self.shared is not None:
@@ -541,7 +543,6 @@ class KVCache:
             )
             for n in from_l1:
                 n.l2_ready_s = end
-        landed = max([now] + [n.l2_ready_s for n in path if not n.tiers[L1]])
         if not from_l3:
             return landed
         # the read streams the blocks in path order: each lands when its bytes are through

@@ -292,3 +292,19 @@ def test_cli_mixed_fleet_of_gpus_and_tp(tmp_path):
     ]
     assert s["cluster"]["gpus"] == 3
     assert all(x["requests"] > 0 for x in s["replicas"])
+
+
+def test_decode_replicas_count_only_their_own_prefix_lookups():
+    # a decode replica that recomputes a preempted request counts that lookup itself; it never
+    # takes back the count the prefill replica made (its counters stay non-negative)
+    for mode in ("recompute", "swap"):
+        c = cluster(2, "round_robin", pd=1, l1=6_000, l2=50_000, preemption=mode,
+                    new_token_ratio=0.1)  # fmt: skip
+        reqs = chat(80, rate=6.0)
+        res = c.run(reqs)
+        check_cluster(c, reqs, res)
+        assert sum(r.preemptions for r in res.results) > 0
+        for rec in cluster_summary(res)["replicas"]:
+            cache = rec["cache"]
+            assert min(cache["l1_hit_tokens"], cache["l2_hit_tokens"], cache["miss_tokens"]) >= 0
+            assert 0 <= cache["hit_rate"] <= 1

@@ -157,6 +157,74 @@ def test_swap_in_reloads_prompt_blocks_evicted_meanwhile():
         assert all(not s.rejected and s.recomputed == 0 for s in res.states), page
 
 
+def test_swap_in_waits_for_prompt_blocks_still_landing_in_l2():
+    # write-back over a slow link: a swapped request's prompt blocks are being written to L2
+    # when it swaps back; it waits for them instead of dropping its KV and recomputing
+    cache = KVCacheConfig(
+        l1_tokens=3000, bytes_per_token=1e5, block_tokens=64, l2_tokens=100_000,
+        l2_read_bytes_per_s=1e8, l2_write_bytes_per_s=1e8, write_policy="write_back",
+    )  # fmt: skip
+    cfg = EngineConfig(SchedulerConfig(preemption="swap", new_token_ratio=0.1), cache)
+    eng = Engine(cfg, FakeCost())
+    reqs = [
+        Request(0, 0.0, 1200, 1700, tuple(range(19))),
+        Request(1, 0.0, 1200, 600, tuple(range(100, 119))),
+        Request(2, 3.0, 1000, 20, tuple(range(200, 216))),
+    ]
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    assert res.preemptions > 0
+    assert all(s.recomputed == 0 and not s.rejected for s in res.states)
+
+
+def test_decode_replica_does_not_reject_while_a_request_swaps_back_in():
+    from hisim_jax.scheduler import ReqState
+
+    def make():
+        cache = KVCacheConfig(
+            l1_tokens=3000, bytes_per_token=1e5, block_tokens=64, l2_tokens=100_000,
+            l2_read_bytes_per_s=1e8, l2_write_bytes_per_s=1e8,
+        )  # fmt: skip
+        sched = SchedulerConfig(preemption="swap", new_token_ratio=0.1)
+        return Engine(EngineConfig(sched, cache, role="decode"), FakeCost())
+
+    reqs = [Request(0, 0.0, 1200, 1700, tuple(range(19))), Request(1, 0.0, 1200, 1700, tuple(range(100, 119)))]  # fmt: skip
+    # a first run finds when a request is swapping back in with nothing else running
+    eng, windows = make(), []
+    swap_in = eng._swap_in
+
+    def watch(now):
+        swap_in(now)
+        windows.extend((now, s.ready_s) for s in eng.swapping_in if not eng.running)
+
+    eng._swap_in = watch
+    for r in reqs:
+        eng.receive(ReqState(r), 0.0)
+    eng.advance()
+    assert windows
+    start, ready = windows[0]
+    # the same, plus a request that fits L1 on its own, received inside that window
+    eng = make()
+    states = [ReqState(r) for r in reqs] + [
+        ReqState(Request(2, 0.0, 1600, 10, tuple(range(200, 225))))
+    ]
+    for s in states[:2]:
+        eng.receive(s, 0.0)
+    eng.receive(states[2], (start + ready) / 2)
+    eng.advance()
+    assert all(not s.rejected and s.finish_s > 0 for s in states)
+
+
+def test_chunked_prompt_pages_are_allocated_as_one_prompt():
+    # 100-token chunks in 64-token pages: paged chunk by chunk, the prompt would need 26 pages
+    # (1,664 tokens) of a 1,500-token L1 and never finish; paged as one prompt it needs 1,280
+    eng = engine(l1=1500, page_size=64, chunked_prefill_size=100)
+    reqs = [Request(0, 0.0, 1261, 2, tuple(range(20)))]
+    res = eng.run(reqs)
+    check_run(eng, reqs, res)
+    assert not res.states[0].rejected and res.states[0].generated == 2
+
+
 def l3_engine(policy, **sched):
     # 1 MB of KV per token and a 1 GB/s L3: a 6,000-token prefix takes 6 s to read back
     cache = KVCacheConfig(

@@ -276,3 +276,19 @@ def test_random_traffic_keeps_invariants(ops, write_policy, eviction):
     assert c.pinned_nodes() == 0
     for t in (L1, L2, L3):
         assert c.used[t] <= c.capacity[t]
+
+
+def test_prefetch_reports_the_landing_of_its_own_read_not_a_stale_copy():
+    # a block evicted from L2 while its write-through copy was still in flight, then read back
+    # from L3: the prefetch lands when the new read does, not when the old copy would have
+    c = KVCache(
+        cfg(l1_tokens=1000, l2_tokens=2 * BT, l3_tokens=10_000, l2_write_bytes_per_s=1e3,
+            l3_read_bytes_per_s=1e6)
+    )  # fmt: skip
+    (a,), _ = c.insert([1], BT, 0.0)
+    assert a.l2_ready_s == pytest.approx(4.0)  # 4 tokens x 1 kB at 1 kB/s
+    c.insert([2, 3], 2 * BT, 0.1)  # L2 is full: block 1 leaves it, its copy never lands
+    assert c.make_room(L1, 1000, 0.2) and a.tiers == [False, False, True]
+    done = c.prefetch_to_l2([a], 0.3)
+    assert done == pytest.approx(0.3 + 4e3 / 1e6) == a.l2_ready_s
+    c.check_invariants()
