@@ -480,9 +480,13 @@ def simulate(
         if k
         not in ("config", "out", "fmt", "run", "write_outputs", "SimulationOptions", "read_config")
     }
-    opts = SimulationOptions.resolve(config, given)
-    if out is None:
-        out = Path((read_config(config) if config else {}).get("out") or "hisim-out")
+    if config is None:
+        opts = SimulationOptions.resolve(None, given)
+        out = out or Path("hisim-out")
+    else:  # read once: the file may also name the output folder
+        values = read_config(config)
+        opts = SimulationOptions.from_config(values, given, where=str(config))
+        out = out or Path(values.get("out") or "hisim-out")
     with _progress() as prog:
         task = prog.add_task("simulating", total=None)
 

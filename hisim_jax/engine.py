@@ -645,8 +645,7 @@ class Engine:
             hit = cache.lookup(st.req.block_ids[:n], st.req.input_len, whole=True)
             if len(hit.nodes) < n:
                 self.swapped.popleft()
-                cache.drop_swapped(st.private)
-                st.private = 0
+                self._drop_swapped_kv(st)
                 st.computed = 0
                 st.ready_s = now  # nothing of its own to wait for any more
                 self.waiting.appendleft(st)
@@ -670,6 +669,11 @@ class Engine:
                 self.swapping_in.append(st)
                 # its decode reservation holds from now, as for a running request
                 self._remaining_clipped += self._clipped_left(st)
+
+    def _drop_swapped_kv(self, st: ReqState) -> None:
+        """Forget the private KV a swapped-out request holds in L2."""
+        self.cache.drop_swapped(st.private)
+        st.private = 0
 
     def _land_swapped(self, now: float) -> None:
         """Swapped-in requests whose KV has landed rejoin the running batch."""
@@ -767,8 +771,7 @@ class Engine:
                     continue
                 if self.swapped and upcoming == math.inf:
                     st = self.swapped.popleft()  # nothing will free the memory it needs
-                    self.cache.drop_swapped(st.private)
-                    st.private = 0
+                    self._drop_swapped_kv(st)
                     self._give_up(st, "swapped out and does not fit back beside cached data", now)
                     continue
                 if upcoming == math.inf:

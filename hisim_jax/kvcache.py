@@ -110,6 +110,12 @@ class _Node:
         self.via_l3 = False  # in L2 because it was prefetched from L3: its hits count as L3
 
 
+def _served_from(node: _Node, tier: int) -> int:
+    """The tier a hit on ``node`` (fastest in ``tier``) counts for: an L2 copy prefetched from
+    L3 was served from L3."""
+    return L3 if tier == L2 and node.via_l3 else tier
+
+
 @dataclass(slots=True)
 class PrefixHit:
     """The longest cached prefix of a prompt: its nodes and where each is fastest to get."""
@@ -300,7 +306,7 @@ class KVCache:
                     break  # still landing in L2
             nodes.append(child)
             tier_of.append(tier)
-            src = L3 if tier == 1 and child.via_l3 else tier
+            src = L3 if tier == 1 and child.via_l3 else tier  # _served_from, inlined
             tokens[src] += block_len
             if tier:
                 lower += child.pages
@@ -328,14 +334,13 @@ class KVCache:
         while nodes and covered - nodes[-1].tokens >= usable:
             n, t = nodes.pop(), tier_of.pop()
             covered -= n.tokens
-            tokens[L3 if t == L2 and n.via_l3 else t] -= n.tokens
+            tokens[_served_from(n, t)] -= n.tokens
             if t != L1:
                 hit.lower_pages -= n.pages
             elif not n.pins:
                 hit.unpinned_l1_pages -= n.pages
         if nodes:
-            n, t = nodes[-1], tier_of[-1]
-            tokens[L3 if t == L2 and n.via_l3 else t] -= covered - usable
+            tokens[_served_from(nodes[-1], tier_of[-1])] -= covered - usable
 
     def record_lookup(self, hit_tokens, input_len: int, sign: int = 1) -> None:
         """Count a prompt's hit tokens per tier and its misses (``sign`` -1 takes back a count:
@@ -520,14 +525,14 @@ class KVCache:
         blocks only in L1 are copied down (so L2 holds the whole prefix). Returns when the
         path's L2 copies have all landed (including reads other requests started), or None if
         L2 cannot make room."""
+        # copies already landing in L2 (the blocks still to fetch get fresh times below)
+        landed = max([now] + [n.l2_ready_s for n in path if n.tiers[L2] and not n.tiers[L1]])
         todo = [n for n in path if not n.tiers[L2]]
         if not todo:
-            return max([now] + [n.l2_ready_s for n in path if not n.tiers[L1]])
+            return landed
         keep = list(protect) + list(path)
         if not self.make_room(L2, sum(n.pages for n in todo), now, protect=keep):
             return None
-        # copies already landing in L2 (``todo`` gets fresh times below)
-        landed = max([now] + [n.l2_ready_s for n in path if n.tiers[L2] and not n.tiers[L1]])
         from_l3 = [n for n in todo if not n.tiers[L1]]
         from_l1 = [n for n in todo if n.tiers[L1]]
         if from_l3 and self.shared is not None:

@@ -140,10 +140,14 @@ class SimulationOptions:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict) -> SimulationOptions:
         """Options from a YAML mapping (keys as the CLI flags, - or _), then ``overrides``."""
-        values = read_config(path)
-        values.pop("out", None)  # where to write, not what to simulate
+        return cls.from_config(read_config(path), overrides, where=str(path))
+
+    @classmethod
+    def from_config(cls, config: dict, overrides: dict, where: str) -> SimulationOptions:
+        """Options from a mapping ``read_config`` returned, then ``overrides``."""
+        values = {k: v for k, v in config.items() if k != "out"}  # where to write, not what
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.checked(values, where=str(path))
+        return cls.checked(values, where=where)
 
     @classmethod
     def resolve(cls, config: str | Path | None, given: dict) -> SimulationOptions:

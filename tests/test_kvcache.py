@@ -144,14 +144,24 @@ class RefLRU:
     def __init__(self, capacity_tokens):
         self.cap = capacity_tokens
         self.last = {}  # path tuple -> last use
+        self.l2 = None  # RefL1OverL2: every prefix ever written to L2
 
     def serve(self, ids, input_len, now):
-        hit_blocks = 0
-        while hit_blocks < len(ids) and ids[: hit_blocks + 1] in self.last:
-            hit_blocks += 1
-        hit = min(hit_blocks * BT, input_len - 1)  # the last token is always computed
-        pinned = {ids[:k] for k in range(1, hit_blocks + 1)}
-        while len(self.last) * BT + (input_len - hit) > self.cap:
+        return sum(self.serve_tiers(ids, input_len, now))
+
+    def serve_tiers(self, ids, input_len, now):
+        """Hit tokens per tier ([L1, L2, 0]) of one prompt, then its blocks inserted."""
+        l1 = 0
+        while l1 < len(ids) and ids[: l1 + 1] in self.last:
+            l1 += 1
+        total = l1
+        while self.l2 is not None and total < len(ids) and ids[: total + 1] in self.l2:
+            total += 1
+        hit = min(total * BT, input_len - 1)  # the last token is always computed
+        l1_hit = min(l1 * BT, hit)
+        pinned = {ids[:k] for k in range(1, l1 + 1)}
+        loaded = (total - l1) * BT  # L2 blocks brought into L1
+        while len(self.last) * BT + loaded + (input_len - hit) > self.cap:
             leaves = [
                 p
                 for p in self.last
@@ -161,7 +171,9 @@ class RefLRU:
             del self.last[min(leaves, key=lambda p: self.last[p])]
         for k in range(1, len(ids) + 1):
             self.last[ids[:k]] = now
-        return hit
+            if self.l2 is not None:
+                self.l2.add(ids[:k])
+        return [l1_hit, hit - l1_hit, 0]
 
 
 @settings(max_examples=60, deadline=None)
@@ -188,29 +200,7 @@ class RefL1OverL2(RefLRU):
         super().__init__(capacity_tokens)
         self.l2 = set()
 
-    def serve(self, ids, input_len, now):
-        l1 = total = 0
-        while l1 < len(ids) and ids[: l1 + 1] in self.last:
-            l1 += 1
-        total = l1
-        while total < len(ids) and ids[: total + 1] in self.l2:
-            total += 1
-        hit = min(total * BT, input_len - 1)
-        l1_hit = min(l1 * BT, hit)
-        pinned = {ids[:k] for k in range(1, l1 + 1)}
-        loaded = (total - l1) * BT
-        while (len(self.last) * BT + loaded) + (input_len - hit) > self.cap:
-            leaves = [
-                p
-                for p in self.last
-                if p not in pinned
-                and not any(len(q) > len(p) and q[: len(p)] == p for q in self.last)
-            ]
-            del self.last[min(leaves, key=lambda p: self.last[p])]
-        for k in range(1, len(ids) + 1):
-            self.last[ids[:k]] = now
-            self.l2.add(ids[:k])
-        return [l1_hit, hit - l1_hit, 0]
+    serve = RefLRU.serve_tiers
 
 
 @settings(max_examples=60, deadline=None)
