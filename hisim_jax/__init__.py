@@ -10,7 +10,7 @@ import jax as _jax
 if _os.environ.get("HISIM_ASYNC_DISPATCH", "0") != "1":
     _jax.config.update("jax_cpu_enable_async_dispatch", False)
 
-from hisim_jax.estimator import Estimator, Params  # noqa: E402
+from hisim_jax.estimator.roofline import Estimator, Params  # noqa: E402
 from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model  # noqa: E402
 
 __all__ = [

@@ -31,18 +31,9 @@ DEFAULT_BATCH = "[[0,2048],[4096,1]]"
 
 @app.callback()
 def _setup() -> None:
-    """Keep compiled estimator shapes across runs (JAX's persistent compilation cache), so a
-    repeated ``hisim`` command skips seconds of XLA compilation. HISIM_CACHE_DIR picks the
-    folder; an empty value turns it off."""
-    import os
+    from hisim_jax.compile_cache import enable
 
-    folder = os.environ.get("HISIM_CACHE_DIR", str(Path.home() / ".cache" / "hisim-jax" / "xla"))
-    if not folder:
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    enable()
 
 
 class Format(str, Enum):
@@ -138,8 +129,8 @@ def estimate(
     fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
 ):
     """Predict the latency of one forward step (or of every row of a CSV of batches)."""
-    from hisim_jax.batch import parse_batch
-    from hisim_jax.estimator import Estimator
+    from hisim_jax.estimator.batch import parse_batch
+    from hisim_jax.estimator.roofline import Estimator
 
     if batches is not None:
         if batch is not None:
@@ -190,8 +181,8 @@ def estimate(
 def _estimate_csv(path, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt):
     import pandas as pd
 
-    from hisim_jax.calibrate import predict_steps_s, read_steps
-    from hisim_jax.estimator import load_calibration
+    from hisim_jax.estimator.calibrate import predict_steps_s, read_steps
+    from hisim_jax.estimator.roofline import load_calibration
     from hisim_jax.specs import load_hardware
 
     rows = read_steps(
@@ -230,7 +221,7 @@ def calibrate(
     iterations: int = typer.Option(1500, min=1, help="Adam steps."),
 ):
     """Fit the estimator's scale factors to measured profiles and write a calibration JSON."""
-    from hisim_jax.calibrate import calibrate_dir, calibration_document
+    from hisim_jax.estimator.calibrate import calibrate_dir, calibration_document
     from hisim_jax.specs import load_hardware
 
     hw = load_hardware(hardware)
@@ -253,7 +244,7 @@ def calibrate(
 
 
 def _report_rows(report):
-    from hisim_jax.validate import report_rows
+    from hisim_jax.validate.steps import report_rows
 
     return report_rows(report)
 
@@ -274,10 +265,10 @@ def validate_steps_cmd(
     fmt: Format = typer.Option(Format.table, "--format"),
 ):
     """Step-latency error against measurements: MAPE overall, per model and per kind."""
-    from hisim_jax.estimator import load_calibration
+    from hisim_jax.estimator.roofline import load_calibration
     from hisim_jax.plots import predicted_vs_measured
     from hisim_jax.specs import load_hardware
-    from hisim_jax.validate import validate_steps
+    from hisim_jax.validate.steps import validate_steps
 
     hw = load_hardware(hardware)
     profile = profile or (_default_profiles() / "steps.csv")
@@ -336,9 +327,9 @@ def validate_cache_cmd(
 ):
     """Replay a trace through the KV cache manager alone: hit tokens per tier, prefetch volume
     and evictions for given tier capacities (no timing)."""
-    from hisim_jax.kvcache import KVCacheConfig
-    from hisim_jax.validate import replay_cache
-    from hisim_jax.workload import load_trace
+    from hisim_jax.serving.kvcache import KVCacheConfig
+    from hisim_jax.serving.workload import load_trace
+    from hisim_jax.validate.cache import replay_cache
 
     extra = {"block_tokens": block_tokens} if block_tokens is not None else {}
     work = load_trace(trace, trace_format, skip_bad_lines=skip_bad_lines, limit=limit, **extra)
@@ -385,7 +376,7 @@ def validate_scheduler_cmd(
     """Replay a scheduler log's workload through the simulator and report queue-residency and
     ordering differences."""
     from hisim_jax.simulation import SimulationOptions, run
-    from hisim_jax.validate import compare_schedules, read_step_log
+    from hisim_jax.validate.scheduler import compare_schedules, read_step_log
 
     given = {
         "trace": str(trace) if trace else None, "trace_format": trace_format, "limit": limit,

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import yaml
 
-from hisim_jax import workload as wl
-from hisim_jax.cluster import Cluster, KVLink, Replica
-from hisim_jax.engine import Engine, EngineConfig, cache_config, size_replica
-from hisim_jax.estimator import Estimator
-from hisim_jax.kvstore import KVStore, KVStoreConfig
-from hisim_jax.metrics import (
+from hisim_jax.estimator.ops import DTYPE_BYTES
+from hisim_jax.estimator.roofline import Estimator
+from hisim_jax.paths import write_atomic
+from hisim_jax.serving import workload as wl
+from hisim_jax.serving.cluster import Cluster, KVLink, Replica
+from hisim_jax.serving.engine import Engine, EngineConfig
+from hisim_jax.serving.kvstore import KVStore, KVStoreConfig
+from hisim_jax.serving.memory import cache_config, size_replica
+from hisim_jax.serving.metrics import (
     CPU_PRICE_USD_PER_HOUR,
     SLO,
     cluster_request_frame,
@@ -28,10 +31,8 @@ from hisim_jax.metrics import (
     cluster_summary,
     summary,
 )
-from hisim_jax.ops import DTYPE_BYTES
-from hisim_jax.paths import write_atomic
-from hisim_jax.router import Router, RouterConfig
-from hisim_jax.scheduler import SchedulerConfig
+from hisim_jax.serving.router import Router, RouterConfig
+from hisim_jax.serving.scheduler.base import SchedulerConfig
 from hisim_jax.specs import SpecError
 
 # Numeric options and the range each must lie in: (lowest, whether lowest itself is allowed,

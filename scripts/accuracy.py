@@ -21,10 +21,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hisim_jax import attention as attn
-from hisim_jax import calibrate as cal
-from hisim_jax import ops
-from hisim_jax.estimator import Params
+from hisim_jax.estimator import calibrate as cal
+from hisim_jax.estimator.attention import fa2 as attn
+from hisim_jax.estimator.roofline import Params, ops
 from hisim_jax.specs import load_hardware, load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from hisim_jax.cores import pin_to_one_core
-from hisim_jax.router import POLICIES
+from hisim_jax.serving.router import POLICIES
 from hisim_jax.simulation import SimulationOptions, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,9 +24,10 @@ import time
 import jax
 import numpy as np
 
-from hisim_jax import Estimator, ops
-from hisim_jax import estimator as est_mod
-from hisim_jax.batch import pack, pack_by_bucket
+from hisim_jax import Estimator
+from hisim_jax.estimator import ops
+from hisim_jax.estimator import roofline as est_mod
+from hisim_jax.estimator.batch import pack, pack_by_bucket
 from hisim_jax.specs import available_hardware, load_hardware
 
 

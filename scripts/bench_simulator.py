@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from hisim_jax import Estimator
-from hisim_jax import workload as wl
 from hisim_jax.cores import pin_to_one_core
-from hisim_jax.engine import Engine, EngineConfig, cache_config, size_replica
-from hisim_jax.scheduler import SchedulerConfig
+from hisim_jax.serving import workload as wl
+from hisim_jax.serving.engine import Engine, EngineConfig
+from hisim_jax.serving.memory import cache_config, size_replica
+from hisim_jax.serving.scheduler.base import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MOONCAKE = ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hisim_jax.cli import app
-from hisim_jax.estimator import PARAM_NAMES
+from hisim_jax.estimator.roofline import PARAM_NAMES
 from hisim_jax.paths import data_dir
 
 STEPS_CSV = data_dir("data") / "profiles" / "h100" / "steps.csv"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisim_jax.workload import (
+from hisim_jax.serving.workload import (
     DEFAULT_WORKLOAD,
     GEN_S_PER_TOKEN,
     LengthDist,
@@ -38,7 +38,7 @@ from hisim_jax.workload import (
     write_jsonl,
 )
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
 MOONCAKE = TRACES / "mooncake_conversation_trace.jsonl"
 AZURE = TRACES / "azure_llm_2023_code.csv"
 

@@ -8,14 +8,14 @@ from test_engine import FakeCost
 from typer.testing import CliRunner
 
 from hisim_jax.cli import app
-from hisim_jax.cluster import Cluster, KVLink, Replica
-from hisim_jax.engine import Engine, EngineConfig
-from hisim_jax.kvcache import KVCacheConfig
-from hisim_jax.kvstore import KVStore, KVStoreConfig
-from hisim_jax.metrics import cluster_request_frame, cluster_summary, request_frame
-from hisim_jax.router import POLICIES, Router, RouterConfig
-from hisim_jax.scheduler import SchedulerConfig
-from hisim_jax.workload import chat_sessions
+from hisim_jax.serving.cluster import Cluster, KVLink, Replica
+from hisim_jax.serving.engine import Engine, EngineConfig
+from hisim_jax.serving.kvcache import KVCacheConfig
+from hisim_jax.serving.kvstore import KVStore, KVStoreConfig
+from hisim_jax.serving.metrics import cluster_request_frame, cluster_summary, request_frame
+from hisim_jax.serving.router import POLICIES, Router, RouterConfig
+from hisim_jax.serving.scheduler.base import SchedulerConfig
+from hisim_jax.serving.workload import chat_sessions
 
 BYTES_PER_TOKEN = 1e5
 

@@ -25,7 +25,7 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from hisim_jax.kvstore import KVStore
+from hisim_jax.serving.kvstore import KVStore
 
 L1, L2, L3 = 0, 1, 2
 TIER_NAMES = ("l1", "l2", "l3")

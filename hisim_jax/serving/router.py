@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hisim_jax.workload import Request
+from hisim_jax.serving.workload import Request
 
 POLICIES = ("random", "round_robin", "least_loaded", "power_of_two", "cache_aware", "bucket")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from hisim_jax.engine import EngineResult
-from hisim_jax.kvcache import TIER_NAMES
+from hisim_jax.serving.engine import EngineResult
+from hisim_jax.serving.kvcache import TIER_NAMES
 
 CPU_PRICE_USD_PER_HOUR = 0.05  # one cloud vCPU-hour, indicative (late 2025 on-demand)
 

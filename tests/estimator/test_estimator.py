@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from hisim_jax import Estimator, ops
-from hisim_jax import estimator as est_mod
-from hisim_jax.batch import pack
+from hisim_jax import Estimator
+from hisim_jax.estimator import ops
+from hisim_jax.estimator import roofline as est_mod
+from hisim_jax.estimator.batch import pack
 from hisim_jax.specs import load_hardware
 
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisim_jax.router import POLICIES, Router, RouterConfig
-from hisim_jax.workload import Request
+from hisim_jax.serving.router import POLICIES, Router, RouterConfig
+from hisim_jax.serving.workload import Request
 
 BT = 16  # block tokens in these tests
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisim_jax.kvcache import L1, L2, L3, KVCache, KVCacheConfig
+from hisim_jax.serving.kvcache import L1, L2, L3, KVCache, KVCacheConfig
 
 BT = 4  # tokens per block in these tests
 

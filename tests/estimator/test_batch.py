@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisim_jax.batch import MIN_BUCKET, Batch, bucket_size, pack, parse_batch
+from hisim_jax.estimator.batch import MIN_BUCKET, Batch, bucket_size, pack, parse_batch
 
 # ------------------------------------------------------------------------------------------------
 # bucket_size

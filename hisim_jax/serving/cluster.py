@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hisim_jax.engine import Engine, EngineResult, StepLog, no_cyclic_gc
-from hisim_jax.kvcache import CacheStats
-from hisim_jax.router import Router, RouterConfig
-from hisim_jax.scheduler import ReqState
+from hisim_jax.serving.engine import Engine, EngineResult, StepLog, no_cyclic_gc
+from hisim_jax.serving.kvcache import CacheStats
+from hisim_jax.serving.router import Router, RouterConfig
+from hisim_jax.serving.scheduler.base import ReqState
 
 DRAIN_ROUND_S = 1.0
 

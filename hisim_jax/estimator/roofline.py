@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hisim_jax import attention as attn
-from hisim_jax import ops
-from hisim_jax.batch import Batch, bucket_size, pack, pack_by_bucket
-from hisim_jax.ops import HwArrays, ModelDims
+from hisim_jax.estimator import ops
+from hisim_jax.estimator.attention import fa2 as attn
+from hisim_jax.estimator.batch import Batch, bucket_size, pack, pack_by_bucket
+from hisim_jax.estimator.ops import HwArrays, ModelDims
 from hisim_jax.paths import data_dir
 from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model
 

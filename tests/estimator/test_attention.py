@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisim_jax import attention as attn
+from hisim_jax.estimator.attention import fa2 as attn
 
 requests = st.lists(
     st.tuples(st.integers(0, 20_000), st.integers(1, 3000)), min_size=1, max_size=12

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hisim_jax import calibrate as cal
-from hisim_jax import ops
-from hisim_jax.estimator import Params, params_to_dict, step_s
+from hisim_jax.estimator import calibrate as cal
+from hisim_jax.estimator.roofline import Params, ops, params_to_dict, step_s
 from hisim_jax.specs import load_hardware
 
 H100 = load_hardware("h100-sxm")

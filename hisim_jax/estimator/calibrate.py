@@ -26,10 +26,9 @@ import numpy as np
 import optax
 import pandas as pd
 
-from hisim_jax import attention as attn
-from hisim_jax import ops
-from hisim_jax.batch import Batch, pack, parse_batch
-from hisim_jax.estimator import (
+from hisim_jax.estimator.attention import fa2 as attn
+from hisim_jax.estimator.batch import Batch, pack, parse_batch
+from hisim_jax.estimator.roofline import (
     FIT_NAMES,
     PARAM_NAMES,
     Params,
@@ -37,6 +36,7 @@ from hisim_jax.estimator import (
     _roofline_s,
     as_float_params,
     features,
+    ops,
     params_to_dict,
     step_s,
     step_seconds_rows,

@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisim_jax.engine import Engine, EngineConfig
-from hisim_jax.kvcache import L1, KVCacheConfig
-from hisim_jax.metrics import SLO, request_frame, summary
-from hisim_jax.scheduler import SchedulerConfig, cuda_graph_sizes, graph_padded_size
-from hisim_jax.workload import LengthDist, Request, chat_sessions, synthetic
+from hisim_jax.serving.engine import Engine, EngineConfig
+from hisim_jax.serving.kvcache import L1, KVCacheConfig
+from hisim_jax.serving.metrics import SLO, request_frame, summary
+from hisim_jax.serving.scheduler.base import SchedulerConfig, cuda_graph_sizes, graph_padded_size
+from hisim_jax.serving.workload import LengthDist, Request, chat_sessions, synthetic
 
 
 class FakeCost:
@@ -178,7 +178,7 @@ def test_swap_in_waits_for_prompt_blocks_still_landing_in_l2():
 
 
 def test_decode_replica_does_not_reject_while_a_request_swaps_back_in():
-    from hisim_jax.scheduler import ReqState
+    from hisim_jax.serving.scheduler.base import ReqState
 
     def make():
         cache = KVCacheConfig(

@@ -10,13 +10,13 @@ from test_kvcache import BT, RefLRU
 from typer.testing import CliRunner
 
 from hisim_jax.cli import app
-from hisim_jax.kvcache import KVCacheConfig
-from hisim_jax.validate import replay_cache
-from hisim_jax.workload import Request, write_jsonl
-from hisim_jax.workload import Workload as WL
+from hisim_jax.serving.kvcache import KVCacheConfig
+from hisim_jax.serving.workload import Request, write_jsonl
+from hisim_jax.serving.workload import Workload as WL
+from hisim_jax.validate.cache import replay_cache
 
 MOONCAKE = (
-    Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+    Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 )
 
 
@@ -66,7 +66,7 @@ def test_infinite_cache_reaches_the_trace_reuse_ratio():
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     # token-level hits of an unbounded cache sit at the block-level reuse ratio of the prefix
-    from hisim_jax.workload import load_trace, prefix_reuse_ratio
+    from hisim_jax.serving.workload import load_trace, prefix_reuse_ratio
 
     w = load_trace(MOONCAKE, "mooncake", limit=3000)
     assert rep["hit_rate"] == pytest.approx(prefix_reuse_ratio(w.requests), abs=0.02)

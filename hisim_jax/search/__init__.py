@@ -1,0 +1,1 @@
+"""SLO-constrained configuration search (its own issue)."""

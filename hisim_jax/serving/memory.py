@@ -1,0 +1,97 @@
+"""A replica's memory: KV capacity per tier from the model, the GPU and the options, and the
+links between the tiers. SGLang's accounting: ``mem_fraction_static`` of HBM holds weights and
+KV, the rest is its activation and CUDA-graph reserve."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hisim_jax.serving.kvcache import KVCacheConfig
+
+# Pinned host<->device copies reach 55 of PCIe Gen5's 64 GB/s per direction at >= 64 MiB
+# (data/profiles/h100/pcie.csv).
+PCIE_EFFICIENCY = 0.86
+MEM_FRACTION_STATIC = 0.88  # SGLang's share of HBM for weights + KV on an 80 GB GPU
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSizing:
+    kv_bytes_per_token: float  # per TP rank
+    weight_bytes: float  # per TP rank
+    l1_tokens: int
+    l2_tokens: int
+    l3_tokens: int
+
+
+def size_replica(
+    model,
+    hardware,
+    tp: int = 1,
+    weight_bytes_per_param: float = 2.0,
+    kv_bytes: float = 2.0,
+    l1_fraction: float = MEM_FRACTION_STATIC,
+    l2_gb: float = 0.0,
+    l3_gb: float = 0.0,
+) -> ReplicaSizing:
+    """KV capacity per tier in tokens, per TP rank: L1 is the HBM share for weights + KV minus
+    the weights (the rest of HBM is SGLang's activation and CUDA-graph reserve); L2 and L3 are
+    the host DRAM and SSD given per GPU."""
+    if not 0 < l1_fraction <= 1:
+        raise ValueError(f"l1 fraction must be in (0, 1], got {l1_fraction}")
+    for name, gb in (("l2_gb", l2_gb), ("l3_gb", l3_gb)):
+        if not (math.isfinite(gb) and gb >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {gb}")
+    host = hardware.host_dram_bytes
+    if host and l2_gb * 1e9 > host:
+        raise ValueError(
+            f"l2_gb={l2_gb:g} exceeds the {host / 1e9:.0f} GB of host DRAM per GPU of "
+            f"{hardware.name} (its spec's host_dram_bytes)"
+        )
+    kv_heads = max(1, model.num_kv_heads // tp)
+    per_token = 2.0 * model.num_layers * kv_heads * model.head_dim * kv_bytes
+    weights = model.weight_params() * weight_bytes_per_param / tp
+    free = hardware.hbm_bytes * l1_fraction - weights
+    if free <= per_token:
+        raise ValueError(
+            f"{model.name} at tp={tp} needs {weights / 1e9:.1f} GB of weights per GPU; "
+            f"{hardware.name} leaves no room for KV at l1 fraction {l1_fraction}"
+        )
+    return ReplicaSizing(
+        per_token,
+        weights,
+        int(free // per_token),
+        int(l2_gb * 1e9 // per_token),
+        int(l3_gb * 1e9 // per_token),
+    )
+
+
+def cache_config(
+    sizing: ReplicaSizing,
+    hardware,
+    block_tokens: int,
+    page_size: int = 1,
+    eviction: str = "lru",
+    write_policy: str = "write_through",
+    ranks: int = 1,
+    l2_bytes_per_s: float | None = None,
+    l3_bytes_per_s: float | None = None,
+) -> KVCacheConfig:
+    """Tier links from the hardware spec (PCIe at its measured efficiency for L1<->L2, the
+    SSD for L2<->L3), or the given overrides (both directions)."""
+    pcie = l2_bytes_per_s or hardware.pcie_bytes_per_s * PCIE_EFFICIENCY
+    return KVCacheConfig(
+        l1_tokens=sizing.l1_tokens,
+        bytes_per_token=sizing.kv_bytes_per_token,
+        block_tokens=block_tokens,
+        page_size=page_size,
+        l2_tokens=sizing.l2_tokens,
+        l3_tokens=sizing.l3_tokens,
+        l2_read_bytes_per_s=pcie,
+        l2_write_bytes_per_s=pcie,
+        l3_read_bytes_per_s=l3_bytes_per_s or hardware.ssd_read_bytes_per_s,
+        l3_write_bytes_per_s=l3_bytes_per_s or hardware.ssd_write_bytes_per_s,
+        eviction=eviction,
+        write_policy=write_policy,
+        ranks=ranks,
+    )
