@@ -1,8 +1,8 @@
-"""One serving replica on a virtual clock: scheduler + KV cache + step-latency estimator.
+"""One serving replica on a virtual clock: scheduler policy + KV cache + step-latency estimator.
 
-The loop mirrors SGLang's: every iteration either runs a prefill batch (a chunked request
-first, then admitted waiting requests under the token budgets and KV admission control) or one
-decode step over all running requests. Step time comes from the estimator (anything with its
+Every iteration the engine asks its scheduler policy (scheduler/sglang.py) for a prefill batch
+and runs it, or else one decode step over all running requests; the policy decides through
+the engine's queues and KV admission (``scheduler.base.EngineView``). Step time comes from the estimator (anything with its
 ``step_latency_s`` and ``decode_steps_s``, so tests can hand in a fake), plus a per-step CPU overhead;
 decode batches are padded to the captured CUDA-graph sizes.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
-import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,7 +27,9 @@ import numpy as np
 
 from hisim_jax.serving.kvcache import L1, L2, L3, KVCache, KVCacheConfig
 from hisim_jax.serving.kvstore import KVStore
+from hisim_jax.serving.scheduler import POLICIES
 from hisim_jax.serving.scheduler.base import (
+    CLIP_MAX_NEW_TOKENS,
     ReqState,
     SchedulerConfig,
     cuda_graph_sizes,
@@ -36,9 +37,7 @@ from hisim_jax.serving.scheduler.base import (
 )
 
 FAST_FORWARD_STEPS = 256
-CLIP_MAX_NEW_TOKENS = 4096  # SGLang caps the decode reservation of one request at this
 MAX_PREEMPTIONS = 50  # a request retracted more often than this is rejected
-RETRACT_DECODE_STEPS = 20  # SGLang's look-ahead when it re-estimates after a retraction
 
 
 @contextlib.contextmanager
@@ -104,10 +103,15 @@ class EngineConfig:
     # prefill/decode disaggregation: a "prefill" replica hands each request off after its
     # prompt (see ``handoffs``); a "decode" replica takes them in with their KV (``receive``)
     role: str = "unified"
+    policy: str = "sglang"  # the scheduler's rules (scheduler.POLICIES)
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"engine role {self.role!r} unknown (choose from {', '.join(ROLES)})")
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"scheduler policy {self.policy!r} unknown (choose from {', '.join(POLICIES)})"
+            )
 
 
 class StepLog:
@@ -173,7 +177,7 @@ class Engine:
         self.swapped: deque[ReqState] = deque()
         self.swapping_in: list[ReqState] = []  # KV on its way back to L1, then they decode
         self.chunked: ReqState | None = None  # a prompt being prefilled chunk by chunk
-        self.new_token_ratio = self.sched.new_token_ratio
+        self.policy = POLICIES[cfg.policy](cfg.scheduler, prefill_only=cfg.role == "prefill")
         self.preemptions = 0
         self.steps = StepLog()
         self.finished = 0  # completed or rejected
@@ -250,14 +254,75 @@ class Engine:
             (self.waiting.append if st.ready_s <= now else still.append)(st)
         self.prefetching = still
 
-    def _reserved_decode(self) -> float:
-        """KV tokens the running requests are expected to still need (SGLang's reservation):
-        new_token_ratio x their remaining output, each clipped, summed as it changes."""
-        return self._remaining_clipped * self.new_token_ratio
+    # ------------------------------------------------------------------------------------
+    # what the scheduler policy sees (scheduler.base.EngineView)
+
+    def pages(self, tokens: int) -> int:
+        return self.cache.pages(tokens)
+
+    def l1_available(self) -> int:
+        return self.cache.l1_available()
+
+    def reserved_decode(self) -> float:
+        """KV tokens the running requests are expected to still need: the policy's share of
+        their remaining output, each clipped, summed as it changes."""
+        return self.policy.reserve_tokens(self._remaining_clipped)
 
     @staticmethod
-    def _clipped_left(st: ReqState) -> int:
+    def clipped_left(st: ReqState) -> int:
         return min(st.req.output_len - st.generated, CLIP_MAX_NEW_TOKENS)
+
+    def cached_prefix_tokens(self, st: ReqState) -> int:
+        return self.cache.lookup(st.req.block_ids, st.req.input_len).total_tokens
+
+    def match_prefix(self, st: ReqState, now: float):
+        """Its prefix hit now, and the prompt to have in KV: after a recompute preemption the
+        tokens generated so far are prefilled again."""
+        r = st.req
+        prompt = r.input_len + (st.generated if st.preemptions else 0)
+        return self.cache.lookup(r.block_ids, r.input_len, now), prompt
+
+    def start_prefill(self, st: ReqState, hit, prompt: int, chunk: int, now: float) -> bool:
+        """Pin and load the matched prefix and allocate the KV of the first chunk."""
+        r = st.req
+        done = self.cache.acquire(hit, now)
+        if done is None:
+            return False
+        need = self.cache.pages(chunk)  # a chunk's pages: later chunks fill the last one first
+        if not self.cache.make_room(L1, need, now):
+            self.cache.release(hit.nodes, now)
+            return False
+        # allocated now, not when the step runs: the next admission's make_room must see it
+        self.cache.alloc_private(need)
+        st.private += need
+        if st.counted:  # re-admitted after a recompute: count its last admission only
+            self.cache.record_lookup(st.hit_tokens, r.input_len, sign=-1)
+        self.cache.record_lookup(hit.tokens, r.input_len)
+        st.counted = True
+        st.hit_nodes = hit.nodes
+        st.hit_tokens = list(hit.tokens)  # of the prefill that counts (the last, if preempted)
+        st.target = prompt
+        st.cached = hit.total_tokens
+        st.computed = hit.total_tokens
+        st.ready_s = max(st.ready_s, done)
+        if st.scheduled_s < 0:
+            st.scheduled_s = now
+        if st.preemptions:
+            st.recomputed += prompt - hit.total_tokens
+        return True
+
+    def continue_prefill(self, st: ReqState, chunk: int, now: float) -> bool:
+        # the prompt's private KV is paged as one allocation, not chunk by chunk
+        done = st.computed - st.cached
+        pages = self.cache.pages(done + chunk) - self.cache.pages(done)
+        if not self.cache.make_room(L1, pages, now):
+            return False
+        self.cache.alloc_private(pages)
+        st.private += pages
+        return True
+
+    def swap_in(self, now: float) -> None:
+        self._swap_in(now)
 
     def _join(self, st: ReqState) -> None:
         # ``running`` stays sorted by remaining output, longest first: every running request
@@ -270,7 +335,7 @@ class Engine:
         self.running.insert(i, st)
         self._r_int.insert(i, (key, st.req.input_len + st.generated - 1 - tick, st.private - tick))
         self._r_last.insert(i, st.last_token_s)
-        self._remaining_clipped += self._clipped_left(st)
+        self._remaining_clipped += self.clipped_left(st)
 
     def _materialize(self, i: int) -> ReqState:
         """Write the counters of the running request at position ``i`` back to its state."""
@@ -291,100 +356,7 @@ class Engine:
         del self.running[i]
         self._r_int.delete(i)
         self._r_last.delete(i)
-        self._remaining_clipped -= self._clipped_left(st)
-
-    def _candidates(self, now: float) -> list[ReqState]:
-        """The head of the waiting queue in admission order: no more than can still run, so an
-        overloaded replica does not copy its whole queue every step."""
-        room = self.sched.max_running_requests - len(self.running)
-        head = list(itertools.islice(self.waiting, 0, max(0, room)))
-        if self.sched.schedule_policy == "fcfs" or len(head) <= 1:
-            return head
-        # longest cached prefix first (SGLang computes it for a bounded prefix of the queue)
-        lpm = sorted(
-            head[:128],
-            key=lambda s: -self.cache.lookup(s.req.block_ids, s.req.input_len).total_tokens,
-        )
-        return lpm + head[128:]
-
-    def _admit(self, st: ReqState, now: float, budget_tokens: float, chunk_budget: int) -> int:
-        """Try to start a waiting request: match its prefix, pin and load it, and allocate the
-        KV of its first chunk. Returns that chunk's tokens, 0 if it cannot start now."""
-        r = st.req
-        # after a recompute preemption the tokens generated so far are prefilled again
-        prompt = r.input_len + (st.generated if st.preemptions else 0)
-        hit = self.cache.lookup(r.block_ids, r.input_len, now)
-        new = prompt - hit.total_tokens
-        chunk = min(new, self.sched.chunked_prefill_size, chunk_budget)
-        need = self.cache.pages(chunk)  # a chunk's pages: later chunks fill the last one first
-        decode_reserve = 0 if self._prefill_only else self._clipped_left(st) * self.new_token_ratio
-        # cached L1 pages nobody pins count as evictable in the budget; admitting pins them
-        locked = hit.unpinned_l1_pages
-        if self.cache.pages(new) + hit.lower_pages + locked + decode_reserve > budget_tokens:
-            return 0
-        done = self.cache.acquire(hit, now)
-        if done is None:
-            return 0
-        if not self.cache.make_room(L1, need, now):
-            self.cache.release(hit.nodes, now)
-            return 0
-        # allocated now, not when the step runs: the next admission's make_room must see it
-        self.cache.alloc_private(need)
-        st.private += need
-        if st.counted:  # re-admitted after a recompute: count its last admission only
-            self.cache.record_lookup(st.hit_tokens, r.input_len, sign=-1)
-        self.cache.record_lookup(hit.tokens, r.input_len)
-        st.counted = True
-        st.hit_nodes = hit.nodes
-        st.hit_tokens = list(hit.tokens)  # of the prefill that counts (the last, if preempted)
-        st.target = prompt
-        st.cached = hit.total_tokens
-        st.computed = hit.total_tokens
-        st.ready_s = max(st.ready_s, done)
-        if st.scheduled_s < 0:
-            st.scheduled_s = now
-        if st.preemptions:
-            st.recomputed += new
-        return chunk
-
-    def _form_prefill(self, now: float) -> list[tuple[ReqState, int]]:
-        """(request, chunk tokens) of the next prefill batch, admitting as SGLang's PrefillAdder."""
-        if not (self.waiting or self.chunked or self.swapped):
-            return []
-        batch = []
-        budget = self.sched.max_prefill_tokens
-        if self.chunked is not None:
-            st = self.chunked
-            chunk = min(st.prompt_left, self.sched.chunked_prefill_size, budget)
-            # the prompt's private KV is paged as one allocation, not chunk by chunk
-            done = st.computed - st.cached
-            pages = self.cache.pages(done + chunk) - self.cache.pages(done)
-            if not self.cache.make_room(L1, pages, now):
-                return []  # cannot continue the chunked prompt: let decodes free memory
-            self.cache.alloc_private(pages)
-            st.private += pages
-            batch.append((st, chunk))
-            budget -= chunk
-        if self.swapped:
-            self._swap_in(now)
-        available = self.cache.l1_available() - self._reserved_decode()
-        for st in self._candidates(now):
-            if budget <= 0 or self.chunked is not None:
-                break  # the budget is spent, or a chunked prompt takes the rest of it
-            if len(self.running) + len(batch) >= self.sched.max_running_requests:
-                break
-            chunk = self._admit(st, now, available, budget)
-            if not chunk:
-                break  # FCFS: a request that does not fit blocks the ones behind it
-            self.waiting.remove(st)
-            available -= self.cache.pages(st.prompt_left)
-            if not self._prefill_only:
-                available -= min(st.req.output_len, CLIP_MAX_NEW_TOKENS) * self.new_token_ratio
-            batch.append((st, chunk))
-            budget -= chunk
-            if chunk < st.prompt_left:
-                self.chunked = st  # continued first in the next prefill batch
-        return batch
+        self._remaining_clipped -= self.clipped_left(st)
 
     # ------------------------------------------------------------------------------------
     # steps
@@ -510,10 +482,7 @@ class Engine:
         self.steps.add_many(
             ends - dur, dur, "decode", active, active, kv, len(self.waiting), active
         )  # fmt: skip
-        self.new_token_ratio = max(
-            self.sched.min_new_token_ratio,
-            self.new_token_ratio - k * self.sched.new_token_ratio_decay,
-        )
+        self.policy.after_decode(k)
         if n_done:
             finished = run[keep:]
             self.running = run[:keep]
@@ -554,7 +523,7 @@ class Engine:
             pages = self.cache.pages(st.req.input_len)
             need = pages
             if self.running:  # an idle replica takes any request that fits at all
-                need += self._clipped_left(st) * self.new_token_ratio + self._reserved_decode()
+                need += self.policy.reserve_tokens(self.clipped_left(st)) + self.reserved_decode()
             if self.cache.l1_available() < need or not self.cache.make_room(L1, pages, now):
                 if not (
                     self.running or self.waiting or self.chunked or self.swapped
@@ -595,7 +564,7 @@ class Engine:
         copied to L2 and its prompt blocks are unpinned (they stay cached); otherwise, or if L2
         cannot take it, it is recomputed from its prompt later."""
         self._sync_running()
-        order = sorted(self.running, key=lambda s: (s.generated, -s.req.input_len, s.join_seq))
+        order = self.policy.retract_order(self.running)
         while self.running and self.cache.l1_available() < len(self.running):
             victim = order.pop(0)
             self._leave(victim)
@@ -618,15 +587,7 @@ class Engine:
                 continue
             self._drop_kv(victim, now)
             self.waiting.appendleft(victim)
-        # admit more conservatively from now on, as SGLang does after a retraction
-        if self.running:
-            decoded = sum(s.generated for s in self.running)
-            wanted = sum(s.req.output_len for s in self.running)
-            self.new_token_ratio = min(
-                1.0, (decoded + RETRACT_DECODE_STEPS * len(self.running)) / wanted
-            )
-        else:
-            self.new_token_ratio = 1.0
+        self.policy.after_retract(self.running)
 
     def _drop_kv(self, st: ReqState, now: float) -> None:
         """A preempted request keeps no KV of its own: its prompt is prefilled again (the
@@ -656,7 +617,7 @@ class Engine:
                 self.waiting.appendleft(st)
                 continue
             need = hit.lower_pages + hit.unpinned_l1_pages + st.private
-            if cache.l1_available() - self._reserved_decode() < need:
+            if cache.l1_available() - self.reserved_decode() < need:
                 return
             prompt_done = cache.acquire(hit, now)
             if prompt_done is None:
@@ -673,7 +634,7 @@ class Engine:
             else:
                 self.swapping_in.append(st)
                 # its decode reservation holds from now, as for a running request
-                self._remaining_clipped += self._clipped_left(st)
+                self._remaining_clipped += self.clipped_left(st)
 
     def _drop_swapped_kv(self, st: ReqState) -> None:
         """Forget the private KV a swapped-out request holds in L2."""
@@ -685,7 +646,7 @@ class Engine:
         still = []
         for st in self.swapping_in:
             if st.ready_s <= now:
-                self._remaining_clipped -= self._clipped_left(st)  # _join counts it again
+                self._remaining_clipped -= self.clipped_left(st)  # _join counts it again
                 self._join(st)
             else:
                 still.append(st)
@@ -753,7 +714,7 @@ class Engine:
                     break
                 now = max(now, upcoming)
                 continue
-            batch = self._form_prefill(now)
+            batch = self.policy.prefill_batch(self, now)
             upcoming = self._next_event(until)  # after it: a swap-in it started is an event
             if batch:
                 now = self._run_prefill(batch, now)

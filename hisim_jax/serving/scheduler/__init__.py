@@ -1,2 +1,9 @@
-"""Scheduler policies: what runs next. ``base`` holds the settings and request state every
-policy shares; one file per engine's rules."""
+"""Scheduler policies: what runs next. ``base`` holds the settings, request state and the view
+of an engine that every policy shares; one file per engine's rules."""
+
+from hisim_jax.serving.scheduler.sglang import SGLangPolicy
+
+# engine name -> its policy class (the engine builds one per replica)
+POLICIES = {"sglang": SGLangPolicy}
+
+__all__ = ["POLICIES", "SGLangPolicy"]

@@ -1,9 +1,9 @@
-"""Scheduler configuration and per-request state, with SGLang's defaults.
+"""What every scheduler policy shares: its knobs (SGLang's defaults), the per-request state,
+CUDA-graph sizes, and the narrow view of an engine a policy decides through.
 
-The engine (engine.py) runs SGLang's loop: each iteration either runs a prefill batch formed
-from the waiting queue (continuing a chunked request first) or, if none can be formed, one
-decode step over every running request. This module holds the knobs and the batch-formation
-policy; the engine owns the clock.
+The engine (engine.py) owns the clock, the queues and the KV cache; each iteration it asks its
+policy (sglang.py) for the next prefill batch and runs it, or else one decode step over every
+running request. The policy sees the queues and KV admission only through ``EngineView``.
 
 Queues: ``waiting`` (arrived, not admitted), ``prefetch`` (waiting for an L3→L2 prefetch under
 the ``wait_complete`` or ``timeout`` policies), ``running`` (admitted: prefilling or decoding)
@@ -13,13 +13,17 @@ copied into L1 before it decodes again).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 PREEMPTION_MODES = ("recompute", "swap")
+CLIP_MAX_NEW_TOKENS = 4096  # SGLang caps the decode reservation of one request at this
+RETRACT_DECODE_STEPS = 20  # SGLang's look-ahead when it re-estimates after a retraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +115,34 @@ class ReqState:
     def context(self) -> int:
         """Tokens in the KV cache for this request now."""
         return self.computed + self.generated
+
+
+class EngineView(Protocol):
+    """What a scheduler policy sees of its engine: the queues, and KV admission."""
+
+    waiting: deque[ReqState]  # arrived, not admitted; a policy removes what it admits
+    running: list[ReqState]  # decoding
+    swapped: deque[ReqState]  # preempted to L2
+    chunked: ReqState | None  # the prompt being prefilled chunk by chunk; a policy sets it
+
+    def pages(self, tokens: int) -> int: ...  # KV pages (in tokens) that many tokens take
+
+    def l1_available(self) -> int: ...  # free or evictable L1 tokens
+
+    def reserved_decode(self) -> float: ...  # KV the running requests are expected to need
+
+    def clipped_left(self, st: ReqState) -> int: ...  # its remaining output, clipped
+
+    def cached_prefix_tokens(self, st: ReqState) -> int: ...  # its prompt's cached prefix
+
+    def match_prefix(self, st: ReqState, now: float): ...  # (prefix hit, prompt tokens)
+
+    def start_prefill(self, st: ReqState, hit, prompt: int, chunk: int, now: float) -> bool:
+        """Pin and load its prefix, allocate its first chunk; False: KV does not allow it."""
+        ...
+
+    def continue_prefill(self, st: ReqState, chunk: int, now: float) -> bool:
+        """Allocate the chunked prompt's next chunk; False: it does not fit now."""
+        ...
+
+    def swap_in(self, now: float) -> None: ...  # bring swapped requests back while they fit
