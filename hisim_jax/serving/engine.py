@@ -295,20 +295,21 @@ class Engine:
         # allocated now, not when the step runs: the next admission's make_room must see it
         self.cache.alloc_private(need)
         st.private += need
-        if st.counted:  # re-admitted after a recompute: count its last admission only
-            self.cache.record_lookup(st.hit_tokens, r.input_len, sign=-1)
-        self.cache.record_lookup(hit.tokens, r.input_len)
-        st.counted = True
+        if st.counted:
+            # a re-prefill after a recompute: its hits are mostly its own earlier prompt, not
+            # reuse across requests, so they stay out of the hit rate and are counted apart
+            st.rehit += hit.total_tokens
+        else:
+            self.cache.record_lookup(hit.tokens, r.input_len)
+            st.hit_tokens = list(hit.tokens)
+            st.counted = True
         st.hit_nodes = hit.nodes
-        st.hit_tokens = list(hit.tokens)  # of the prefill that counts (the last, if preempted)
         st.target = prompt
         st.cached = hit.total_tokens
         st.computed = hit.total_tokens
         st.ready_s = max(st.ready_s, done)
         if st.scheduled_s < 0:
             st.scheduled_s = now
-        if st.preemptions:
-            st.recomputed += prompt - hit.total_tokens
         return True
 
     def continue_prefill(self, st: ReqState, chunk: int, now: float) -> bool:
@@ -380,6 +381,11 @@ class Engine:
         )
         for st, c in batch:
             st.computed += c
+            # every prefill token a step computes belongs to one request's row
+            if st.preemptions:
+                st.recomputed += c
+            else:
+                st.computed_prompt += c
             if st.prompt_left > 0:
                 continue
             if self.chunked is st:
@@ -509,8 +515,7 @@ class Engine:
         batch at this replica's next iteration that has room for it."""
         st.ready_s = now
         st.path, st.hit_nodes, st.private = [], [], 0
-        # its prefix lookup is in the prefill replica's counters; a recompute here counts anew
-        st.counted = False
+        # its first lookup stays in the prefill replica's counters: a recompute here is a rehit
         self._push_pending(st, now)
 
     def _admit_received(self, now: float) -> None:

@@ -53,8 +53,9 @@ def request_frame(result: EngineResult) -> pd.DataFrame:
                 s.hit_tokens[0],
                 s.hit_tokens[1],
                 s.hit_tokens[2],
-                r.input_len - s.cached if done else 0,
+                s.computed_prompt,
                 s.recomputed,
+                s.rehit,
                 s.preemptions,
                 s.rejected,
             )
@@ -64,8 +65,8 @@ def request_frame(result: EngineResult) -> pd.DataFrame:
         columns=[
             "request_id", "arrival_s", "input_len", "output_len", "queue_s", "first_token_s",
             "finish_s", "ttft_s", "tpot_s", "e2e_s", "l1_hit_tokens", "l2_hit_tokens",
-            "l3_hit_tokens", "computed_prompt_tokens", "recomputed_tokens", "preemptions",
-            "rejected",
+            "l3_hit_tokens", "computed_prompt_tokens", "recomputed_tokens", "rehit_tokens",
+            "preemptions", "rejected",
         ],
     )  # fmt: skip
 
@@ -136,6 +137,8 @@ def summary(
         "throughput_output_tok_s": float(done["output_len"].sum()) / span if span > 0 else 0.0,
         "cache": {
             **_cache_summary(stats),
+            # prefix hits of re-prefills after a recompute preemption (kept out of hit_rate)
+            "rehit_tokens": int(req["rehit_tokens"].sum()),
             "evicted_tokens_per_tier": dict(
                 zip(TIER_NAMES, map(int, stats.evicted_tokens), strict=True)
             ),

@@ -84,7 +84,8 @@ class ReqState:
     """A request inside the engine: mutable bookkeeping, one per request."""
 
     req: object  # workload.Request
-    hit_tokens: list = field(default_factory=lambda: [0, 0, 0])  # served from L1/L2/L3
+    # served from L1/L2/L3 at its first lookup: cross-request reuse, what the hit rate counts
+    hit_tokens: list = field(default_factory=lambda: [0, 0, 0])
     hit_nodes: list = field(default_factory=list)  # pinned while running
     path: list = field(default_factory=list)  # pinned prompt blocks after prefill
     target: int = 0  # prompt tokens to have in the KV cache (input, plus output after a recompute)
@@ -98,9 +99,11 @@ class ReqState:
     last_token_s: float = -1.0
     finish_s: float = -1.0
     preemptions: int = 0
-    recomputed: int = 0  # prompt tokens computed again after a preemption
+    computed_prompt: int = 0  # prompt tokens its first prefill computed (chunks run)
+    recomputed: int = 0  # prompt tokens computed again after a preemption (chunks run)
+    rehit: int = 0  # prefix-cache hits of its prefills after the first (its own KV, mostly)
     rejected: str = ""
-    counted: bool = False  # its prefix lookup is in the cache's hit counters
+    counted: bool = False  # its first prefix lookup is in a cache's hit counters
     swapped_blocks: int = 0  # prompt blocks it held when swapped out (to pin again on swap-in)
     join_seq: int = 0  # when it last joined the running batch (ties in preemption order)
     replica: int = 0  # where the router sent it (the prefill replica, disaggregated)
