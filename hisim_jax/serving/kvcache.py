@@ -14,9 +14,13 @@ its link is free and lasts bytes / bandwidth. The cache only books the time; the
 decides whether a request waits for its transfers (prefetch policies) and the engine overlaps
 L2→L1 loads with the forward pass layer by layer.
 
-Capacities are in tokens (per TP rank: every rank holds its heads' share of each token), rounded
-up to ``page_size`` tokens per node. Everything here is plain Python: it runs once per request
-event, never per decode step.
+Capacities are in tokens (per TP rank: every rank holds its heads' share of each token), in
+whole pages of ``page_size`` tokens: each page is charged to the block it starts in, so a prompt's
+blocks hold its tokens rounded up to whole pages, whatever the block and page sizes (a block that
+starts inside a page its parent opened costs only the pages it adds). Two prompts that part
+inside a page share that page's charge here, where SGLang's paged radix cache, which matches
+whole pages, would hold the page twice. Everything here is plain Python: it runs once per
+request event, never per decode step.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class _Node:
         # the block's identity across replicas (the shared store's key): its whole prefix
         self.key = hash((parent.key, node_id)) if parent is not None else 0
         self.tokens = tokens
-        self.pages = pages  # tokens rounded up to the page size
+        self.pages = pages  # the pages it is charged (KVCache.span_pages)
         self.children: dict[int, _Node] = {}
         self.tiers = [False, False, False]
         self.child_res = [0, 0, 0]  # children resident per tier
@@ -176,6 +180,15 @@ class KVCache:
     def pages(self, tokens: int) -> int:
         p = self.cfg.page_size
         return -(-int(tokens) // p) * p
+
+    def span_pages(self, start: int, tokens: int) -> int:
+        """Pages charged to a block of ``tokens`` starting ``start`` tokens into its prompt: the
+        pages its end reaches beyond those its start had (a page is charged to the block it
+        starts in). A path's blocks then sum to its tokens rounded up to whole pages, whatever
+        the block and page sizes; rounding each block up on its own would charge a page per
+        16-token block under 64-token pages, four times the KV."""
+        p = self.cfg.page_size
+        return -(-(start + tokens) // p) * p - -(-start // p) * p
 
     def l1_free(self) -> int:
         return self.capacity[L1] - self.used[L1] - self.private
@@ -292,7 +305,8 @@ class KVCache:
                     break
                 if shared.tokens(hash((node.key, bid))) != block_len:
                     break
-                child = _Node(bid, node, block_len, self.pages(block_len))  # resident nowhere yet
+                child = _Node(bid, node, block_len, self.span_pages(covered, block_len))
+                # resident nowhere yet
                 node.children[bid] = child
                 tier = L3
             else:
@@ -368,7 +382,9 @@ class KVCache:
                 break
             child = node.children.get(bid)
             if child is None:
-                child = _Node(bid, node, block_len, -(-block_len // page) * page)
+                start = k * bt  # span_pages, inlined
+                pages = -(-(start + block_len) // page) * page - -(-start // page) * page
+                child = _Node(bid, node, block_len, pages)
                 node.children[bid] = child
             elif child.tokens != block_len:
                 break  # a partial block that another prompt extends: not the same KV

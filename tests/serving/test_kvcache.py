@@ -69,8 +69,45 @@ def test_page_size_cuts_hits_to_whole_pages():
     serve(c, (1, 2), 8, 0.0)
     hit = c.lookup((1, 2, 9), 12)
     assert hit.tokens == [6, 0, 0] and len(hit.nodes) == 2
-    assert hit.unpinned_l1_pages == 12  # two blocks, each rounded up to a 6-token page
+    assert hit.unpinned_l1_pages == 12  # two 4-token blocks take two 6-token pages
     assert serve(c, (1, 2, 9), 12, 1.0)[0].total_tokens == 6
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 70),  # block tokens
+    st.integers(1, 70),  # page size
+    st.lists(st.integers(1, 400), min_size=1, max_size=4),  # prompt lengths
+)
+def test_pages_are_charged_once_whatever_the_block_and_page_sizes(block, page, lengths):
+    # a path's blocks hold its tokens rounded up to whole pages, however blocks and pages
+    # fall on each other (rounding each block up on its own charged 16-token blocks under
+    # 64-token pages 4x their KV, so L1 overflowed and evicted for nothing)
+    c = KVCache(KVCacheConfig(l1_tokens=10**6, bytes_per_token=1.0, block_tokens=block,
+                              page_size=page))  # fmt: skip
+    for i, n in enumerate(lengths):
+        ids = tuple(range(100 * i, 100 * i + -(-n // block)))
+        path, new_pages = c.insert(ids, n, float(i))
+        assert sum(node.pages for node in path) == new_pages == c.pages(n)
+        # a prompt sharing the first blocks charges only the pages it adds beyond them
+        longer = ids[:-1] + (7_000 + i, 7_001 + i) if n > block else None
+        if longer:
+            m = (len(ids) - 1) * block + 2 * block
+            p2, added = c.insert(longer, m, float(i))
+            assert added == c.pages(m) - c.pages((len(ids) - 1) * block)
+            assert sum(node.pages for node in p2) == c.pages(m)
+        c.check_invariants()
+
+
+def test_a_cache_of_16_token_blocks_holds_its_capacity_under_64_token_pages():
+    c = KVCache(cfg(l1_tokens=1024, block_tokens=16, page_size=64))
+    for i in range(16):  # 16 prompts of 64 tokens (4 blocks each) fill L1 exactly
+        ids = tuple(range(10 * i, 10 * i + 4))
+        assert c.make_room(L1, 64, float(i))
+        c.insert(ids, 64, float(i))
+    assert c.used[L1] == 1024 and c.stats.evicted_tokens[L1] == 0
+    c.check_invariants()
+    assert c.lookup(tuple(range(4)) + (99,), 80).tokens == [64, 0, 0]
 
 
 def test_lru_evicts_least_recent_leaf_first():
@@ -232,11 +269,13 @@ def test_l1_over_l2_matches_brute_force_reference(prompts, capacity_blocks):
     ),
     st.sampled_from(["write_through", "write_back"]),
     st.sampled_from(["lru", "lfu"]),
+    st.sampled_from([1, 3, 4, 8, 16]),
 )
-def test_random_traffic_keeps_invariants(ops, write_policy, eviction):
+def test_random_traffic_keeps_invariants(ops, write_policy, eviction, page_size):
     c = KVCache(
-        cfg(l1_tokens=48, l2_tokens=32, l3_tokens=40, write_policy=write_policy, eviction=eviction)
-    )
+        cfg(l1_tokens=48, l2_tokens=32, l3_tokens=40, write_policy=write_policy, eviction=eviction,
+            page_size=page_size)
+    )  # fmt: skip
     running = []
     for t, (ids, keep) in enumerate(ops):
         now = float(t)
@@ -253,6 +292,7 @@ def test_random_traffic_keeps_invariants(ops, write_policy, eviction):
             continue
         c.alloc_private(new)
         path, new_pages = c.insert(ids, n, now)
+        assert new_pages <= new  # the blocks computed fit in the KV allocated for them
         c.free_private(new)
         c.pin(path)
         c.release(hit.nodes, now)
