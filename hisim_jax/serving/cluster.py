@@ -14,6 +14,12 @@ share over its own NIC, as in Mooncake's transfer engine), and the decode replic
 with its KV and streams its tokens. TTFT therefore includes the transfer (the first token,
 computed by the prefill replica, reaches the user with the KV, as in SGLang's PD mode), and so
 does the first inter-token gap.
+
+Every request ends completed or rejected with a reason: one that arrives past the clock's
+horizon (``CLOCK_HORIZON_S``; an infinite time, say) never arrives (rejected at the end of the
+run, routed nowhere: ``replica`` -1), one whose KV would land past it (a link so slow the time
+overflows) is rejected when its prompt is done, and the drain rounds after the last arrival stop
+when a round changes nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from hisim_jax.serving.router import Router, RouterConfig
 from hisim_jax.serving.scheduler.base import ReqState
 
 DRAIN_ROUND_S = 1.0
+# Past 2**32 s (136 years) a float64 clock in seconds resolves no finer than a microsecond, so
+# steps stop moving it: an arrival or a KV landing later than this never happens in a run.
+CLOCK_HORIZON_S = 2.0**32
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +138,7 @@ class Cluster:
         self._ended: list = []  # heap of (end_s, seq, side, replica, state) not yet told
         self._seq = 0
         self._handed_off = 0
+        self._rejected = 0  # rejected here, not by an engine (KV that never lands, ...)
 
     # ------------------------------------------------------------------------------------
 
@@ -156,8 +166,16 @@ class Cluster:
             t, _, side, i, st = heapq.heappop(heap)
             (self.router if side == 0 else self.decode_router).finish(st.req, i, t)
 
+    def _reject(self, st: ReqState, reason: str, now: float) -> None:
+        """End a request that no engine holds (it never arrived, or is between replicas)."""
+        st.rejected = reason
+        st.finish_s = now
+        self._rejected += 1
+
     def _send_kv(self) -> list:
-        """Book the KV transfers of prompts finished on prefill replicas: (landing s, state)."""
+        """Book the KV transfers of prompts finished on prefill replicas: (landing s, state).
+        A transfer that would land past the clock's horizon is not booked: the request is
+        rejected with the reason, and the link stays free for the next one."""
         out = []
         for i, rep in enumerate(self.replicas):
             eng = rep.engine
@@ -166,6 +184,11 @@ class Cluster:
                 start = max(st.prefill_end_s, self._link_busy_until[i])
                 # each TP rank sends its share over its own NIC, in parallel
                 end = start + nbytes / self.link.bandwidth_bytes_per_s
+                if not end + self.link.latency_s <= CLOCK_HORIZON_S:
+                    bw = self.link.bandwidth_bytes_per_s
+                    why = f"its KV never reaches a decode replica ({nbytes:.3g} B at {bw:.3g} B/s)"
+                    self._reject(st, why, st.prefill_end_s)
+                    continue
                 self._link_busy_until[i] = end
                 out.append((end + self.link.latency_s, st))
             self._handed_off += len(eng.handoffs)
@@ -182,19 +205,45 @@ class Cluster:
         with no_cyclic_gc():
             return self._run(requests, progress)
 
+    def _drain_until(self, stalled: bool) -> float:
+        """The end of the next drain round after the last arrival. Prefill replicas drain in
+        short rounds so that the decode side is still chosen on a recent view of its load; but
+        after a round that changed nothing, with no transfer on its way that could unblock a
+        replica, they run to the end (where an engine rejects what can never fit), and so
+        they do when the clock is too far on to count a round (now + 1 s == now)."""
+        busy = [r.engine for r in self.replicas if r.engine.busy()]
+        now = min(e.now for e in busy)
+        t = now + DRAIN_ROUND_S
+        if t <= now:
+            return math.inf
+        if stalled and not any(
+            math.isfinite(s.ready_s) for e in busy for s in e.prefetching + e.swapping_in
+        ):
+            return math.inf
+        return t
+
+    def _progress_mark(self) -> tuple:
+        """What a drain round changes when it gets anywhere: steps run, requests ended."""
+        return tuple((len(r.engine.steps), r.engine.finished) for r in self.replicas)
+
     def _run(self, requests: Sequence, progress) -> ClusterResult:
         states = [ReqState(r) for r in requests]
-        order = sorted(range(len(states)), key=lambda i: (states[i].req.arrival_s, i))
+        # a request that can never arrive is routed nowhere and rejected at the end
+        never = [s for s in states if not s.req.arrival_s <= CLOCK_HORIZON_S]
+        order = sorted(
+            (i for i, s in enumerate(states) if s.req.arrival_s <= CLOCK_HORIZON_S),
+            key=lambda i: (states[i].req.arrival_s, i),
+        )
         arrivals = [states[i] for i in order]
         nxt = 0
         told = 0
+        mark = None
         while True:
             if nxt < len(arrivals):
                 t = arrivals[nxt].req.arrival_s
             elif self.decode and any(r.engine.busy() for r in self.replicas):
-                # after the last arrival, prefill replicas drain in short rounds so that the
-                # decode side is still chosen on a recent view of its load
-                t = min(r.engine.now for r in self.replicas if r.engine.busy()) + DRAIN_ROUND_S
+                before, mark = mark, self._progress_mark()
+                t = self._drain_until(stalled=before == mark)
             else:
                 break
             self._advance(self.replicas, t)
@@ -221,24 +270,41 @@ class Cluster:
         self._advance(self.replicas, math.inf)
         self._advance(self.decode, math.inf)
         self._tell_router(math.inf)
+        everyone = self.replicas + self.decode
+        end_s = max((rep.engine.now for rep in everyone), default=0.0)
+        for st in never:
+            st.replica = -1
+            why = f"never arrives (arrival at {st.req.arrival_s:.3g} s, past the clock's horizon)"
+            self._reject(st, why, end_s)
+        for st in states:  # the last guard: every request ends completed or rejected
+            if st.finish_s < 0 and not st.rejected:
+                self._reject(st, f"did not finish: {_where(st, everyone)}", end_s)
         if progress is not None:
             progress(len(states) - told)
-        everyone = self.replicas + self.decode
         by_replica: list[list] = [[] for _ in everyone]
         for st in states:
+            if st.replica < 0:
+                continue
             by_replica[st.replica].append(st)
             if st.decode_replica >= 0:
                 by_replica[len(self.replicas) + st.decode_replica].append(st)
         results = [rep.engine.result(s) for rep, s in zip(everyone, by_replica, strict=True)]
         return ClusterResult(
-            states,
-            everyone,
-            results,
-            max((rep.engine.now for rep in everyone), default=0.0),
-            [rep.engine.cfg.role for rep in everyone],
+            states, everyone, results, end_s, [rep.engine.cfg.role for rep in everyone]
         )
 
     def _count_done(self) -> int:
         """Requests completed or rejected so far (a hand-off is neither)."""
         done = sum(r.engine.finished for r in self.replicas) - self._handed_off
-        return done + sum(r.engine.finished for r in self.decode)
+        return done + sum(r.engine.finished for r in self.decode) + self._rejected
+
+
+def _where(st: ReqState, replicas) -> str:
+    """Where an unfinished request is stuck (the reason of its rejection)."""
+    for rep in replicas:
+        e = rep.engine
+        if st in e.prefetching or st in e.swapping_in:
+            return f"its KV transfer never lands (ready at {st.ready_s})"
+        if any(p[2] is st for p in e._pending):
+            return f"it never reaches its replica (at {st.ready_s})"
+    return "no replica could make progress with it"

@@ -1,6 +1,8 @@
 """Clusters on a fake step cost: routing exactly once, one clock, sessions kept together, PD."""
 
+import contextlib
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from hisim_jax.serving.kvstore import KVStore, KVStoreConfig
 from hisim_jax.serving.metrics import cluster_request_frame, cluster_summary, request_frame
 from hisim_jax.serving.router import POLICIES, Router, RouterConfig
 from hisim_jax.serving.scheduler.base import SchedulerConfig
-from hisim_jax.serving.workload import chat_sessions
+from hisim_jax.serving.workload import Request, chat_sessions
 
 BYTES_PER_TOKEN = 1e5
 
@@ -308,3 +310,81 @@ def test_decode_replicas_count_only_their_own_prefix_lookups():
             cache = rec["cache"]
             assert min(cache["l1_hit_tokens"], cache["l2_hit_tokens"], cache["miss_tokens"]) >= 0
             assert 0 <= cache["hit_rate"] <= 1
+
+
+@contextlib.contextmanager
+def ends_within(seconds: float):
+    """Fail, instead of hanging the suite, if the block runs longer than ``seconds``."""
+
+    def hang(*_):
+        raise TimeoutError(f"still running after {seconds} s: the run does not end")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _small_engine(role, l1, page, block):
+    cache = KVCacheConfig(
+        l1_tokens=l1, bytes_per_token=BYTES_PER_TOKEN, block_tokens=block, page_size=page
+    )
+    return Engine(EngineConfig(SchedulerConfig(), cache, 32, 32768, role=role), FakeCost())
+
+
+def _pd(l1=14, page=7, block=4, link=KVLink()):
+    prefill = Replica(_small_engine("prefill", l1, page, block), "p", 1, BYTES_PER_TOKEN, 1.0)
+    decode = Replica(_small_engine("decode", l1, page, block), "d", 1, BYTES_PER_TOKEN, 1.0)
+    return Cluster([prefill], Router(RouterConfig("round_robin"), 1, block), [decode], link)
+
+
+def test_drain_ends_when_a_prefill_replica_can_never_admit_its_request():
+    # pages of 7 on 4-token blocks: the cached 8 tokens of request 0 hold 14 pages, and
+    # request 1 would need them pinned beside the 7 pages of its 5 new tokens: never in a
+    # 14-token L1, though the request alone fits. The drain rounds after the last arrival
+    # used to go on forever (each round the stuck replica jumped to its end, still busy)
+    reqs = [Request(0, 0.0, 8, 1, (1, 2)), Request(1, 1.0, 12, 1, (1, 2, 3))]
+    c = _pd()
+    with ends_within(20):
+        res = c.run(reqs)
+    assert all(s.finish_s >= 0 for s in res.states)
+    assert not res.states[0].rejected
+    assert "does not fit" in res.states[1].rejected
+    assert not any(r.engine.busy() for r in c.replicas + c.decode)
+
+
+def test_kv_that_never_lands_is_rejected_with_a_reason():
+    reqs = chat(10, rate=5.0)
+    c = cluster(1, pd=1, link=KVLink(bandwidth_bytes_per_s=1e-300))  # bytes / 1e-300 = inf
+    res = c.run(reqs)
+    assert all(s.finish_s >= 0 and s.rejected for s in res.states)
+    assert all("never reaches a decode replica" in s.rejected for s in res.states)
+    assert c.router.outstanding_requests.sum() == 0
+    assert c.decode_router.routed.sum() == 0
+    for rep in c.replicas + c.decode:
+        rep.engine.cache.check_invariants()
+        assert not rep.engine.busy() and rep.engine.cache.private == 0
+    frame = cluster_request_frame(res)
+    assert frame["kv_transfer_s"].isna().all() and (frame["decode_replica"] == -1).all()
+
+
+@pytest.mark.parametrize("pd", [None, 1])
+def test_a_request_that_never_arrives_is_rejected_and_routed_nowhere(pd):
+    reqs = list(chat(10, rate=5.0))
+    reqs[3] = Request(3, float("inf"), 100, 5, ())
+    c = cluster(2, pd=pd)
+    counted = []
+    res = c.run(reqs, progress=counted.append)
+    assert sum(counted) == len(reqs)
+    assert all(s.finish_s >= 0 for s in res.states)
+    lost = res.states[3]
+    assert lost.replica == -1 and lost.rejected.startswith("never arrives")
+    assert lost.finish_s == res.simulated_s < float("inf")
+    assert all(not s.rejected for i, s in enumerate(res.states) if i != 3)
+    assert sum(len(r.states) for r in res.results[: len(c.replicas)]) == len(reqs) - 1
+    assert c.router.routed.sum() == len(reqs) - 1
+    summary = cluster_summary(res)
+    assert json.dumps(summary, allow_nan=False)  # no Infinity from the lost request
