@@ -2,18 +2,28 @@
 computed this step), padded to a power-of-two bucket with a mask so a run compiles a handful of
 shapes, not one per batch. Padded slots have ``cache_len = new_len = mask = 0``; every cost
 formula multiplies by the mask or is zero for them, so padding never changes a result.
+
+``RaggedBatches`` holds many batches as flat arrays (every request of every batch, plus the
+number of requests of each batch) and is checked once when built; ``pack_ragged`` pads them into
+bucket planes with NumPy index arithmetic, without a Python loop per batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
 MIN_BUCKET = 8
+# Token counts above this lose integer exactness in float64 (and in any case mean a bug).
+MAX_TOKENS = 2**53
+FIELDS = ("cache_len", "new_len")
 
 
 class Batch(eqx.Module):
@@ -86,4 +96,259 @@ def pack_by_bucket(
     for size in np.unique(sizes):
         idx = np.flatnonzero(sizes == size)
         out.append((idx, pack([batches[i] for i in idx], bucket=int(size))))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# many batches as flat arrays
+
+
+def _as_int_array(values, what: str) -> np.ndarray:
+    """A 1-D integer copy of ``values``; floats must hold whole numbers. Errors name ``what``."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D array, got shape {arr.shape}")
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.floor(arr)) | (np.abs(arr) > MAX_TOKENS)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{what}[{i}] must be a whole number, got {arr[i].item()!r}")
+        return arr.astype(np.int64)
+    if arr.dtype.kind in "OUSb":
+        for i, v in enumerate(arr):  # ints too large for int64, strings, bools, None...
+            _check_value(v, f"{what}[{i}]", 0)
+    raise ValueError(f"{what} must hold integers, got dtype {arr.dtype}")
+
+
+def _check_value(v, where: str, lowest: int) -> None:
+    """One token count, with a message naming where it is (the slow path of errors only)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{where} must be an integer, got {v!r}")
+    if isinstance(v, (float, np.floating)) and not (math.isfinite(v) and float(v).is_integer()):
+        raise ValueError(f"{where} must be a whole number, got {v!r}")
+    if v < lowest:
+        raise ValueError(f"{where} must be >= {lowest}, got {v!r}")
+    if v > MAX_TOKENS:
+        raise ValueError(f"{where} must be <= 2**53, got {v!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RaggedBatches:
+    """Many batches as flat integer arrays: ``cache_len`` and ``new_len`` ``[total]`` hold every
+    request of every batch in order, ``sizes`` ``[N]`` the number of requests of each batch
+    (batch ``i`` is requests ``offsets[i] : offsets[i] + sizes[i]``).
+
+    Checked when built: at least one batch, none empty, ``cache_len >= 0`` and ``new_len >= 1``
+    whole numbers; a ``ValueError`` names the batch and the field. The arrays are read-only
+    int64 copies.
+
+    >>> RaggedBatches([0, 4096, 512], [2048, 1, 1], [2, 1])   # [[(0, 2048), (4096, 1)], [(512, 1)]]
+    """
+
+    cache_len: np.ndarray
+    new_len: np.ndarray
+    sizes: np.ndarray
+
+    def __post_init__(self):
+        sizes = _as_int_array(self.sizes, "sizes")
+        if len(sizes) == 0:
+            raise ValueError("batches: expected at least one batch, got none")
+        if (sizes < 1).any():
+            raise ValueError(f"batch {int(np.argmax(sizes < 1))}: expected at least one request")
+        cols = {}
+        for name, lowest in zip(FIELDS, (0, 1), strict=True):
+            try:
+                arr = _as_int_array(getattr(self, name), name)
+            except ValueError as e:
+                raise ValueError(self._locate(sizes, str(e), name)) from None
+            if len(arr) != int(sizes.sum()):
+                raise ValueError(
+                    f"{name} holds {len(arr)} requests but sizes add up to {int(sizes.sum())}"
+                )
+            bad = (arr < lowest) | (arr > MAX_TOKENS)
+            if bad.any():
+                i = int(np.argmax(bad))
+                rule = f">= {lowest}" if arr[i] < lowest else "<= 2**53"
+                raise ValueError(
+                    f"{self._where(sizes, i)}: field '{name}' must be {rule}, got {arr[i].item()}"
+                )
+            arr.flags.writeable = False
+            cols[name] = arr
+        sizes.flags.writeable = False
+        object.__setattr__(self, "sizes", sizes)
+        for name, arr in cols.items():
+            object.__setattr__(self, name, arr)
+
+    @staticmethod
+    def _where(sizes: np.ndarray, i: int) -> str:
+        b = int(np.searchsorted(np.cumsum(sizes), i, side="right"))
+        return f"batch {b}: request {i - int(np.sum(sizes[:b]))}"
+
+    @classmethod
+    def _locate(cls, sizes: np.ndarray, message: str, name: str) -> str:
+        """Turn ``name[i] must ...`` into ``batch b: request r: field 'name' must ...``."""
+        head, sep, rest = message.partition("] ")
+        if sep and head.startswith(f"{name}[") and head[len(name) + 1 :].isdigit():
+            i = int(head[len(name) + 1 :])
+            if i < int(sizes.sum()):
+                return f"{cls._where(sizes, i)}: field '{name}' {rest}"
+        return f"field '{name}': {message}"
+
+    @classmethod
+    def from_batches(cls, batches: Sequence[Sequence[Sequence[int]]]) -> RaggedBatches:
+        """From ``[[(cache_len, new_len), ...], ...]`` (lists, tuples or ``[R, 2]`` arrays).
+
+        Fast path: every number of every batch through one flat list into one NumPy array,
+        whose inferred dtype shows a non-integer anywhere; only a bad input is walked in Python,
+        to name the batch, request and field."""
+        if isinstance(batches, cls):
+            return batches
+        try:
+            sizes = np.fromiter(map(len, batches), np.int64, len(batches))
+            chain = itertools.chain.from_iterable
+            if set(map(len, chain(batches))) - {2}:
+                raise TypeError
+            flat = np.array(list(chain(chain(batches))))
+        except (TypeError, ValueError):
+            _explain(batches)
+            raise
+        if flat.dtype.kind not in "iuf" or flat.ndim != 1 or len(flat) != 2 * int(sizes.sum()):
+            _explain(batches)
+        pairs = flat.reshape(-1, 2)
+        return cls(pairs[:, 0], pairs[:, 1], sizes)
+
+    @classmethod
+    def from_frame(
+        cls, frame, batch: str = "batch_id", cache_len: str = "cache_len", new_len: str = "new_len"
+    ) -> RaggedBatches:
+        """From a DataFrame with one row per request and a batch-id column: batches in order of
+        first appearance, requests in row order within each batch (rows of a batch need not be
+        adjacent)."""
+        for col in (batch, cache_len, new_len):
+            if col not in frame.columns:
+                raise ValueError(
+                    f"frame: no column {col!r} (columns: {', '.join(map(str, frame.columns))})"
+                )
+        if len(frame) == 0:
+            raise ValueError("frame: expected at least one batch, got no rows")
+        ids = frame[batch].to_numpy()
+        _, first, inverse, sizes = np.unique(
+            ids, return_index=True, return_inverse=True, return_counts=True
+        )
+        # number the batches by first appearance, then order rows by batch (stable: row order kept)
+        rank = np.empty(len(first), np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        order = np.argsort(rank[inverse.reshape(-1)], kind="stable")
+        columns = {}
+        for name, col in zip(FIELDS, (cache_len, new_len), strict=True):
+            values = frame[col].to_numpy()
+            if values.dtype.kind not in "iuf":  # object columns: numbers only, no strings or NA
+                for i, v in enumerate(values):
+                    if not _is_number(v):
+                        raise ValueError(
+                            f"frame: row {i} (batch {ids[i]!r}): field '{name}' "
+                            f"must be an integer, got {v!r}"
+                        )
+                values = np.array(values.tolist())
+            columns[name] = values[order]
+        return cls(columns["cache_len"], columns["new_len"], sizes[np.argsort(first)])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """``[N]`` index of each batch's first request in the flat arrays."""
+        out = np.zeros(len(self.sizes), np.int64)
+        np.cumsum(self.sizes[:-1], out=out[1:])
+        return out
+
+    def __getitem__(self, i: int) -> RaggedBatches:
+        """Batch ``i`` alone."""
+        i = range(len(self))[i]
+        start = int(self.offsets[i])
+        end = start + int(self.sizes[i])
+        return RaggedBatches(
+            self.cache_len[start:end], self.new_len[start:end], self.sizes[i : i + 1]
+        )
+
+    def to_lists(self) -> list[list[tuple[int, int]]]:
+        pairs = list(zip(self.cache_len.tolist(), self.new_len.tolist(), strict=True))
+        ends = np.cumsum(self.sizes).tolist()
+        return [pairs[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
+
+
+def _explain(batches) -> None:
+    """Raise the ValueError naming the first bad batch, request and field (slow path)."""
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, (Sequence, np.ndarray)):
+        raise ValueError(f"batches: expected a list of batches, got {type(batches).__name__}")
+    if len(batches) == 0:
+        raise ValueError("batches: expected at least one batch, got none")
+    for b, batch in enumerate(batches):
+        if isinstance(batch, (str, bytes)) or not isinstance(batch, (Sequence, np.ndarray)):
+            raise ValueError(f"batch {b}: expected a list of (cache_len, new_len), got {batch!r}")
+        if len(batch) == 0:
+            raise ValueError(f"batch {b}: expected at least one request")
+        for r, req in enumerate(batch):
+            if (
+                isinstance(req, (str, bytes))
+                or not isinstance(req, (Sequence, np.ndarray))
+                or len(req) != 2
+            ):
+                raise ValueError(
+                    f"batch {b}: request {r}: expected (cache_len, new_len), got {req!r}"
+                )
+            for name, v, lowest in zip(FIELDS, req, (0, 1), strict=True):
+                _check_value(v, f"batch {b}: request {r}: field '{name}'", lowest)
+    raise ValueError("batches: expected (cache_len, new_len) integer pairs")
+
+
+def bucket_sizes(sizes: np.ndarray, minimum: int = MIN_BUCKET) -> np.ndarray:
+    """``bucket_size`` of every entry of an int array: the exponent frexp returns for
+    ``size - 1`` is its bit length (exact for integers below 2**53)."""
+    bits = np.frexp(np.asarray(sizes, np.float64) - 1.0)[1].astype(np.int64)
+    return np.maximum(minimum, np.left_shift(1, np.maximum(bits, 0)))
+
+
+def bucket_rows(bucket: int, cells: int = 1 << 18, most: int = 4096) -> int:
+    """Batches per call for a bucket: about ``cells`` padded requests per call (a few MB of
+    planes), at most ``most``."""
+    return max(1, min(most, cells // bucket))
+
+
+def pack_ragged(rb: RaggedBatches, dtype=np.float64, groups=None):
+    """Pad ``rb`` into ``[3, n, R]`` planes (cache_len, new_len, mask) per power-of-two bucket
+    ``R``, by index arithmetic (no Python loop per batch). ``groups`` (an int array ``[N]``,
+    optional) splits each bucket further, e.g. by the cost graph a batch needs. Returns a list of
+    ``(positions, planes)``, positions ``[n]`` of the batches in ``rb``."""
+    sizes = rb.sizes
+    buckets = bucket_sizes(sizes)
+    starts = rb.offsets
+    key = buckets if groups is None else buckets * 2 + groups  # buckets are even
+    out = []
+    for k in np.unique(key):
+        idx = np.flatnonzero(key == k)
+        size = int(buckets[idx[0]])
+        n = sizes[idx]
+        total = int(n.sum())
+        # for every request of these batches: its row (batch within the group) and column
+        row = np.repeat(np.arange(len(idx)), n)
+        first = np.cumsum(n) - n
+        col = np.arange(total) - np.repeat(first, n)
+        src = np.repeat(starts[idx] - first, n) + np.arange(total)
+        planes = np.zeros((3, len(idx), size), dtype)
+        planes[0, row, col] = rb.cache_len[src]
+        planes[1, row, col] = rb.new_len[src]
+        planes[2, row, col] = 1.0
+        out.append((idx, planes))
     return out

@@ -109,10 +109,11 @@ def hw_arrays(spec: HardwareSpec) -> HwArrays:
 
 
 def stack(trees):
-    """Stack equal-structured pytrees (e.g. several HwArrays) along a new leading axis."""
+    """Stack equal-structured pytrees (e.g. several HwArrays) along a new leading axis, as
+    numpy leaves (a jnp stack would compile a program per leaf shape on every start)."""
     import jax
 
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
 def gemm_peak_flops(dims: ModelDims, hw: HwArrays, xp=jnp):

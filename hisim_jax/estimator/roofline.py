@@ -23,9 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hisim_jax import compile_cache
 from hisim_jax.estimator import ops
 from hisim_jax.estimator.attention import fa2 as attn
-from hisim_jax.estimator.batch import Batch, bucket_size, pack, pack_by_bucket
+from hisim_jax.estimator.batch import (
+    Batch,
+    RaggedBatches,
+    bucket_rows,
+    bucket_size,
+    pack_ragged,
+)
 from hisim_jax.estimator.ops import HwArrays, ModelDims
 from hisim_jax.paths import data_dir
 from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model
@@ -410,15 +417,44 @@ def load_calibration(path: str | Path | None = None, hardware_name: str = DEFAUL
 # Python API
 
 
-# Jitted single-batch and decode-stretch functions with one Estimator's parameters, model and
-# GPUs baked in as constants, shared by Estimators whose flattened values are equal.
-_BAKED: dict = {}
+# Compiled programs with one Estimator's parameters, model and GPUs baked in as constants, by
+# (kind, values, argument shapes): shared by Estimators whose flattened values are equal.
+_PROGRAMS: dict = {}
+
+# The decode-stretch shape family: requests padded to a power of two of at least
+# DECODE_MIN_WIDTH (below it a call costs the same: dispatch dominates), steps cut into calls of
+# DECODE_ROWS (fewer rows when the batch is wide). One shape per width, so a run compiles one
+# or two decode programs instead of a dozen.
+DECODE_MIN_WIDTH = 64
+DECODE_ROWS = 64
+DECODE_CELLS = 8192
+# The single-batch program: requests padded to a power of two of at least this.
+SINGLE_MIN_WIDTH = 64
+
+
+def decode_shape(slots: int) -> tuple[int, int]:
+    """(requests, steps) of the decode program for a stretch with up to ``slots`` slots."""
+    width = bucket_size(slots, DECODE_MIN_WIDTH)
+    return width, max(16, min(DECODE_ROWS, DECODE_CELLS // width))
 
 
 def _host_float():
     """The numpy dtype of JAX's default float: arrays already in it skip a conversion per call
     (about 30 µs of a 70 µs simulator call)."""
     return np.float64 if jax.config.jax_enable_x64 else np.float32
+
+
+def _single_batch(batch) -> np.ndarray | None:
+    """``[R, 2]`` int array of one batch of plain integer pairs, checked; None when it needs
+    the general path (floats, other types, a bad value: RaggedBatches names the problem)."""
+    try:
+        arr = np.asarray(batch)
+    except ValueError:
+        return None
+    if arr.dtype.kind not in "iu" or arr.ndim != 2 or arr.shape[1] != 2 or not len(arr):
+        return None
+    low = arr.min(axis=0)
+    return arr if low[0] >= 0 and low[1] >= 1 else None
 
 
 class Estimator:
@@ -439,6 +475,7 @@ class Estimator:
         backend: str = "fa2",
         act_dtype: str | None = None,
     ):
+        compile_cache.enable()  # before the first compile of this process (see compile_cache)
         self.model = model if isinstance(model, ModelSpec) else load_model(model)
         hw_list = [hardware] if isinstance(hardware, (str, Path, HardwareSpec)) else list(hardware)
         if not hw_list:
@@ -463,68 +500,106 @@ class Estimator:
             self.params = as_float_params(load_calibration(calibration, self.hardware[0].name))
         self.hws = ops.stack([ops.hw_arrays(h) for h in self.hardware])
         leaves, self._treedef = jax.tree.flatten((self.params, self.dims, self.hws))
-        self._shapes = tuple(tuple(leaf.shape) for leaf in leaves)
-        self._theta = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+        self._shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
+        # numpy, not jnp: a jnp concatenate would compile two tiny programs on every start
+        self._theta = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in leaves])
         self._needs = {a: Needs(self.model.is_moe, tp > 1, a) for a in ("any", "decode", "prefill")}
-        self._baked_fns: dict = {}  # (kind, attention) -> jitted function, see _baked
+        self._programs: dict = {}  # (kind, attention, shapes) -> compiled program
 
-    def _baked(self, kind: str, attention: str):
-        """``step_seconds_flat`` (kind "flat") or ``decode_seconds_flat`` (kind "decode") with
+    def _program(self, kind: str, attention: str, shape: tuple[int, ...]):
+        """``step_seconds_flat`` (kind "flat", planes ``[3, *shape]``) or
+        ``decode_seconds_flat`` (kind "decode", ``shape`` = (requests, steps)) compiled with
         this Estimator's values as compile-time constants. XLA then folds every expression of
         parameters, model and GPU, which otherwise runs as a kernel of its own on each call:
-        a decode stretch compiles to 14 kernels instead of 29, ~19 µs instead of ~29 µs."""
-        fn = self._baked_fns.get((kind, attention))
+        a decode stretch compiles to 14 kernels instead of 29, ~19 µs instead of ~29 µs.
+        Compiled programs persist in the cache folder (see ``compile_cache``), so a later run
+        loads them without tracing or lowering."""
+        fn = self._programs.get((kind, attention, shape))
         if fn is not None:
             return fn
-        theta = np.asarray(self._theta)
+        theta = np.asarray(self._theta, _host_float())
         needs = self._needs[attention]
-        key = (kind, theta.tobytes(), self._treedef, self._shapes, self.backend, needs)
-        fn = _BAKED.get(key)
+        parts = (theta.tobytes(), self._treedef, self._shapes, self.backend, needs)
+        dtype = _host_float()
+        if kind == "decode":
+            width, rows = shape
+            args = (np.zeros(width, dtype), np.zeros(rows, dtype), np.ones(rows, dtype))
+        else:
+            args = (np.zeros((3, *shape), dtype),)
+        key = (kind, parts, tuple((a.shape, a.dtype.str) for a in args))
+        fn = _PROGRAMS.get(key)
         if fn is None:
             treedef, shapes, be = self._treedef, self._shapes, self.backend
             if kind == "decode":
                 raw = decode_seconds_flat.__wrapped__
 
-                def fn(ctx, active, padded):
+                def baked(ctx, active, padded):
                     return raw(theta, ctx, active, padded, treedef, shapes, be, needs)
             else:
                 raw = step_seconds_flat.__wrapped__
 
-                def fn(cnm):
+                def baked(cnm):
                     return raw(theta, cnm, treedef, shapes, be, needs)
 
-            fn = _BAKED[key] = jax.jit(fn)
-        self._baked_fns[kind, attention] = fn
+            fn = compile_cache.executable(jax.jit(baked), args, kind, parts)
+            _PROGRAMS[key] = fn
+        self._programs[kind, attention, shape] = fn
         return fn
 
-    def _flat_call(self, cnm: np.ndarray, attention: str = "any") -> np.ndarray:
-        return np.asarray(self._baked("flat", attention)(cnm))
+    def _single(self, arr: np.ndarray) -> np.ndarray:
+        """Seconds ``[H]`` of one checked batch ``[R, 2]`` (the simulator's prefill steps)."""
+        dtype = _host_float()
+        r = len(arr)
+        cnm = np.zeros((3, 1, bucket_size(r, SINGLE_MIN_WIDTH)), dtype)
+        cnm[:2, 0, :r] = arr.T
+        cnm[2, 0, :r] = 1.0
+        # prompts (any new_len > 1) take the standard grid; pure decodes may fold heads
+        attention = "prefill" if arr[:, 1].max() > 1 else "any"
+        return np.asarray(self._program("flat", attention, cnm.shape[1:])(cnm))[0]
 
-    @staticmethod
-    def _as_batches(batches) -> list:
-        if batches and isinstance(batches[0], (tuple, list)) and batches[0]:
-            if isinstance(batches[0][0], (int, np.integer)):
-                return [batches]  # a single batch
-        return list(batches)
+    def _ragged(self, batches: RaggedBatches) -> np.ndarray:
+        """Seconds ``[N, H]``: batches grouped by bucket and by the cost graph they need (a
+        batch with a prompt never takes FA2's decode path), cut into calls of a few MB."""
+        dtype = _host_float()
+        # 1: a request computes more than one token (then only the standard grid applies)
+        has_prompt = (np.maximum.reduceat(batches.new_len, batches.offsets) > 1).astype(np.int64)
+        out = np.empty((len(batches), len(self.hardware)))
+        for idx, planes in pack_ragged(batches, dtype, has_prompt):
+            attention = "prefill" if has_prompt[idx[0]] else self._decode_attention
+            width = planes.shape[2]
+            rows = bucket_rows(width)
+            for i0 in range(0, len(idx), rows):
+                part = planes[:, i0 : i0 + rows]
+                n = part.shape[1]
+                if n < rows:  # the last call: pad to a power of two (few shapes, <= 2x work)
+                    pad = bucket_size(n, 1)
+                    part = (
+                        np.concatenate([part, np.zeros((3, pad - n, width), dtype)], axis=1)
+                        if pad > n
+                        else part
+                    )
+                fn = self._program("flat", attention, part.shape[1:])
+                out[idx[i0 : i0 + n]] = np.asarray(fn(part))[:n]
+        return out
 
     def step_latency_s(self, batches) -> np.ndarray:
-        """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several. Batches are
-        grouped by power-of-two bucket, one vectorized call per bucket."""
-        batches = self._as_batches(batches)
-        if len(batches) == 1:  # the simulator's prefill steps: straight to one array
-            arr = np.asarray(batches[0], _host_float()).reshape(-1, 2)
-            cnm = np.zeros((3, 1, bucket_size(len(arr))), _host_float())
-            cnm[:2, 0, : len(arr)] = arr.T
-            cnm[2, 0, : len(arr)] = 1.0
-            # prompts (any new_len > 1) take the standard grid; pure decodes may fold heads
-            out = self._flat_call(cnm, "prefill" if arr[:, 1].max() > 1 else "any")
-            return out[:, 0] if len(self.hardware) == 1 else out
-        out = np.zeros((len(batches), len(self.hardware)))
-        for idx, packed in pack_by_bucket(batches):
-            # numpy leaves go straight in: jit canonicalizes them to the default float dtype
-            out[idx] = np.asarray(
-                step_seconds_grid(self.params, self.dims, packed, self.hws, self.backend)
+        """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several.
+
+        ``batches``: a ``RaggedBatches``, a list of batches ``[[(cache_len, new_len), ...],
+        ...]`` or one batch ``[(cache_len, new_len), ...]``. Invalid token counts raise a
+        ValueError naming the batch, request and field."""
+        if not isinstance(batches, RaggedBatches):
+            single = _single_batch(batches[0]) if _one_batch(batches) else None
+            if single is not None:  # the simulator's prefill steps: straight to one array
+                out = self._single(single)[None]
+                return out[:, 0] if len(self.hardware) == 1 else out
+            batches = RaggedBatches.from_batches(
+                [batches] if _looks_like_one_batch(batches) else batches
             )
+        if len(batches) == 1:
+            out = self._single(np.stack([batches.cache_len, batches.new_len], axis=1))[None]
+        else:
+            out = self._ragged(batches)
         return out[:, 0] if len(self.hardware) == 1 else out
 
     def decode_steps_s(self, context: np.ndarray, steps: int, padded=0, active=None) -> np.ndarray:
@@ -534,34 +609,60 @@ class Estimator:
         output, longest first), and the batch is padded with one-token dummies to ``padded[j]``
         requests (CUDA-graph replay). ``active`` defaults to all, ``padded`` may be one int.
 
-        Three small vectors go in and the planes are built inside the jit, padded to a few
-        coarse shapes (steps to 16, 64 or 256, requests to a power of two), so a simulation
-        compiles a handful of shapes and costs a whole decode stretch in one call."""
+        Three small vectors go in and the planes are built inside the jit, on one shape family
+        (``decode_shape``: requests padded to a power of two >= 64, steps cut into calls of 64
+        or fewer rows), so a simulation compiles one or two decode programs and costs a whole
+        decode stretch in one call or a few."""
         n = len(context)
         dtype = _host_float()
-        k = (
-            16
-            if steps <= 16
-            else 64
-            if steps <= 64
-            else max(256, 1 << max(0, steps - 1).bit_length())
-        )
-        act = np.zeros(k, dtype)  # rows past the stretch: no request decodes...
-        pad = np.full(k, 1.0, dtype)  # ...and a one-token dummy keeps them well defined
-        act[:steps] = n if active is None else np.asarray(active)[:steps]
-        pad[:steps] = np.maximum(padded, act[:steps])
-        width = max(8, 1 << (max(int(pad.max()), 1) - 1).bit_length())
+        act = np.empty(steps, dtype)
+        act[:] = n if active is None else np.asarray(active)[:steps]
+        pad = np.maximum(padded, act).astype(dtype, copy=False)
+        width, rows = decode_shape(max(int(pad.max()), 1))
         ctx = np.zeros(width, dtype)
         ctx[:n] = context
-        out = self._baked("decode", self._decode_attention)(ctx, act, pad)
-        return np.asarray(out)[:steps, 0]
+        fn = self._program("decode", self._decode_attention, (width, rows))
+        if steps == rows:
+            return np.asarray(fn(ctx, act, pad))[:, 0]
+        out = np.empty(steps, dtype)
+        for j0 in range(0, steps, rows):
+            m = min(rows, steps - j0)
+            a = np.zeros(rows, dtype)  # rows past the stretch: no request decodes...
+            p = np.ones(rows, dtype)  # ...and a one-token dummy keeps them well defined
+            a[:m] = act[j0 : j0 + m]
+            p[:m] = pad[j0 : j0 + m]
+            # step j0 + s sees ctx + j0 + s tokens: whole numbers, so the sum is exact
+            out[j0 : j0 + m] = np.asarray(fn(ctx + dtype(j0) if j0 else ctx, a, p))[:m, 0]
+        return out
 
     def breakdown_s(self, batch, hardware_index: int = 0) -> dict[str, float]:
-        """Per-operator seconds of one batch on one of the GPUs."""
-        b = jax.tree.map(lambda x: ops._float(x[0]), pack(self._as_batches(batch)[:1]))
+        """Per-operator seconds of one batch (a list of pairs, or a ``RaggedBatches`` of one
+        batch) on one of the GPUs."""
+        rb = batch if isinstance(batch, RaggedBatches) else RaggedBatches.from_batches([batch])
+        if len(rb) != 1:
+            raise ValueError(f"breakdown_s: expected one batch, got {len(rb)}")
+        cnm = pack_ragged(rb)[0][1][:, 0]
+        b = Batch(*(ops._float(x) for x in cnm))
         hw = jax.tree.map(lambda x: x[hardware_index], self.hws)
         parts = breakdown_one(self.params, self.dims, b, hw, self.backend)
         return {k: float(v) for k, v in parts.items()}
+
+
+def _one_batch(batches) -> bool:
+    """Whether ``batches`` may be a list holding one batch (the simulator's prefill call)."""
+    return isinstance(batches, (list, tuple)) and len(batches) == 1
+
+
+def _looks_like_one_batch(batches) -> bool:
+    """``[(c, n), ...]`` (one batch) rather than ``[[(c, n), ...], ...]``."""
+    if not isinstance(batches, (list, tuple)) or not batches:
+        return False
+    first = batches[0]
+    return (
+        isinstance(first, (tuple, list))
+        and len(first) > 0
+        and isinstance(first[0], (int, float, np.integer, np.floating))
+    )
 
 
 __all__ = [
