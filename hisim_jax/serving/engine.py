@@ -673,6 +673,9 @@ class Engine:
 
     def submit(self, st: ReqState) -> None:
         """A request that arrives here at its arrival time (now, if that has passed)."""
+        if not math.isfinite(st.req.arrival_s):  # it would wait in the heap for ever
+            self._give_up(st, f"never arrives (arrival at {st.req.arrival_s} s)", self.now)
+            return
         self._push_pending(st, st.req.arrival_s)
 
     def _push_pending(self, st: ReqState, t: float) -> None:
@@ -726,8 +729,12 @@ class Engine:
             elif self.running:
                 now = self._decode_stretch(now, upcoming)
             else:
-                # waiting requests that cannot be admitted now; nothing runs to free memory
-                if self.chunked is not None and upcoming == math.inf:
+                # waiting requests that cannot be admitted now; nothing runs to free memory,
+                # and with no KV transfer in flight nothing will (arrivals only add demand):
+                # what is blocked now is blocked for good, so it ends here with its reason
+                # rather than stalling the replica until the last arrival
+                stuck = upcoming == math.inf or not (self.prefetching or self.swapping_in)
+                if self.chunked is not None and stuck:
                     st, self.chunked = self.chunked, None  # its next chunk can never fit
                     self.cache.release(st.hit_nodes, now, touch=False)
                     st.hit_nodes = []
@@ -736,11 +743,11 @@ class Engine:
                     self._give_up(st, "prompt does not fit in the KV cache beside cached data", now)
                     continue
                 blocked = self.waiting[0] if self.waiting else None
-                if blocked is not None and upcoming == math.inf and not self.swapped:
+                if blocked is not None and stuck and not self.swapped:
                     self.waiting.popleft()
                     self._give_up(blocked, "does not fit in the KV cache beside cached data", now)
                     continue
-                if self.swapped and upcoming == math.inf:
+                if self.swapped and stuck:
                     st = self.swapped.popleft()  # nothing will free the memory it needs
                     self._drop_swapped_kv(st)
                     self._give_up(st, "swapped out and does not fit back beside cached data", now)
