@@ -128,6 +128,7 @@ class PrefixHit:
     tier_of: list = field(default_factory=list)  # per node: L1, L2 or L3
     tokens: list = field(default_factory=lambda: [0, 0, 0])  # hit tokens per tier
     lower_pages: int = 0  # pages to bring into L1 from L2/L3
+    lower_nodes: int = 0  # blocks to bring (one inside a page its parent holds adds no page)
     unpinned_l1_pages: int = 0  # L1 pages nobody pins yet (evictable until acquired)
 
     @property
@@ -291,7 +292,7 @@ class KVCache:
         nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
         node = self.root
         bt = self.cfg.block_tokens
-        covered = lower = unpinned = 0
+        covered = lower = lower_nodes = unpinned = 0
         src = L1
         shared = self.shared
         for bid in block_ids:  # hot path: kept flat
@@ -324,11 +325,12 @@ class KVCache:
             tokens[src] += block_len
             if tier:
                 lower += child.pages
+                lower_nodes += 1
             elif not child.pins:
                 unpinned += child.pages
             covered += block_len
             node = child
-        hit.lower_pages, hit.unpinned_l1_pages = lower, unpinned
+        hit.lower_pages, hit.lower_nodes, hit.unpinned_l1_pages = lower, lower_nodes, unpinned
         if whole:
             return hit
         if self.cfg.page_size > 1:
@@ -351,6 +353,7 @@ class KVCache:
             tokens[_served_from(n, t)] -= n.tokens
             if t != L1:
                 hit.lower_pages -= n.pages
+                hit.lower_nodes -= 1
             elif not n.pins:
                 hit.unpinned_l1_pages -= n.pages
         if nodes:
@@ -463,7 +466,7 @@ class KVCache:
         """Pin a hit's nodes in L1 for a request, loading its L2/L3 part into L1 first.
         Returns when the loaded bytes have landed (``now`` if all were in L1), or None, with
         nothing pinned, if L1 cannot make room."""
-        if not hit.lower_pages:  # all in L1 (the common case): nothing to load
+        if not hit.lower_nodes:  # all in L1 (the common case): nothing to load
             self.pin(hit.nodes)
             return now
         l1_nodes = [n for n, t in zip(hit.nodes, hit.tier_of, strict=True) if t == L1]
