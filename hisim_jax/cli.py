@@ -1,22 +1,84 @@
 """The ``hisim`` command line: thin commands that parse options and call the package.
 
-Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a traceback;
-files are written to a temporary name and renamed, so nothing already written is corrupted.
+Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a traceback:
+usage errors (an unknown command or option, a value of the wrong type) as well as bad files
+and values. Output paths are checked before any work; files are written to a temporary name
+and renamed, so nothing already written is corrupted.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from enum import Enum
 from pathlib import Path
 
 import typer
+import typer.core
 
-from hisim_jax.paths import data_dir, write_atomic
+from hisim_jax import files
+from hisim_jax.files import write_atomic
+from hisim_jax.paths import data_dir
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _click_exceptions():
+    """The exceptions of the click that typer parses with: vendored as ``typer._click`` since
+    typer 0.2x, the ``click`` package before."""
+    vendored = getattr(typer.core, "_click", None)
+    if vendored is not None:
+        return vendored.exceptions
+    import click
+
+    return click.exceptions
+
+
+def _given_value(param, args) -> str:
+    """``, got 'VALUE'`` for the value given to option ``param`` on the command line ('' if none)."""
+    opts = getattr(param, "opts", None) or []
+    args = [str(a) for a in args]
+    for i, a in enumerate(args):
+        for opt in opts:
+            if a == opt and i + 1 < len(args):
+                return f", got {args[i + 1]!r}"
+            if a.startswith(f"{opt}="):
+                return f", got {a[len(opt) + 1 :]!r}"
+    return ""
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's usage errors (unknown command or option, a missing or mistyped value) as one
+    line ``error: options: ...`` with exit code 2, like every other bad input, instead of
+    typer's multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        exc = _click_exceptions()
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except exc.ClickException as e:
+            if not standalone_mode:
+                raise
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            got = _given_value(getattr(e, "param", None), sys.argv[1:] if args is None else args)
+            msg = _one_line(e.format_message()).rstrip(".") + got
+            typer.echo(f"error: options: {msg}{hint}", err=True)
+            sys.exit(2)
+        except exc.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=False,
     help="hisim-jax: simulate LLM serving on CPUs: step latency, engine, KV-cache tiers.",
@@ -60,11 +122,47 @@ def handles_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (SpecError, ValueError, FileNotFoundError, IsADirectoryError, KeyError) as e:
+        except (SpecError, ValueError, KeyError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             _fail(msg)
+        except OSError as e:  # a read or write the loaders did not foresee: still one line
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or _one_line(str(e)) or type(e).__name__}")
 
     return wrapper
+
+
+def _check_options(**ranges) -> None:
+    """``name=(value, lo, closed, hi)`` for options that must lie in a range (None: not given)."""
+    from hisim_jax.simulation import range_error
+
+    for name, (v, lo, closed, hi) in ranges.items():
+        if v is not None and (why := range_error(name, v, lo, closed, hi)):
+            raise ValueError(f"options: {why}")
+
+
+def _check_calibration(path) -> None:
+    if path is not None:
+        from hisim_jax.estimator.calibrate import check_calibration_file
+
+        check_calibration_file(path)
+
+
+def _estimator(*args, **kwargs):
+    """An Estimator; a combination of options the model refuses (tp, dtypes) names options."""
+    from hisim_jax.estimator.roofline import Estimator
+    from hisim_jax.specs import SpecError
+
+    try:
+        return Estimator(*args, **kwargs)
+    except SpecError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"options: {e}") from None
+
+
+def _echo_json(obj) -> None:
+    typer.echo(files.strict_json(obj, indent=2, sort_keys=True))
 
 
 def _progress():
@@ -130,18 +228,21 @@ def estimate(
 ):
     """Predict the latency of one forward step (or of every row of a CSV of batches)."""
     from hisim_jax.estimator.batch import parse_batch
-    from hisim_jax.estimator.roofline import Estimator
 
+    _check_options(tp=(tp, 1, True, 1024))
+    _check_calibration(calibration)
     if batches is not None:
         if batch is not None:
             raise ValueError("give either --batch or --batches, not both")
+        if out is not None:
+            files.check_output_file(out)
         return _estimate_csv(
             batches, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt
         )
     if out is not None:
         raise ValueError("--out goes with --batches")
     parsed = parse_batch(batch or DEFAULT_BATCH, where="--batch")
-    est = Estimator(model, hardware, tp, weight_dtype, kv_dtype, calibration, act_dtype=act_dtype)
+    est = _estimator(model, hardware, tp, weight_dtype, kv_dtype, calibration, act_dtype=act_dtype)
     lat = est.step_latency_s([parsed]).reshape(1, -1)[0]
     parts = [est.breakdown_s(parsed, i) for i in range(len(hardware))] if breakdown else None
     rows = [
@@ -152,7 +253,7 @@ def estimate(
         if parts:
             for r, p in zip(rows, parts, strict=True):
                 r["breakdown_ms"] = {k: v * 1e3 for k, v in p.items()}
-        typer.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        typer.echo(files.strict_json(rows if len(rows) > 1 else rows[0], indent=2))
     elif fmt == Format.csv:
         typer.echo("model,hardware,tp,predicted_ms")
         for r in rows:
@@ -224,6 +325,7 @@ def calibrate(
     from hisim_jax.estimator.calibrate import calibrate_dir, calibration_document
     from hisim_jax.specs import load_hardware
 
+    files.check_output_file(out)
     hw = load_hardware(hardware)
     profiles = profiles or _default_profiles()
     with _progress() as prog:
@@ -233,7 +335,7 @@ def calibrate(
         )
     doc = calibration_document(result.params, hw, report, str(profiles), result.eager_s)
     write_atomic(
-        out, lambda p: Path(p).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        out, lambda p: Path(p).write_text(files.strict_json(doc, indent=2, sort_keys=True) + "\n")
     )
     _table(
         f"fit on {profiles} ({report['rows']} steps)",
@@ -270,14 +372,17 @@ def validate_steps_cmd(
     from hisim_jax.specs import load_hardware
     from hisim_jax.validate.steps import validate_steps
 
+    _check_options(tp=(tp, 1, True, 1024))
+    for path in (out, plot):
+        if path is not None:
+            files.check_output_file(path)
     hw = load_hardware(hardware)
     profile = profile or (_default_profiles() / "steps.csv")
+    _check_calibration(calibration)
     params = load_calibration(calibration, hw.name)
     result = validate_steps(profile, hw, params, tp=tp)
     f = result.frame
-    if out is not None:
-        write_atomic(out, lambda p: f.to_csv(p, index=False))
-    if plot is not None:
+    if plot is not None:  # the plot first: a failing plot leaves no new CSV behind
         groups = f["kind"].to_numpy() if "kind" in f.columns else None
         predicted_vs_measured(  # writes through a temporary file itself
             f["measured_ms"].to_numpy(),
@@ -286,8 +391,10 @@ def validate_steps_cmd(
             plot,
             title=f"{Path(profile).name} on {hw.name}: MAPE {result.report['mape']:.1%}",
         )
+    if out is not None:
+        write_atomic(out, lambda p: f.to_csv(p, index=False))
     if fmt == Format.json:
-        typer.echo(json.dumps(result.report, indent=2))
+        _echo_json(result.report)
     elif fmt == Format.csv:
         typer.echo("scope,name,mape")
         for s, n, v in _report_rows(result.report):
@@ -331,6 +438,12 @@ def validate_cache_cmd(
     from hisim_jax.serving.workload import load_trace
     from hisim_jax.validate.cache import replay_cache
 
+    _check_options(
+        limit=(limit, 1, True, None), block_tokens=(block_tokens, 1, True, None),
+        l1_tokens=(l1_tokens, 1, True, None), l2_tokens=(l2_tokens, 0, True, None),
+        l3_tokens=(l3_tokens, 0, True, None), page_size=(page_size, 1, True, None),
+        bytes_per_token=(bytes_per_token, 0, False, 1e12),
+    )  # fmt: skip
     extra = {"block_tokens": block_tokens} if block_tokens is not None else {}
     work = load_trace(trace, trace_format, skip_bad_lines=skip_bad_lines, limit=limit, **extra)
     cfg = KVCacheConfig(
@@ -345,7 +458,7 @@ def validate_cache_cmd(
 def _print_report(title: str, report: dict, fmt: Format) -> None:
     """A flat or one-level-nested report as JSON, CSV (name,value) or a table."""
     if fmt == Format.json:
-        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+        _echo_json(report)
         return
     flat = [[k, v] for k, v in report.items() if not isinstance(v, dict)] + [
         [f"{k} {kk}", vv] for k, v in report.items() if isinstance(v, dict) for kk, vv in v.items()
@@ -375,8 +488,8 @@ def validate_scheduler_cmd(
 ):
     """Replay a scheduler log's workload through the simulator and report queue-residency and
     ordering differences."""
-    from hisim_jax.simulation import SimulationOptions, run
-    from hisim_jax.validate.scheduler import compare_schedules, read_step_log
+    from hisim_jax.simulation import SimulationOptions, build_workload, run
+    from hisim_jax.validate.scheduler import check_request_ids, compare_schedules, read_step_log
 
     given = {
         "trace": str(trace) if trace else None, "trace_format": trace_format, "limit": limit,
@@ -384,7 +497,9 @@ def validate_scheduler_cmd(
     }  # fmt: skip
     opts = SimulationOptions.resolve(config, given)
     logged = read_step_log(log)
-    result = run(opts)
+    work = build_workload(opts)
+    check_request_ids(logged, len(work.requests), str(log))
+    result = run(opts, workload=work)
     arrivals = {r.request_id: r.arrival_s for r in result.workload.requests}
     report = compare_schedules(logged, result.steps, arrivals)
     _print_report(f"scheduler log {log} vs simulation", report, fmt)
@@ -478,6 +593,7 @@ def simulate(
         values = read_config(config)
         opts = SimulationOptions.from_config(values, given, where=str(config))
         out = out or Path(values.get("out") or "hisim-out")
+    files.check_output_dir(out)  # before the run: a folder it cannot write fails now
     with _progress() as prog:
         task = prog.add_task("simulating", total=None)
 
@@ -485,10 +601,10 @@ def simulate(
             prog.update(task, total=total, advance=delta)
 
         result = run(opts, progress=advance)
-    files = write_outputs(result, out)
+    written = write_outputs(result, out)
     s = result.summary
     if fmt == Format.json:
-        typer.echo(json.dumps(s, indent=2, sort_keys=True))
+        _echo_json(s)
         return
     if fmt == Format.csv:
         metrics = {k: v for k, v in s.items() if k not in ("options", "replica", "workload")}
@@ -543,7 +659,7 @@ def simulate(
             ["busy s max / mean", f"{c['load_imbalance_busy']:.2f}"],
         ]
     _table(title, ["name", "value"], rows)
-    typer.echo(f"wrote {', '.join(str(f) for f in files)}", err=True)
+    typer.echo(f"wrote {', '.join(str(f) for f in written)}", err=True)
 
 
 @app.command("list")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hisim_jax.paths import write_atomic
+from hisim_jax.files import write_atomic
 
 
 def predicted_vs_measured(

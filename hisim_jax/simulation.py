@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
-
+from hisim_jax import files
+from hisim_jax.estimator.calibrate import check_calibration_file
 from hisim_jax.estimator.ops import DTYPE_BYTES
 from hisim_jax.estimator.roofline import Estimator
-from hisim_jax.paths import write_atomic
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.cluster import Cluster, KVLink, Replica
 from hisim_jax.serving.engine import Engine, EngineConfig
@@ -36,45 +36,53 @@ from hisim_jax.serving.scheduler.base import SchedulerConfig
 from hisim_jax.specs import SpecError
 
 # Numeric options and the range each must lie in: (lowest, whether lowest itself is allowed,
-# highest). Checked up front so a bad value is named with its field, not found deep in a run.
+# highest or None). Checked up front so a bad value is named with its field, not found deep in a
+# run. The upper bounds keep the run finite: a link slower than 1 MB/s, a step overhead above
+# 1000 s or a latency above 1000 s pushes the float clock towards infinity; a tier above a
+# petabyte per GPU overflows the token counts; a larger CUDA-graph table or fleet exhausts memory.
+MAX_REPLICAS = 4096
+_LINK_GB_S = (1e-3, True, 1e6)
 _RANGES = {
-    "tp": (1, True, None),
+    "tp": (1, True, 1024),
     "limit": (1, True, None),
-    "rate_scale": (0, False, None),
+    "rate_scale": (0, False, None),  # and arrivals within wl.MAX_SPAN_S, checked by select
     "start_s": (0, True, None),
     "end_s": (0, True, None),
     "seed": (0, True, None),
     "block_tokens": (1, True, None),
     "l1_fraction": (0, False, 1),
-    "l2_gb": (0, True, None),
-    "l3_gb": (0, True, None),
-    "l2_gb_s": (0, False, None),
-    "l3_gb_s": (0, False, None),
+    "l2_gb": (0, True, 1e6),
+    "l3_gb": (0, True, 1e6),
+    "l2_gb_s": _LINK_GB_S,
+    "l3_gb_s": _LINK_GB_S,
     "page_size": (1, True, None),
     "chunked_prefill_size": (1, True, None),
     "max_prefill_tokens": (1, True, None),
     "max_running_requests": (1, True, None),
-    "cuda_graph_max_bs": (1, True, None),
-    "step_overhead_ms": (0, True, None),
+    "cuda_graph_max_bs": (1, True, 65536),
+    "step_overhead_ms": (0, True, 1e6),
     "slo_ttft_ms": (0, False, None),
     "slo_tpot_ms": (0, False, None),
-    "gpu_price_usd_per_hour": (0, True, None),
-    "cpu_price_usd_per_hour": (0, False, None),
-    "replicas": (1, True, None),
-    "kv_link_gb_s": (0, False, None),
-    "kv_link_latency_us": (0, True, None),
-    "l3_shared_gb": (0, True, None),
-    "l3_shared_gb_s": (0, False, None),
+    "gpu_price_usd_per_hour": (0, True, 1e6),
+    "cpu_price_usd_per_hour": (1e-6, True, 1e6),
+    "replicas": (1, True, MAX_REPLICAS),
+    "kv_link_gb_s": _LINK_GB_S,
+    "kv_link_latency_us": (0, True, 1e9),
+    "l3_shared_gb": (0, True, 1e9),
+    "l3_shared_gb_s": _LINK_GB_S,
 }
 
 
-def _range_error(name: str, v, lo, closed: bool, hi) -> str | None:
-    """Why ``v`` is out of range for option ``name`` (None if it is in range)."""
+def range_error(name: str, v, lo, closed: bool = True, hi=None) -> str | None:
+    """Why number ``v`` is out of range for field ``name`` (None if it is in range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"field '{name}' must be a number, got {v!r}"
     if isinstance(v, float) and not math.isfinite(v):
         return f"field '{name}' must be a finite number, got {v!r}"
-    if (v < lo if closed else v <= lo) or (hi is not None and v > hi):
-        rule = f"{'>=' if closed else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        return f"field '{name}' must be {rule}, got {v!r}"
+    if v < lo if closed else v <= lo:  # name the bound that is broken
+        return f"field '{name}' must be {'>=' if closed else '>'} {lo:g}, got {v!r}"
+    if hi is not None and v > hi:
+        return f"field '{name}' must be <= {hi:g}, got {v!r}"
     return None
 
 
@@ -135,7 +143,7 @@ class SimulationOptions:
     def __post_init__(self):
         for name, (lo, closed, hi) in _RANGES.items():
             v = getattr(self, name)
-            if v is not None and (why := _range_error(name, v, lo, closed, hi)):
+            if v is not None and (why := range_error(name, v, lo, closed, hi)):
                 raise ValueError(why)
 
     @classmethod
@@ -184,7 +192,7 @@ class SimulationOptions:
                     out[f.name] = v
                 else:
                     out[f.name] = str(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
                 raise SpecError(f"{where}: field '{f.name}' has an invalid value {v!r}") from None
         try:
             return cls(**out)
@@ -193,23 +201,27 @@ class SimulationOptions:
 
 
 def read_config(path: str | Path) -> dict:
-    """A simulate config file: its mapping with keys as option names (``out`` included)."""
+    """A simulate config file: its mapping with keys as option names (``out`` included).
+
+    Read strictly (``files.read_yaml``): a key given twice, also as ``rate-scale`` and
+    ``rate_scale``, and ``.inf``/``.nan`` values are errors naming the field."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (FileNotFoundError, IsADirectoryError):
-        raise SpecError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    # an empty file is an error (a mistake, not "all defaults"); one of only comments is {}
+    doc = files.read_yaml(path, "mapping of simulate options (YAML)", SpecError) or {}
     if not isinstance(doc, dict):
         raise SpecError(f"{path}: expected a mapping of options, got {type(doc).__name__}")
     known = {f.name for f in fields(SimulationOptions)} | {"out"}
-    values = {}
+    values: dict = {}
+    spelled: dict[str, str] = {}
     for key, value in doc.items():
         name = str(key).replace("-", "_")
         if name not in known:
             raise SpecError(f"{path}: field '{key}' is not an option of simulate")
-        values[name] = value
+        if name in values:
+            raise SpecError(
+                f"{path}: field '{name}' is given twice (as '{spelled[name]}' and '{key}')"
+            )
+        values[name], spelled[name] = value, str(key)
     if "out" in values and not isinstance(values["out"], str):
         raise SpecError(f"{path}: field 'out' must be a folder path, got {values['out']!r}")
     return values
@@ -263,6 +275,11 @@ def parse_fleet(o: SimulationOptions) -> list[tuple[str, int]]:
                     "(expected HARDWARE[:TP]xCOUNT, e.g. h100-sxm:2x4)"
                 ) from None
             out += [(hw, tp_n)] * n
+            if len(out) > MAX_REPLICAS:
+                raise SpecError(
+                    f"options: field 'fleet' must have at most {MAX_REPLICAS} replicas, "
+                    f"got {o.fleet!r}"
+                )
         return out
     n = o.replicas
     if o.pd:
@@ -319,13 +336,20 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
             "options: write_back moves evicted blocks down through L2, so an L3 tier without "
             "l2_gb would stay empty (give l2_gb > 0, or use write_through)"
         )
+    if o.calibration is not None:
+        check_calibration_file(o.calibration)
     estimators: dict[tuple[str, int], Estimator] = {}
     replicas = []
     store = None
     for i, (hw, tp) in enumerate(fleet):
         est = estimators.get((hw, tp))
         if est is None:
-            est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration)
+            try:
+                est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration)
+            except SpecError:
+                raise
+            except ValueError as e:  # a combination of options (tp, dtypes) the model refuses
+                raise SpecError(f"options: {e}") from None
             estimators[hw, tp] = est
         gpu = est.hardware[0]
         try:
@@ -390,10 +414,38 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     return Cluster(routed, router, replicas[n_prefill:], link)
 
 
-def run(o: SimulationOptions, progress=None) -> SimulationRun:
-    """Simulate the deployment serving the workload; ``progress(n_finished_delta, total)``."""
+def given_workload(o: SimulationOptions, requests: wl.Workload | Iterable[wl.Request]):
+    """A workload handed in from Python, simulated as given: a Workload as it is, Requests in
+    any order sorted by arrival (``o.block_tokens`` or 64 tokens per prefix block). The
+    options' trace, window, limit and rate scale do not apply. Empty: a ``WorkloadError``."""
+    if isinstance(requests, wl.Workload):
+        work = requests
+    else:
+        reqs = list(requests)
+        bad = next((i for i, r in enumerate(reqs) if not isinstance(r, wl.Request)), None)
+        if bad is not None:
+            raise wl.WorkloadError(
+                f"workload: item {bad} must be a Request, got {type(reqs[bad]).__name__}"
+            )
+        work = wl.build_workload(reqs, o.block_tokens or 64, "python")
+    if not work.requests:
+        raise wl.WorkloadError(f"{work.source}: no requests to simulate (the workload is empty)")
+    offsets = [r.arrival_s - work.requests[0].arrival_s for r in work.requests]
+    wl.check_span(work.source, offsets, 1.0)
+    return work
+
+
+def run(
+    o: SimulationOptions,
+    progress=None,
+    workload: wl.Workload | Iterable[wl.Request] | None = None,
+) -> SimulationRun:
+    """Simulate the deployment serving the workload; ``progress(n_finished_delta, total)``.
+
+    ``workload`` (a Workload or a list of Requests, see ``given_workload``) replaces the
+    options' trace or built-in chat; an empty one raises ``WorkloadError``."""
     t0 = time.perf_counter()
-    work = build_workload(o)
+    work = build_workload(o) if workload is None else given_workload(o, workload)
     cluster = build_cluster(o, work.block_tokens)
     total = len(work.requests)
     result = cluster.run(
@@ -435,19 +487,21 @@ def _jsonable(d):
 
 
 def write_outputs(run_: SimulationRun, out_dir: str | Path) -> list[Path]:
-    """Write requests.csv, steps.csv and summary.json into ``out_dir`` (created if needed)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, write in (
-        ("requests.csv", lambda p: run_.requests.to_csv(p, index=False, float_format="%.9g")),
-        ("steps.csv", lambda p: run_.steps.to_csv(p, index=False, float_format="%.9g")),
-        (
-            "summary.json",
-            lambda p: Path(p).write_text(json.dumps(run_.summary, indent=2, sort_keys=True) + "\n"),
-        ),
-    ):
-        written.append(write_atomic(out / name, write))
-    return written
+    """Write requests.csv, steps.csv and summary.json into ``out_dir`` (created if needed).
+
+    All three are written into a temporary folder beside ``out_dir`` first and then moved in,
+    so a failed write leaves the previous three whole. summary.json is strict JSON: an
+    undefined number (a mean over no requests, a ratio over zero time) is ``null``."""
+    return files.write_files_atomic(
+        out_dir,
+        {
+            "requests.csv": lambda p: run_.requests.to_csv(p, index=False, float_format="%.9g"),
+            "steps.csv": lambda p: run_.steps.to_csv(p, index=False, float_format="%.9g"),
+            "summary.json": lambda p: Path(p).write_text(summary_json(run_.summary) + "\n"),
+        },
+    )
+
+
+def summary_json(summary: dict) -> str:
+    """The summary as strict JSON (``null`` for NaN or infinite numbers), as summary.json has it."""
+    return files.strict_json(summary, indent=2, sort_keys=True)

@@ -7,14 +7,13 @@ whose message is one line naming the file, the field and the offending value.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hisim_jax import files
 from hisim_jax.paths import data_dir
 
 SUPPORTED_ARCHITECTURES = (
@@ -106,8 +105,8 @@ class HardwareSpec:
 
 def _resolve(name_or_path: str | Path, folder: str, suffixes: tuple[str, ...]) -> Path:
     p = Path(name_or_path)
-    if p.suffix in suffixes and p.is_file():
-        return p
+    if p.suffix in suffixes and os.path.lexists(p):
+        return p  # a path that exists in some form: the reader says what is wrong with it
     base = data_dir(folder)
     for suf in suffixes:
         cand = base / f"{name_or_path}{suf}"
@@ -134,6 +133,11 @@ def available_hardware() -> list[str]:
 # models
 
 
+# Config integers (widths, counts, lengths) beyond int32 are typos, and their products would
+# overflow the estimator's arithmetic.
+INT_FIELD_MAX = 2**31 - 1
+
+
 def _int_field(cfg: dict, path: Path, key: str, default: Any = None, minimum: int = 1) -> int:
     value = cfg.get(key, default)
     if value is None:
@@ -147,7 +151,24 @@ def _int_field(cfg: dict, path: Path, key: str, default: Any = None, minimum: in
         raise SpecError(f"{path}: field '{key}' must be an integer, got {value!r}")
     if int(value) < minimum:
         raise SpecError(f"{path}: field '{key}' must be >= {minimum}, got {value!r}")
+    if int(value) > INT_FIELD_MAX:
+        raise SpecError(f"{path}: field '{key}' must be <= {INT_FIELD_MAX}, got {value!r}")
     return int(value)
+
+
+def _layer_list(cfg: dict, path: Path, key: str, layers: int) -> set[int]:
+    """A list of layer indices (``mlp_only_layers``): integers in ``[0, layers)``."""
+    value = cfg.get(key)
+    if value is None:
+        return set()
+    if not isinstance(value, list):
+        raise SpecError(f"{path}: field '{key}' must be a list of layer indices, got {value!r}")
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < layers:
+            raise SpecError(
+                f"{path}: field '{key}' must hold layer indices in [0, {layers}), got {x!r}"
+            )
+    return set(value)
 
 
 def _bool_field(cfg: dict, path: Path, key: str, default: bool) -> bool:
@@ -209,7 +230,7 @@ def model_from_config(
         top_k = _int_field(cfg, path, "num_experts_per_tok")
         moe_inter = _int_field(cfg, path, "moe_intermediate_size")
         step = _int_field(cfg, path, "decoder_sparse_step", default=1)
-        dense_only = set(cfg.get("mlp_only_layers") or [])
+        dense_only = _layer_list(cfg, path, "mlp_only_layers", layers)
         n_moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
     if n_exp and top_k > n_exp:
         raise SpecError(f"{path}: field 'num_experts_per_tok' exceeds experts {n_exp}, got {top_k}")
@@ -239,10 +260,7 @@ def model_from_config(
 def load_model(name_or_path: str | Path) -> ModelSpec:
     """Load a model by name (stem of a file in models/) or by path to a config.json."""
     path = _resolve(name_or_path, "models", (".json",))
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    cfg = files.read_json(path, "model config (config.json)", SpecError)
     stem = path.name.removesuffix(".json").removesuffix(".config")
     return model_from_config(cfg, path, name=stem)
 
@@ -265,6 +283,25 @@ _HW_FLOAT_FIELDS = (
     "price_usd_per_hour",
 )
 _HW_OPTIONAL = ("fp8_flops_per_s", "fp4_flops_per_s")
+# What a GPU can plausibly have, SI units (wide: a phone to far beyond any part announced).
+# Values outside are typos (a missing exponent, bytes for GB) that would otherwise push the
+# simulated clock to infinity or the KV capacity past int64.
+_FLOPS = (1e9, 1e19)
+_HW_RANGES = {
+    "sm_count": (1, 1e5),
+    "bf16_flops_per_s": _FLOPS,
+    "fp8_flops_per_s": _FLOPS,
+    "fp4_flops_per_s": _FLOPS,
+    "hbm_bytes_per_s": (1e6, 1e16),
+    "hbm_bytes": (1e6, 1e15),
+    "l2_bytes": (1e3, 1e12),
+    "interconnect_bytes_per_s": (1e6, 1e15),
+    "pcie_bytes_per_s": (1e6, 1e15),
+    "host_dram_bytes": (1e6, 1e16),
+    "ssd_read_bytes_per_s": (1e6, 1e14),
+    "ssd_write_bytes_per_s": (1e6, 1e14),
+    "price_usd_per_hour": (1e-6, 1e6),
+}
 
 
 def _hw_number(doc: dict, path: Path, key: str) -> tuple[float | None, str]:
@@ -287,6 +324,9 @@ def _hw_number(doc: dict, path: Path, key: str) -> tuple[float | None, str]:
         raise SpecError(f"{path}: field '{key}' must be a number, got {entry!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise SpecError(f"{path}: field '{key}' must be a positive number, got {entry!r}")
+    lo, hi = _HW_RANGES[key]
+    if not lo <= value <= hi:
+        raise SpecError(f"{path}: field '{key}' must be between {lo:g} and {hi:g}, got {entry!r}")
     return value, source
 
 
@@ -328,10 +368,5 @@ def hardware_from_dict(doc: dict, path: Path | str = "<hardware>", name: str | N
 def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     """Load a GPU by name (stem of a file in hardware_specs/) or by path to a YAML file."""
     path = _resolve(name_or_path, "hardware_specs", (".yaml", ".yml"))
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    doc = files.read_yaml(path, "GPU spec (YAML)", SpecError)
     return hardware_from_dict(doc, path, name=path.stem)

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import pandas as pd
 
+from hisim_jax import files
 from hisim_jax.estimator.attention import fa2 as attn
 from hisim_jax.estimator.batch import Batch, pack, parse_batch
 from hisim_jax.estimator.roofline import (
@@ -66,6 +67,48 @@ class ProfileError(SpecError):
     """A bad profile table: one line naming the file, row and field."""
 
 
+# Every fitted parameter is an efficiency (~0.1-1), a pass count (~1-50), a blend or a fixed
+# cost in seconds (~1e-6-1e-4): values outside this range are typos that would send step
+# times to zero or to infinity.
+PARAM_RANGE = (1e-12, 1e4)
+
+
+def check_calibration_file(path: str | Path) -> None:
+    """Checks a calibration JSON before ``roofline.load_calibration`` reads it: the file itself
+    (readable, UTF-8, valid JSON with no key given twice and no NaN/Infinity) and every numeric
+    parameter within ``PARAM_RANGE``. Unknown names and non-numbers are left to the loader."""
+    doc = files.read_json(path, "calibration (JSON)", SpecError)
+    values = doc.get("params") if isinstance(doc, dict) else None
+    if not isinstance(values, dict):
+        raise SpecError(f"{path}: field 'params' must be an object of parameter values")
+    lo, hi = PARAM_RANGE
+    for k, v in values.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not lo <= v <= hi:
+            raise SpecError(
+                f"{path}: field 'params.{k}' must be between {lo:g} and {hi:g}, got {v!r}"
+            )
+
+
+def _read_table(path: str | Path, **pandas_kw) -> pd.DataFrame:
+    return files.read_csv(path, "profile table (CSV)", ProfileError, **pandas_kw)
+
+
+def _check_positive(frame: pd.DataFrame, col: str, path, values=None) -> None:
+    """Every value of column ``col`` a finite number > 0, else name the first bad line."""
+    v = (
+        pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
+        if values is None
+        else values
+    )
+    bad = np.flatnonzero(~(np.isfinite(v) & (v > 0)))
+    if len(bad):
+        i = int(bad[0])
+        raise ProfileError(
+            f"{path}: line {i + 2}: field '{col}' must be a finite number > 0, "
+            f"got {frame[col].iloc[i]!r}"
+        )
+
+
 @dataclass(frozen=True)
 class StepRows:
     """Rows of a steps table as stacked arrays; each row has its own model."""
@@ -91,12 +134,7 @@ def read_steps(
     """Read a steps table (``model``, ``batch`` and, for fitting, ``step_ms``); other columns
     are kept in ``frame`` and otherwise ignored."""
     path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such file") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    frame = _read_table(path)
     needed = STEPS_COLUMNS + ((STEP_TIME_COLUMN,) if require_time else ())
     for col in needed:
         if col not in frame.columns:
@@ -120,13 +158,7 @@ def read_steps(
     if STEP_TIME_COLUMN in frame.columns:
         measured = pd.to_numeric(frame[STEP_TIME_COLUMN], errors="coerce").to_numpy() / 1e3
         if require_time:
-            bad = np.flatnonzero(~(measured > 0))
-            if len(bad):
-                i = int(bad[0])
-                raise ProfileError(
-                    f"{path}: line {i + 2}: field '{STEP_TIME_COLUMN}' must be a positive number, "
-                    f"got {frame[STEP_TIME_COLUMN].iloc[i]!r}"
-                )
+            _check_positive(frame, STEP_TIME_COLUMN, path, measured)
     try:
         dims_by_model = {
             n: ops.model_dims(m, tp, weight_dtype, kv_dtype, act_dtype) for n, m in models.items()
@@ -184,10 +216,12 @@ class AttnRows(eqx.Module):
 
 def read_gemm(path: Path, models: set[str] | None = None) -> GemmRows:
     """Eager GEMM timings (rows near the launch floor dropped); optionally only some models'."""
-    g = pd.read_csv(path)
+    g = _read_table(path)
     for col in ("dtype", "m", "k", "n", "ms"):
         if col not in g.columns:
             raise ProfileError(f"{path}: missing column '{col}'")
+    for col in ("m", "k", "n", "ms", *(("ms_min",) if "ms_min" in g.columns else ())):
+        _check_positive(g, col, path)
     g = g.assign(ms=_eager_ms(g))
     g = g[g["ms"] >= GEMM_MIN_MS]
     if models is not None and "model" in g.columns:
@@ -204,10 +238,12 @@ def read_attention(
     path: Path, template: ops.ModelDims, heads: set[tuple[int, int]] | None = None
 ) -> AttnRows:
     """Eager attention timings; optionally only the (q heads, kv heads) shapes in ``heads``."""
-    a = pd.read_csv(path)
+    a = _read_table(path)
     for col in ("nq", "nkv", "d", "batch", "ms"):
         if col not in a.columns:
             raise ProfileError(f"{path}: missing column '{col}'")
+    for col in ("nq", "nkv", "d", "ms", *(("ms_min",) if "ms_min" in a.columns else ())):
+        _check_positive(a, col, path)
     a = a.assign(ms=_eager_ms(a))
     a = a[a["ms"] >= ATTN_MIN_MS]
     if heads is not None:
@@ -221,7 +257,10 @@ def read_attention(
                 (ops._float(row.nq), ops._float(row.nkv), ops._float(row.d)),
             )
         )
-    batches = [parse_batch(str(b), where=f"{path}: field 'batch'") for b in a["batch"]]
+    batches = [
+        parse_batch(str(b), where=f"{path}: line {int(i) + 2}: field 'batch'")
+        for i, b in zip(a.index, a["batch"], strict=True)
+    ]
     return AttnRows(
         _float_tree(ops.stack(dims)), _float_tree(pack(batches)), ops._float(a.ms.values / 1e3)
     )

@@ -50,12 +50,18 @@ from typing import Any
 
 import numpy as np
 
+from hisim_jax import files
+
 MOONCAKE_BLOCK_TOKENS = 512
 # Stand-in generation time per output token when spacing the turns of a session: the next turn
 # arrives after the previous one was generated (at this rate) plus the user's think time. The
 # simulator's own timing is not known when the workload is built, so this is a fixed estimate.
 GEN_S_PER_TOKEN = 0.02
 _INT_LIMIT = 2**62  # lengths and ids beyond this would overflow int64 arithmetic downstream
+# Arrivals (after windowing and rate scaling) span at most this many seconds, ~32 years: the
+# simulator's clock is a float, and far beyond it a step no longer moves the clock (at 1e16 s
+# one ulp is 2 s), so requests could never finish.
+MAX_SPAN_S = 1e9
 _ID_MIN, _ID_MAX = -(2**63), 2**63 - 1
 _MISSING = object()
 
@@ -227,6 +233,7 @@ def select(
             f"(trace spans {reqs[-1].arrival_s - t0:.3f} s)"
         )
     base = keep[0].arrival_s
+    check_span(src, [r.arrival_s - base for r in keep], rate_scale)
     out = tuple(
         Request(
             i,
@@ -240,6 +247,25 @@ def select(
         for i, r in enumerate(keep)
     )
     return Workload(out, workload.block_tokens, workload.source, workload.skipped_lines)
+
+
+def check_span(src: str, offsets_s: list[float], rate_scale: float) -> None:
+    """Arrivals ``offsets_s`` (from the first) divided by ``rate_scale`` stay within
+    ``MAX_SPAN_S``; else one line saying which option or request is to blame."""
+    span = offsets_s[-1] / rate_scale
+    if span <= MAX_SPAN_S:
+        return
+    if offsets_s[-1] <= MAX_SPAN_S:  # the trace is fine; the scaling stretches it too far
+        raise WorkloadError(
+            f"{src}: field 'rate_scale' must be >= {offsets_s[-1] / MAX_SPAN_S:.3g} for this "
+            f"trace (its {offsets_s[-1]:.6g} s of arrivals would span {span:.6g} s, more than "
+            f"the simulator's clock spans, {MAX_SPAN_S:g} s), got {rate_scale!r}"
+        )
+    i = next(i for i, x in enumerate(offsets_s) if not x <= MAX_SPAN_S)
+    raise WorkloadError(
+        f"{src}: request {i} (in arrival order) arrives {offsets_s[i]:.6g} s after the first, "
+        f"more than the simulator's clock spans ({MAX_SPAN_S:g} s): a timestamp far from the others?"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,14 +353,21 @@ def _check_block_tokens(block_tokens: Any) -> int:
 
 def _read_bytes(path: str | Path) -> tuple[Path, bytes]:
     p = Path(path)
-    try:
-        return p, p.read_bytes()
-    except FileNotFoundError:
-        raise WorkloadError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise WorkloadError(f"{p}: is a directory, not a trace file") from None
-    except OSError as e:
-        raise WorkloadError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    return p, files.read_bytes(p, "trace file", WorkloadError)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads`` hook: an object naming a key twice is ambiguous, so it is an error."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
 
 
 def _nonempty(rows: list, path: Path, skipped: int) -> None:
@@ -358,10 +391,12 @@ def _read_jsonl_rows(
         where = f"{path}: line {n}"
         try:
             try:
-                obj = json.loads(raw)
+                obj = json.loads(raw, object_pairs_hook=_no_duplicates)
             except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, deep nesting
                 what = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
                 raise WorkloadError(f"{where}: invalid JSON ({what}), got {_show(raw)}") from None
+            except _DuplicateKey as e:
+                raise WorkloadError(f"{where}: field '{e.key}': given twice") from None
             if not isinstance(obj, dict):
                 raise WorkloadError(f"{where}: expected a JSON object, got {_show(obj)}")
             rows.append(parse(obj, where))
@@ -508,6 +543,9 @@ def _read_csv_rows(
         where = f"{path}: line {start}"
         if header is None:
             header = [c.strip() for c in cells]
+            dup = next((c for i, c in enumerate(header) if c and c in header[:i]), None)
+            if dup is not None:
+                raise WorkloadError(f"{where}: field '{dup}': column given twice")
             check_header(header, where)
             continue
         try:
@@ -735,11 +773,15 @@ def read_sharegpt(
         raise WorkloadError(f"{path}: think_s_mean must be >= 0, got {think_s_mean!r}")
     p, data = _read_bytes(path)
     try:
-        convs = json.loads(data)
+        convs = json.loads(files.decode(data, p, WorkloadError), object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
         raise WorkloadError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
     except (ValueError, RecursionError) as e:
+        if isinstance(e, WorkloadError):
+            raise
         raise WorkloadError(f"{p}: invalid JSON ({type(e).__name__})") from None
+    except _DuplicateKey as e:
+        raise WorkloadError(f"{p}: field '{e.key}': given twice in one object") from None
     if not isinstance(convs, list):
         raise WorkloadError(f"{p}: expected a JSON list of conversations, got {_show(convs)}")
 

@@ -7,32 +7,70 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hisim_jax import files
+
 LOG_COLUMNS = ("start_s", "kind", "request_ids")
+LOG_KINDS = ("prefill", "decode")
 
 
 def read_step_log(path: str | Path) -> pd.DataFrame:
-    """A per-step log in the columns of ``steps.csv`` (at least start_s, kind, request_ids)."""
+    """A per-step log in the columns of ``steps.csv`` (at least start_s, kind, request_ids).
+
+    Checked line by line: ``start_s`` a finite number, ``kind`` prefill or decode,
+    ``request_ids`` space-separated integers >= 0; a log with no steps, or no prefill step
+    (nothing to compare), is an error. Whether the ids belong to the workload is checked by
+    ``check_request_ids`` once the workload is known."""
     from hisim_jax.estimator.calibrate import ProfileError
 
     path = Path(path)
-    try:
-        frame = pd.read_csv(path, dtype={"request_ids": str}, keep_default_na=False)
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such file") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    frame = files.read_csv(
+        path, "step log (CSV)", ProfileError, dtype={"request_ids": str}, keep_default_na=False
+    )
     for col in LOG_COLUMNS:
         if col not in frame.columns:
             raise ProfileError(f"{path}: missing column '{col}' (have: {', '.join(frame.columns)})")
+    if frame.empty:
+        raise ProfileError(f"{path}: no steps (only a header)")
     start = pd.to_numeric(frame["start_s"], errors="coerce")
     bad = np.flatnonzero(~np.isfinite(start.to_numpy(dtype=float)))
     if len(bad):
         i = int(bad[0])
         raise ProfileError(
-            f"{path}: line {i + 2}: field 'start_s' must be a number, got {frame['start_s'].iloc[i]!r}"
+            f"{path}: line {i + 2}: field 'start_s' must be a finite number, "
+            f"got {frame['start_s'].iloc[i]!r}"
         )
     frame["start_s"] = start
+    kinds = frame["kind"].astype(str)
+    bad = np.flatnonzero(~kinds.isin(LOG_KINDS).to_numpy())
+    if len(bad):
+        i = int(bad[0])
+        raise ProfileError(
+            f"{path}: line {i + 2}: field 'kind' must be one of {', '.join(LOG_KINDS)}, "
+            f"got {frame['kind'].iloc[i]!r}"
+        )
+    for i, ids in enumerate(frame["request_ids"]):
+        for tok in str(ids).split():
+            if not (tok.isascii() and tok.isdigit()):
+                raise ProfileError(
+                    f"{path}: line {i + 2}: field 'request_ids' must be integers >= 0 "
+                    f"separated by spaces, got {tok!r}"
+                )
+    if not (kinds == "prefill").any():
+        raise ProfileError(f"{path}: no prefill step, so no request's scheduling to compare")
     return frame
+
+
+def check_request_ids(frame: pd.DataFrame, n_requests: int, where: str) -> None:
+    """Every id of a step log names a request of the workload (ids ``0 .. n_requests - 1``)."""
+    from hisim_jax.estimator.calibrate import ProfileError
+
+    for i, ids in enumerate(frame["request_ids"]):
+        for tok in str(ids).split():
+            if int(tok) >= n_requests:
+                raise ProfileError(
+                    f"{where}: line {i + 2}: field 'request_ids': request {tok} is not in the "
+                    f"workload (its {n_requests} requests have ids 0 to {n_requests - 1})"
+                )
 
 
 def first_scheduled(frame: pd.DataFrame) -> dict[int, float]:
