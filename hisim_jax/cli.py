@@ -446,11 +446,14 @@ def validate_cache_cmd(
     )  # fmt: skip
     extra = {"block_tokens": block_tokens} if block_tokens is not None else {}
     work = load_trace(trace, trace_format, skip_bad_lines=skip_bad_lines, limit=limit, **extra)
-    cfg = KVCacheConfig(
-        l1_tokens=l1_tokens, bytes_per_token=bytes_per_token, block_tokens=work.block_tokens,
-        page_size=page_size, l2_tokens=l2_tokens, l3_tokens=l3_tokens, eviction=eviction,
-        write_policy=write_policy,
-    )  # fmt: skip
+    try:
+        cfg = KVCacheConfig(
+            l1_tokens=l1_tokens, bytes_per_token=bytes_per_token, block_tokens=work.block_tokens,
+            page_size=page_size, l2_tokens=l2_tokens, l3_tokens=l3_tokens, eviction=eviction,
+            write_policy=write_policy,
+        )  # fmt: skip
+    except ValueError as e:  # an eviction or write policy it does not know
+        raise ValueError(f"options: {e}") from None
     report = replay_cache(work.requests, cfg)
     _print_report(f"KV cache replay of {trace} ({len(work.requests)} requests)", report, fmt)
 

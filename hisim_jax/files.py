@@ -325,6 +325,13 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds, for messages (``inf``, not
+    ``np.float64(inf)``); anything else unchanged."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) and getattr(value, "ndim", None) == 0 else value
+
+
 def strict_json(obj: Any, **dumps_kw) -> str:
     """JSON text of ``obj`` with no NaN or Infinity: undefined numbers are ``null``."""
     return json.dumps(finite_or_none(obj), allow_nan=False, **dumps_kw)

@@ -371,23 +371,26 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                 )
             except ValueError as e:
                 raise SpecError(f"options: {e}") from None
-        cfg = EngineConfig(
-            sched,
-            cache_config(
-                sizing,
-                gpu,
-                block_tokens,
-                o.page_size,
-                o.eviction,
-                o.write_policy,
-                ranks=tp,
-                l2_bytes_per_s=o.l2_gb_s * 1e9 if o.l2_gb_s else None,
-                l3_bytes_per_s=o.l3_gb_s * 1e9 if o.l3_gb_s else None,
-            ),  # fmt: skip
-            num_layers=est.model.num_layers,
-            max_context=est.model.max_position_embeddings,
-            role=role,
-        )
+        try:
+            cfg = EngineConfig(
+                sched,
+                cache_config(
+                    sizing,
+                    gpu,
+                    block_tokens,
+                    o.page_size,
+                    o.eviction,
+                    o.write_policy,
+                    ranks=tp,
+                    l2_bytes_per_s=o.l2_gb_s * 1e9 if o.l2_gb_s else None,
+                    l3_bytes_per_s=o.l3_gb_s * 1e9 if o.l3_gb_s else None,
+                ),  # fmt: skip
+                num_layers=est.model.num_layers,
+                max_context=est.model.max_position_embeddings,
+                role=role,
+            )
+        except ValueError as e:  # a page size, eviction or write policy it refuses
+            raise SpecError(f"options: {e}") from None
         replicas.append(
             Replica(
                 Engine(cfg, est, store if role != "decode" else None),
@@ -398,11 +401,10 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
             )
         )
     routed = replicas[:n_prefill]
+    bounds = _bucket_bounds(o.bucket_bounds)
     try:
         router = Router(
-            RouterConfig(
-                policy=o.router, seed=o.seed, bucket_bounds=_bucket_bounds(o.bucket_bounds)
-            ),
+            RouterConfig(policy=o.router, seed=o.seed, bucket_bounds=bounds),
             len(routed),
             block_tokens,
             # the router's approximate index holds about what a replica's tiers can

@@ -105,7 +105,7 @@ def _check_positive(frame: pd.DataFrame, col: str, path, values=None) -> None:
         i = int(bad[0])
         raise ProfileError(
             f"{path}: line {i + 2}: field '{col}' must be a finite number > 0, "
-            f"got {frame[col].iloc[i]!r}"
+            f"got {files.plain(frame[col].iloc[i])!r}"
         )
 
 

@@ -37,7 +37,7 @@ def read_step_log(path: str | Path) -> pd.DataFrame:
         i = int(bad[0])
         raise ProfileError(
             f"{path}: line {i + 2}: field 'start_s' must be a finite number, "
-            f"got {frame['start_s'].iloc[i]!r}"
+            f"got {files.plain(frame['start_s'].iloc[i])!r}"
         )
     frame["start_s"] = start
     kinds = frame["kind"].astype(str)
