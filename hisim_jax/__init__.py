@@ -1,25 +1,36 @@
-"""hisim-jax: a CPU-only simulator of LLM serving with a calibrated JAX step-latency estimator."""
+"""hisim-jax: a CPU-only simulator of LLM serving with a calibrated JAX step-latency estimator.
 
-import os as _os
+The names below load on first use, so ``import hisim_jax`` (and ``hisim list``, ``--help``)
+does not pay for importing JAX.
+"""
 
-import jax as _jax
+from __future__ import annotations
 
-# The simulator makes many small, sequential estimator calls on the CPU; handing each one to
-# JAX's async dispatch thread costs more than the computation (~25 µs of a ~50 µs call).
-# Set HISIM_ASYNC_DISPATCH=1 to keep JAX's default.
-if _os.environ.get("HISIM_ASYNC_DISPATCH", "0") != "1":
-    _jax.config.update("jax_cpu_enable_async_dispatch", False)
+import importlib
 
-from hisim_jax.estimator.roofline import Estimator, Params  # noqa: E402
-from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model  # noqa: E402
+_EXPORTS = {
+    "Estimator": "hisim_jax.estimator.roofline",
+    "Params": "hisim_jax.estimator.roofline",
+    "RaggedBatches": "hisim_jax.estimator.batch",
+    "HardwareSpec": "hisim_jax.specs",
+    "ModelSpec": "hisim_jax.specs",
+    "SpecError": "hisim_jax.specs",
+    "load_hardware": "hisim_jax.specs",
+    "load_model": "hisim_jax.specs",
+}
 
-__all__ = [
-    "Estimator",
-    "HardwareSpec",
-    "ModelSpec",
-    "Params",
-    "SpecError",
-    "load_hardware",
-    "load_model",
-]
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hisim_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -19,6 +19,7 @@ code, so the folder must be the user's own (it is created with mode 0700).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -138,8 +139,10 @@ def executable(jitted, args, name: str, parts: tuple):
         loaded = _load(path, args)
         if loaded is not None:
             return loaded
-    compiled = jitted.lower(*args).compile()
-    if path is not None:
+    compiled, fresh = _fresh_compile(jitted, args)
+    # An executable JAX loaded from its own persistent cache serializes without its compiled
+    # functions (a later run's call fails with "Function ... not found"): store fresh ones only.
+    if path is not None and fresh:
         from jax.experimental import serialize_executable
 
         try:
@@ -148,6 +151,40 @@ def executable(jitted, args, name: str, parts: tuple):
             return compiled
         _write(path, _FORMAT + blob)
     return compiled
+
+
+_HITS = [0]  # JAX persistent-cache hits seen by this process
+
+
+def _count_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _HITS[0] += 1
+
+
+@functools.cache
+def _listen() -> None:
+    import jax.monitoring
+
+    jax.monitoring.register_event_listener(_count_hit)
+
+
+def _fresh_compile(jitted, args):
+    """Compile ``jitted`` for ``args``, keeping JAX's persistent cache out of it: JAX is told
+    not to store this program (its minimum compile time raised for the call), so it cannot
+    hand back a cached copy on a later run either. Returns (compiled, whether no cache hit
+    served it) — a hit is still possible from an entry stored by other means."""
+    _listen()
+    lowered = jitted.lower(*args)
+    hits = _HITS[0]
+    try:
+        from jax._src import config as jax_config
+
+        no_store = jax_config.persistent_cache_min_compile_time_secs(float("inf"))
+    except (ImportError, AttributeError, TypeError):  # a JAX without that state
+        no_store = contextlib.nullcontext()
+    with no_store:
+        compiled = lowered.compile()
+    return compiled, _HITS[0] == hits
 
 
 def _load(path: Path, args):

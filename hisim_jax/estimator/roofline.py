@@ -541,6 +541,7 @@ class Estimator:
                 def baked(cnm):
                     return raw(theta, cnm, treedef, shapes, be, needs)
 
+            baked.__name__ = f"hisim_{kind}"  # names the program in logs and JAX's cache
             fn = compile_cache.executable(jax.jit(baked), args, kind, parts)
             _PROGRAMS[key] = fn
         self._programs[kind, attention, shape] = fn
