@@ -250,7 +250,7 @@ class RaggedBatches:
                 for i, v in enumerate(values):
                     if not _is_number(v):
                         raise ValueError(
-                            f"frame: row {i} (batch {ids[i]!r}): field '{name}' "
+                            f"frame: row {i} (batch {_plain(ids[i])!r}): field '{name}' "
                             f"must be an integer, got {v!r}"
                         )
                 values = np.array(values.tolist())
@@ -280,6 +280,10 @@ class RaggedBatches:
         pairs = list(zip(self.cache_len.tolist(), self.new_len.tolist(), strict=True))
         ends = np.cumsum(self.sizes).tolist()
         return [pairs[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def _is_number(v) -> bool:
@@ -326,29 +330,50 @@ def bucket_rows(bucket: int, cells: int = 1 << 18, most: int = 4096) -> int:
     return max(1, min(most, cells // bucket))
 
 
-def pack_ragged(rb: RaggedBatches, dtype=np.float64, groups=None):
-    """Pad ``rb`` into ``[3, n, R]`` planes (cache_len, new_len, mask) per power-of-two bucket
-    ``R``, by index arithmetic (no Python loop per batch). ``groups`` (an int array ``[N]``,
-    optional) splits each bucket further, e.g. by the cost graph a batch needs. Returns a list of
-    ``(positions, planes)``, positions ``[n]`` of the batches in ``rb``."""
+def pack_ragged(
+    rb: RaggedBatches, dtype=np.float64, groups=None, cells: int = 1 << 18, most: int = 4096
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pad ``rb`` into ``[3, rows, R]`` planes (cache_len, new_len, mask) per power-of-two
+    bucket ``R``, cut into calls of about ``cells`` padded requests (``bucket_rows``); a group's
+    last call is padded to a power of two of rows (all-zero rows: no requests). ``groups`` (an
+    int array ``[N]``, optional) splits each bucket further, e.g. by the cost graph a batch
+    needs. Returns ``(positions, planes)`` per call, positions ``[n <= rows]`` of its batches
+    in ``rb``.
+
+    Vectorized: batches are sorted by (bucket, group) and their requests gathered once into
+    that order, so each call's requests are one contiguous run that a boolean mask of the
+    padded layout takes in row-major order. Python loops only over calls, never batches."""
     sizes = rb.sizes
     buckets = bucket_sizes(sizes)
-    starts = rb.offsets
-    key = buckets if groups is None else buckets * 2 + groups  # buckets are even
+    key = buckets if groups is None else buckets * 2 + np.asarray(groups)  # buckets are even
+    order = np.argsort(key, kind="stable")
+    ssizes = sizes[order]
+    ends = np.cumsum(ssizes)
+    first = ends - ssizes  # of each sorted batch's requests in the sorted request order
+    if np.array_equal(order, np.arange(len(order))):  # already grouped: no gather
+        c, n = rb.cache_len.astype(dtype), rb.new_len.astype(dtype)
+    else:  # sorted request i comes from flat index i + (its batch's offset - first)
+        total = int(ends[-1])
+        index = np.int32 if total < 2**31 else np.int64
+        src = np.zeros(total, index)
+        src[first] = np.diff(rb.offsets[order] - first, prepend=0)
+        np.cumsum(src, out=src)
+        src += np.arange(total, dtype=index)
+        c, n = rb.cache_len.astype(dtype)[src], rb.new_len.astype(dtype)[src]
+    skey = key[order]
+    bounds = [0, *(np.flatnonzero(skey[1:] != skey[:-1]) + 1).tolist(), len(order)]
     out = []
-    for k in np.unique(key):
-        idx = np.flatnonzero(key == k)
-        size = int(buckets[idx[0]])
-        n = sizes[idx]
-        total = int(n.sum())
-        # for every request of these batches: its row (batch within the group) and column
-        row = np.repeat(np.arange(len(idx)), n)
-        first = np.cumsum(n) - n
-        col = np.arange(total) - np.repeat(first, n)
-        src = np.repeat(starts[idx] - first, n) + np.arange(total)
-        planes = np.zeros((3, len(idx), size), dtype)
-        planes[0, row, col] = rb.cache_len[src]
-        planes[1, row, col] = rb.new_len[src]
-        planes[2, row, col] = 1.0
-        out.append((idx, planes))
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        size = int(buckets[order[a]])
+        rows = bucket_rows(size, cells, most)
+        cols = np.arange(size)
+        for i in range(a, b, rows):
+            k = min(rows, b - i)
+            mask = cols < ssizes[i : i + k, None]
+            r0, r1 = int(first[i]), int(ends[i + k - 1])
+            planes = np.zeros((3, rows if k == rows else bucket_size(k, 1), size), dtype)
+            planes[0, :k][mask] = c[r0:r1]
+            planes[1, :k][mask] = n[r0:r1]
+            planes[2, :k] = mask
+            out.append((order[i : i + k], planes))
     return out

@@ -11,6 +11,7 @@ absolute fixed costs (kernels that do little), so they transfer to GPUs never pr
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -29,7 +30,6 @@ from hisim_jax.estimator.attention import fa2 as attn
 from hisim_jax.estimator.batch import (
     Batch,
     RaggedBatches,
-    bucket_rows,
     bucket_size,
     pack_ragged,
 )
@@ -446,13 +446,19 @@ def _host_float():
 
 def _single_batch(batch) -> np.ndarray | None:
     """``[R, 2]`` int array of one batch of plain integer pairs, checked; None when it needs
-    the general path (floats, other types, a bad value: RaggedBatches names the problem)."""
+    the general path (floats, other types, a bad value: RaggedBatches names the problem).
+    One flat list of ints into NumPy costs half of ``np.asarray`` on a list of pairs."""
+    if not isinstance(batch, (list, tuple)) or not batch:
+        return None
     try:
-        arr = np.asarray(batch)
-    except ValueError:
+        if set(map(len, batch)) != {2}:
+            return None
+        flat = np.array(list(itertools.chain.from_iterable(batch)))
+    except (TypeError, ValueError):
         return None
-    if arr.dtype.kind not in "iu" or arr.ndim != 2 or arr.shape[1] != 2 or not len(arr):
+    if flat.dtype.kind not in "iu":
         return None
+    arr = flat.reshape(-1, 2)
     low = arr.min(axis=0)
     return arr if low[0] >= 0 and low[1] >= 1 else None
 
@@ -567,20 +573,8 @@ class Estimator:
         out = np.empty((len(batches), len(self.hardware)))
         for idx, planes in pack_ragged(batches, dtype, has_prompt):
             attention = "prefill" if has_prompt[idx[0]] else self._decode_attention
-            width = planes.shape[2]
-            rows = bucket_rows(width)
-            for i0 in range(0, len(idx), rows):
-                part = planes[:, i0 : i0 + rows]
-                n = part.shape[1]
-                if n < rows:  # the last call: pad to a power of two (few shapes, <= 2x work)
-                    pad = bucket_size(n, 1)
-                    part = (
-                        np.concatenate([part, np.zeros((3, pad - n, width), dtype)], axis=1)
-                        if pad > n
-                        else part
-                    )
-                fn = self._program("flat", attention, part.shape[1:])
-                out[idx[i0 : i0 + n]] = np.asarray(fn(part))[:n]
+            fn = self._program("flat", attention, planes.shape[1:])
+            out[idx] = np.asarray(fn(planes))[: len(idx)]
         return out
 
     def step_latency_s(self, batches) -> np.ndarray:
@@ -642,7 +636,7 @@ class Estimator:
         rb = batch if isinstance(batch, RaggedBatches) else RaggedBatches.from_batches([batch])
         if len(rb) != 1:
             raise ValueError(f"breakdown_s: expected one batch, got {len(rb)}")
-        cnm = pack_ragged(rb)[0][1][:, 0]
+        cnm = pack_ragged(rb)[0][1][:, 0]  # [3, R] of the one batch
         b = Batch(*(ops._float(x) for x in cnm))
         hw = jax.tree.map(lambda x: x[hardware_index], self.hws)
         parts = breakdown_one(self.params, self.dims, b, hw, self.backend)
