@@ -445,9 +445,10 @@ def _host_float():
 
 
 def _single_batch(batch) -> np.ndarray | None:
-    """``[R, 2]`` int array of one batch of plain integer pairs, checked; None when it needs
-    the general path (floats, other types, a bad value: RaggedBatches names the problem).
-    One flat list of ints into NumPy costs half of ``np.asarray`` on a list of pairs."""
+    """The numbers of one batch of integer pairs as one flat int array ``[2R]`` (cache_len,
+    new_len, cache_len, ...), or None when it needs the general path (floats, other types,
+    other shapes: RaggedBatches names the problem). One flat list of ints into NumPy costs
+    half of ``np.asarray`` on a list of pairs."""
     if not isinstance(batch, (list, tuple)) or not batch:
         return None
     try:
@@ -456,11 +457,7 @@ def _single_batch(batch) -> np.ndarray | None:
         flat = np.array(list(itertools.chain.from_iterable(batch)))
     except (TypeError, ValueError):
         return None
-    if flat.dtype.kind not in "iu":
-        return None
-    arr = flat.reshape(-1, 2)
-    low = arr.min(axis=0)
-    return arr if low[0] >= 0 and low[1] >= 1 else None
+    return flat if flat.dtype.kind in "iu" else None
 
 
 class Estimator:
@@ -553,15 +550,19 @@ class Estimator:
         self._programs[kind, attention, shape] = fn
         return fn
 
-    def _single(self, arr: np.ndarray) -> np.ndarray:
-        """Seconds ``[H]`` of one checked batch ``[R, 2]`` (the simulator's prefill steps)."""
-        dtype = _host_float()
-        r = len(arr)
-        cnm = np.zeros((3, 1, bucket_size(r, SINGLE_MIN_WIDTH)), dtype)
-        cnm[:2, 0, :r] = arr.T
+    def _single(self, cache_len: np.ndarray, new_len: np.ndarray) -> np.ndarray | None:
+        """Seconds ``[H]`` of one batch (the simulator's prefill steps), or None if a count is
+        out of range (the caller then raises the error that names it)."""
+        r = len(cache_len)
+        cnm = np.zeros((3, 1, bucket_size(r, SINGLE_MIN_WIDTH)), _host_float())
+        cnm[0, 0, :r] = cache_len
+        cnm[1, 0, :r] = new_len
         cnm[2, 0, :r] = 1.0
+        n = cnm[1, 0, :r]
+        if not (cnm[0, 0, :r].min() >= 0 and n.min() >= 1):
+            return None
         # prompts (any new_len > 1) take the standard grid; pure decodes may fold heads
-        attention = "prefill" if arr[:, 1].max() > 1 else "any"
+        attention = "prefill" if n.max() > 1 else "any"
         return np.asarray(self._program("flat", attention, cnm.shape[1:])(cnm))[0]
 
     def _ragged(self, batches: RaggedBatches) -> np.ndarray:
@@ -584,15 +585,16 @@ class Estimator:
         ...]`` or one batch ``[(cache_len, new_len), ...]``. Invalid token counts raise a
         ValueError naming the batch, request and field."""
         if not isinstance(batches, RaggedBatches):
-            single = _single_batch(batches[0]) if _one_batch(batches) else None
-            if single is not None:  # the simulator's prefill steps: straight to one array
-                out = self._single(single)[None]
-                return out[:, 0] if len(self.hardware) == 1 else out
+            flat = _single_batch(batches[0]) if _one_batch(batches) else None
+            # the simulator's prefill steps: straight to one array
+            out = None if flat is None else self._single(flat[0::2], flat[1::2])
+            if out is not None:
+                return out if len(self.hardware) == 1 else out[None]
             batches = RaggedBatches.from_batches(
                 [batches] if _looks_like_one_batch(batches) else batches
             )
         if len(batches) == 1:
-            out = self._single(np.stack([batches.cache_len, batches.new_len], axis=1))[None]
+            out = self._single(batches.cache_len, batches.new_len)[None]
         else:
             out = self._ragged(batches)
         return out[:, 0] if len(self.hardware) == 1 else out
