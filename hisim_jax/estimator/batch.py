@@ -324,14 +324,14 @@ def bucket_sizes(sizes: np.ndarray, minimum: int = MIN_BUCKET) -> np.ndarray:
     return np.maximum(minimum, np.left_shift(1, np.maximum(bits, 0)))
 
 
-def bucket_rows(bucket: int, cells: int = 1 << 18, most: int = 4096) -> int:
+def bucket_rows(bucket: int, cells: int = 1 << 17, most: int = 4096) -> int:
     """Batches per call for a bucket: about ``cells`` padded requests per call (a few MB of
     planes), at most ``most``."""
     return max(1, min(most, cells // bucket))
 
 
 def pack_ragged(
-    rb: RaggedBatches, dtype=np.float64, groups=None, cells: int = 1 << 18, most: int = 4096
+    rb: RaggedBatches, dtype=np.float64, groups=None, cells: int = 1 << 17, most: int = 4096
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Pad ``rb`` into ``[3, rows, R]`` planes (cache_len, new_len, mask) per power-of-two
     bucket ``R``, cut into calls of about ``cells`` padded requests (``bucket_rows``); a group's
