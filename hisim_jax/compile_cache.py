@@ -119,7 +119,8 @@ def program_key(name: str, parts: tuple, args) -> str:
 
 def _write(path: Path, data: bytes) -> None:
     """Write through a temporary name and rename: a concurrent reader sees all or nothing."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
