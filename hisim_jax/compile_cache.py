@@ -119,14 +119,15 @@ def program_key(name: str, parts: tuple, args) -> str:
 
 def _write(path: Path, data: bytes) -> None:
     """Write through a temporary name and rename: a concurrent reader sees all or nothing."""
-    path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError:  # a read-only or full disk costs the cache, never the run
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def executable(jitted, args, name: str, parts: tuple):

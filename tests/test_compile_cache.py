@@ -145,3 +145,12 @@ def test_program_key_depends_on_parts_and_argument_shapes():
     assert compile_cache.program_key("k", (b"x",), a) != compile_cache.program_key("k", (b"y",), a)
     b = (np.zeros(8, np.float32),)
     assert compile_cache.program_key("k", (b"x",), a) != compile_cache.program_key("k", (b"x",), b)
+
+
+def test_an_unwritable_folder_costs_the_cache_not_the_call(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(compile_cache, "enable", lambda: blocker / "cache")
+    args = (np.arange(3.0, dtype=np.float32),)
+    fn = compile_cache.executable(jax.jit(_square), args, "sq", ())
+    np.testing.assert_array_equal(np.asarray(fn(*args)), [1.0, 2.0, 5.0])
