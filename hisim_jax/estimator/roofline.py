@@ -651,7 +651,9 @@ def _one_batch(batches) -> bool:
 
 
 def _looks_like_one_batch(batches) -> bool:
-    """``[(c, n), ...]`` (one batch) rather than ``[[(c, n), ...], ...]``."""
+    """``[(c, n), ...]`` or an ``[R, 2]`` array (one batch) rather than ``[[(c, n), ...], ...]``."""
+    if isinstance(batches, np.ndarray):
+        return batches.ndim == 2
     if not isinstance(batches, (list, tuple)) or not batches:
         return False
     first = batches[0]

@@ -245,3 +245,10 @@ def test_long_decode_stretch_in_several_calls_equals_one_step_at_a_time(llama):
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     # and the first steps do not depend on how long the stretch is
     np.testing.assert_array_equal(llama.decode_steps_s(ctx, 10, 8, active)[:10], got[:10])
+
+
+def test_numpy_arrays_as_batches(llama, batches):
+    arrays = [np.array(b) for b in batches[:5]]
+    np.testing.assert_array_equal(llama.step_latency_s(arrays), llama.step_latency_s(batches[:5]))
+    one = llama.step_latency_s(arrays[2])
+    assert one.shape == (1,) and one[0] == llama.step_latency_s([batches[2]])[0]
