@@ -9,6 +9,7 @@ Two caches share one folder (``HISIM_CACHE_DIR``, default ``$XDG_CACHE_HOME/hisi
   loaded on a later run without tracing or lowering. A program's file is named by a hash of
   everything that sets it: the estimator's source, the baked values, the argument shapes and
   dtypes, JAX/jaxlib versions, ``XLA_FLAGS``, x64 and the CPU's features.
+  The folder is kept under ``HISIM_CACHE_MAX_MB`` (default 1024), least recently used first.
 * ``xla/``: JAX's persistent compilation cache, for every other jitted call — unless the user
   set JAX's own ``JAX_COMPILATION_CACHE_DIR`` (or ``jax_compilation_cache_dir``), which is then
   used as it is. ``JAX_ENABLE_COMPILATION_CACHE=false`` turns off both caches.
@@ -27,6 +28,9 @@ import sys
 from pathlib import Path
 
 ENV_VAR = "HISIM_CACHE_DIR"
+# The executables folder is pruned to this many MB, least recently used first.
+MAX_MB_VAR = "HISIM_CACHE_MAX_MB"
+DEFAULT_MAX_MB = 1024
 # compiles faster than this stay out of JAX's own cache (unless the user set JAX's variable)
 MIN_COMPILE_TIME_S = 0.2
 _FORMAT = b"hisim-executable-1\n"
@@ -128,6 +132,29 @@ def _write(path: Path, data: bytes) -> None:
     except OSError:  # a read-only or full disk costs the cache, never the run
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        return
+    _prune(path.parent)
+
+
+def _prune(folder: Path) -> None:
+    """Keep the executables under ``HISIM_CACHE_MAX_MB`` (default 1024): a search over many
+    models, GPUs and calibrations stores a program of ~50-130 kB for each. Least recently used
+    go first (a load touches its file's mtime); the cost is one stat per file per write."""
+    try:
+        limit = float(os.environ.get(MAX_MB_VAR, DEFAULT_MAX_MB)) * 1e6
+    except ValueError:
+        limit = DEFAULT_MAX_MB * 1e6
+    try:
+        files = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(folder)]
+    except OSError:
+        return
+    total = sum(size for _, size, _ in files)
+    for _, size, name in sorted(files):
+        if total <= limit:
+            break
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+            total -= size
 
 
 def executable(jitted, args, name: str, parts: tuple):
@@ -194,6 +221,8 @@ def _load(path: Path, args):
         data = path.read_bytes()
     except OSError:
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: pruned last
     if not data.startswith(_FORMAT):
         return None
     import jax

@@ -154,3 +154,16 @@ def test_an_unwritable_folder_costs_the_cache_not_the_call(tmp_path, monkeypatch
     args = (np.arange(3.0, dtype=np.float32),)
     fn = compile_cache.executable(jax.jit(_square), args, "sq", ())
     np.testing.assert_array_equal(np.asarray(fn(*args)), [1.0, 2.0, 5.0])
+
+
+def test_executables_are_pruned_least_recently_used_first(folder, monkeypatch):
+    stored = folder / "executables"
+    stored.mkdir()
+    for i in range(5):
+        (stored / f"old-{i}.bin").write_bytes(b"x" * 400_000)
+        os.utime(stored / f"old-{i}.bin", (1000 + i, 1000 + i))
+    monkeypatch.setenv(compile_cache.MAX_MB_VAR, "1")
+    args = (np.arange(3.0, dtype=np.float32),)
+    compile_cache.executable(jax.jit(_square), args, "sq", ())
+    left = sorted(p.name for p in stored.iterdir())
+    assert left[:2] == ["old-3.bin", "old-4.bin"] and len(left) == 3 and left[2].startswith("sq-")
