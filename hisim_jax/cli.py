@@ -143,9 +143,9 @@ def _check_options(**ranges) -> None:
 
 def _check_calibration(path) -> None:
     if path is not None:
-        from hisim_jax.estimator.calibrate import check_calibration_file
+        from hisim_jax.estimator.roofline import load_calibration
 
-        check_calibration_file(path)
+        load_calibration(path)
 
 
 def _estimator(*args, **kwargs):

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from hisim_jax import files
 from hisim_jax.cli import app
-from hisim_jax.estimator.calibrate import PARAM_RANGE, check_calibration_file, read_steps
+from hisim_jax.estimator.calibrate import read_steps
+from hisim_jax.estimator.roofline import PARAM_RANGE, load_calibration
 from hisim_jax.paths import data_dir
 from hisim_jax.serving import workload as wl
 from hisim_jax.simulation import (
@@ -107,7 +108,7 @@ LOADERS = {
     "model": (".json", load_model),
     "hardware": (".yaml", load_hardware),
     "simulate config": (".yaml", read_config),
-    "calibration": (".json", check_calibration_file),
+    "calibration": (".json", load_calibration),
     "profile": (".csv", read_steps),
     "step log": (".csv", read_step_log),
     **{
@@ -352,7 +353,8 @@ def test_an_accepted_gpu_spec_is_finite_and_plausible(field, value):
         return
     v = getattr(hw, field)
     assert math.isfinite(v) and v > 0
-    assert 1 <= v <= 1e19
+    assert 1e-6 <= v <= 1e19  # prices go below 1 $/h; every other field is >= 1
+    assert field == "price_usd_per_hour" or v >= 1
 
 
 @FAST
@@ -379,7 +381,7 @@ def test_an_accepted_calibration_parameter_is_in_range(tmp_path_factory, value):
     p = tmp_path_factory.mktemp("cal") / "c.json"
     p.write_text(json.dumps(doc))  # NaN and Infinity as JSON's non-standard literals
     try:
-        check_calibration_file(p)
+        load_calibration(p)
     except SpecError as e:
         assert "layer_s" in str(e) and str(p) in str(e)
         return
@@ -450,7 +452,7 @@ def test_config_numbers(tmp_path, text, fragment):
         ("c.yaml", "rate-scale: 2\nrate_scale: 3\n", read_config),
         ("h.yaml", H100.read_text() + "sm_count: 7\n", load_hardware),
         ("m.json", MODEL.read_text().replace("{", '{"hidden_size": 7,', 1), load_model),
-        ("c.json", '{"params": {"layer_s": 1e-4, "layer_s": 2e-4}}', check_calibration_file),
+        ("c.json", '{"params": {"layer_s": 1e-4, "layer_s": 2e-4}}', load_calibration),
         ("t.jsonl", '{"arrival_s": 0, "input_len": 9, "input_len": 90, "output_len": 2}\n',
          lambda p: wl.load_trace(p, "jsonl")),
         ("t.csv", "arrival_s,input_len,input_len,output_len\n0,9,90,2\n",

@@ -67,28 +67,6 @@ class ProfileError(SpecError):
     """A bad profile table: one line naming the file, row and field."""
 
 
-# Every fitted parameter is an efficiency (~0.1-1), a pass count (~1-50), a blend or a fixed
-# cost in seconds (~1e-6-1e-4): values outside this range are typos that would send step
-# times to zero or to infinity.
-PARAM_RANGE = (1e-12, 1e4)
-
-
-def check_calibration_file(path: str | Path) -> None:
-    """Checks a calibration JSON before ``roofline.load_calibration`` reads it: the file itself
-    (readable, UTF-8, valid JSON with no key given twice and no NaN/Infinity) and every numeric
-    parameter within ``PARAM_RANGE``. Unknown names and non-numbers are left to the loader."""
-    doc = files.read_json(path, "calibration (JSON)", SpecError)
-    values = doc.get("params") if isinstance(doc, dict) else None
-    if not isinstance(values, dict):
-        raise SpecError(f"{path}: field 'params' must be an object of parameter values")
-    lo, hi = PARAM_RANGE
-    for k, v in values.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not lo <= v <= hi:
-            raise SpecError(
-                f"{path}: field 'params.{k}' must be between {lo:g} and {hi:g}, got {v!r}"
-            )
-
-
 def _read_table(path: str | Path, **pandas_kw) -> pd.DataFrame:
     return files.read_csv(path, "profile table (CSV)", ProfileError, **pandas_kw)
 

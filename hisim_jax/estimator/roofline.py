@@ -12,7 +12,6 @@ absolute fixed costs (kernels that do little), so they transfer to GPUs never pr
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hisim_jax import compile_cache
+from hisim_jax import compile_cache, files
 from hisim_jax.estimator import ops
 from hisim_jax.estimator.attention import fa2 as attn
 from hisim_jax.estimator.batch import (
@@ -391,25 +390,31 @@ def calibration_path(hardware_name: str) -> Path:
     return own if own.is_file() else base / f"{DEFAULT_CALIBRATION}.json"
 
 
+# Every fitted parameter is an efficiency (~0.1-1), a pass count (~1-50), a blend or a fixed
+# cost in seconds (~1e-6-1e-4): values outside this range are typos that would send step
+# times to zero or to infinity.
+PARAM_RANGE = (1e-12, 1e4)
+
+
 def load_calibration(path: str | Path | None = None, hardware_name: str = DEFAULT_CALIBRATION):
-    """Params from a calibration JSON (``{"params": {...}}``); defaults if none is shipped."""
+    """Params from a calibration JSON (``{"params": {...}}``); defaults if none is shipped.
+    The file is read strictly (no key given twice, no NaN/Infinity) and every parameter must
+    be a known name with a value within ``PARAM_RANGE``: one-line ``SpecError`` otherwise."""
     p = Path(path) if path is not None else calibration_path(hardware_name)
     if path is None and not p.is_file():
         return Params()
-    try:
-        doc = json.loads(Path(p).read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{p}: no such calibration file") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    doc = files.read_json(p, "calibration (JSON)", SpecError)
     values = doc.get("params") if isinstance(doc, dict) else None
     if not isinstance(values, dict):
         raise SpecError(f"{p}: field 'params' must be an object of parameter values")
+    lo, hi = PARAM_RANGE
     for k, v in values.items():
         if k not in PARAM_NAMES:
             raise SpecError(f"{p}: field 'params.{k}' is not a known parameter")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise SpecError(f"{p}: field 'params.{k}' must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SpecError(f"{p}: field 'params.{k}' must be a number, got {v!r}")
+        if not lo <= v <= hi:
+            raise SpecError(f"{p}: field 'params.{k}' must be between {lo:g} and {hi:g}, got {v!r}")
     return params_from_dict(values)
 
 
