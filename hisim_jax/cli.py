@@ -141,13 +141,6 @@ def _check_options(**ranges) -> None:
             raise ValueError(f"options: {why}")
 
 
-def _check_calibration(path) -> None:
-    if path is not None:
-        from hisim_jax.estimator.roofline import load_calibration
-
-        load_calibration(path)
-
-
 def _estimator(*args, **kwargs):
     """An Estimator; a combination of options the model refuses (tp, dtypes) names options."""
     from hisim_jax.estimator.roofline import Estimator
@@ -230,7 +223,10 @@ def estimate(
     from hisim_jax.estimator.batch import parse_batch
 
     _check_options(tp=(tp, 1, True, 1024))
-    _check_calibration(calibration)
+    if calibration is not None:  # a bad file fails before a CSV of batches is read
+        from hisim_jax.estimator.roofline import load_calibration
+
+        load_calibration(calibration)
     if batches is not None:
         if batch is not None:
             raise ValueError("give either --batch or --batches, not both")
@@ -378,7 +374,6 @@ def validate_steps_cmd(
             files.check_output_file(path)
     hw = load_hardware(hardware)
     profile = profile or (_default_profiles() / "steps.csv")
-    _check_calibration(calibration)
     params = load_calibration(calibration, hw.name)
     result = validate_steps(profile, hw, params, tp=tp)
     f = result.frame

@@ -204,17 +204,24 @@ def _probe_writable(folder: Path, target: Path, error: type[ValueError]) -> None
     os.unlink(name)
 
 
+def _file_target_problem(p: Path) -> str | None:
+    """Why ``p`` cannot be written as a file: it is a folder, or its folder is missing or a
+    file (None if neither)."""
+    if p.is_dir():
+        return f"{p}: is a directory, not a file"
+    if not p.parent.is_dir():
+        why = _parent_problem(p)
+        return f"{p}: {why}" if why else f"{p}: directory {p.parent} does not exist"
+    return None
+
+
 def check_output_file(path: str | Path, error: type[ValueError] = FileError) -> Path:
     """Fail now, before any work, if ``path`` cannot be written as a file: it is a folder, or
     its folder is missing, a file, or does not take new files."""
     p = Path(path)
-    if p.is_dir():
-        raise error(f"{p}: is a directory, not a file")
-    folder = p.parent
-    if not folder.is_dir():
-        why = _parent_problem(p)
-        raise error(f"{p}: {why}" if why else f"{p}: directory {folder} does not exist")
-    _probe_writable(folder, p, error)
+    if why := _file_target_problem(p):
+        raise error(why)
+    _probe_writable(p.parent, p, error)
     return p
 
 
@@ -238,13 +245,8 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling (same suffix, so writers that infer the format
     from it still work), then rename it over ``path``: the old file survives any failure."""
     path = Path(path)
-    if not path.parent.is_dir():
-        why = _parent_problem(path)
-        raise FileError(
-            f"{path}: {why}" if why else f"{path}: directory {path.parent} does not exist"
-        )
-    if path.is_dir():
-        raise FileError(f"{path}: is a directory, not a file")
+    if why := _file_target_problem(path):
+        raise FileError(why)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         write(tmp)

@@ -1,15 +1,8 @@
-"""Where the shipped data lives: the repository's top-level folders, or a wheel's _data copy.
-
-(``write_atomic`` moved to ``hisim_jax.files`` with the other readers and writers; it is
-re-exported here for existing imports.)"""
+"""Where the shipped data lives: the repository's top-level folders, or a wheel's _data copy."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from hisim_jax.files import write_atomic
-
-__all__ = ["data_dir", "write_atomic"]
 
 _PKG = Path(__file__).resolve().parent
 

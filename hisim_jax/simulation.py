@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hisim_jax import files
 from hisim_jax.estimator.ops import DTYPE_BYTES
-from hisim_jax.estimator.roofline import Estimator, load_calibration
+from hisim_jax.estimator.roofline import Estimator
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.cluster import Cluster, KVLink, Replica
 from hisim_jax.serving.engine import Engine, EngineConfig
@@ -335,8 +335,6 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
             "options: write_back moves evicted blocks down through L2, so an L3 tier without "
             "l2_gb would stay empty (give l2_gb > 0, or use write_through)"
         )
-    if o.calibration is not None:
-        load_calibration(o.calibration)  # one-line errors before any replica is built
     estimators: dict[tuple[str, int], Estimator] = {}
     replicas = []
     store = None

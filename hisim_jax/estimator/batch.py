@@ -20,6 +20,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from hisim_jax import files
+
 MIN_BUCKET = 8
 # Token counts above this lose integer exactness in float64 (and in any case mean a bug).
 MAX_TOKENS = 2**53
@@ -126,7 +128,7 @@ def _check_value(v, where: str, lowest: int) -> None:
     """One token count, with a message naming where it is (the slow path of errors only)."""
     if isinstance(v, np.generic):
         v = v.item()
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+    if not _is_number(v):
         raise ValueError(f"{where} must be an integer, got {v!r}")
     if isinstance(v, (float, np.floating)) and not (math.isfinite(v) and float(v).is_integer()):
         raise ValueError(f"{where} must be a whole number, got {v!r}")
@@ -250,7 +252,7 @@ class RaggedBatches:
                 for i, v in enumerate(values):
                     if not _is_number(v):
                         raise ValueError(
-                            f"frame: row {i} (batch {_plain(ids[i])!r}): field '{name}' "
+                            f"frame: row {i} (batch {files.plain(ids[i])!r}): field '{name}' "
                             f"must be an integer, got {v!r}"
                         )
                 values = np.array(values.tolist())
@@ -280,10 +282,6 @@ class RaggedBatches:
         pairs = list(zip(self.cache_len.tolist(), self.new_len.tolist(), strict=True))
         ends = np.cumsum(self.sizes).tolist()
         return [pairs[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-
-
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _is_number(v) -> bool:

@@ -2,9 +2,10 @@
 
 Every iteration the engine asks its scheduler policy (scheduler/sglang.py) for a prefill batch
 and runs it, or else one decode step over all running requests; the policy decides through
-the engine's queues and KV admission (``scheduler.base.EngineView``). Step time comes from the estimator (anything with its
-``step_latency_s`` and ``decode_steps_s``, so tests can hand in a fake), plus a per-step CPU overhead;
-decode batches are padded to the captured CUDA-graph sizes.
+the engine's queues and KV admission (``scheduler.base.EngineView``). Step time comes from the
+estimator (anything with its ``step_latency_s`` and ``decode_steps_s``, so tests can hand in a
+fake), plus a per-step CPU overhead; decode batches are padded to the captured CUDA-graph
+sizes.
 
 Decode-only stretches are predictable — each running request's context grows by one token per
 step — so the engine costs up to ``FAST_FORWARD_STEPS`` future steps in one vectorized estimator
@@ -322,9 +323,6 @@ class Engine:
         st.private += pages
         return True
 
-    def swap_in(self, now: float) -> None:
-        self._swap_in(now)
-
     def _join(self, st: ReqState) -> None:
         # ``running`` stays sorted by remaining output, longest first: every running request
         # decodes one token per step, so joins are the only thing that can break the order
@@ -603,7 +601,7 @@ class Engine:
         st.private = 0
         st.computed = 0
 
-    def _swap_in(self, now: float) -> None:
+    def swap_in(self, now: float) -> None:
         """Bring swapped requests back in order while their KV fits: pin their prompt blocks
         again (loading any that were evicted to L2/L3) and copy their private KV back from L2.
         They decode again once all of it has landed. A request whose prompt blocks left every

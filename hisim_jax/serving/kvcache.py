@@ -378,16 +378,13 @@ class KVCache:
         node = path[-1] if path else self.root
         new_l1_pages = new_nodes = 0
         fresh = False  # whether the path's last block was just placed in L1
-        page = self.cfg.page_size
         for k, bid in enumerate(block_ids[len(path) :], start=len(path)):
             block_len = min(bt, input_len - k * bt)
             if block_len <= 0:
                 break
             child = node.children.get(bid)
             if child is None:
-                start = k * bt  # span_pages, inlined
-                pages = -(-(start + block_len) // page) * page - -(-start // page) * page
-                child = _Node(bid, node, block_len, pages)
+                child = _Node(bid, node, block_len, self.span_pages(k * bt, block_len))
                 node.children[bid] = child
             elif child.tokens != block_len:
                 break  # a partial block that another prompt extends: not the same KV

@@ -191,13 +191,13 @@ def test_decode_replica_does_not_reject_while_a_request_swaps_back_in():
     reqs = [Request(0, 0.0, 1200, 1700, tuple(range(19))), Request(1, 0.0, 1200, 1700, tuple(range(100, 119)))]  # fmt: skip
     # a first run finds when a request is swapping back in with nothing else running
     eng, windows = make(), []
-    swap_in = eng._swap_in
+    swap_in = eng.swap_in
 
     def watch(now):
         swap_in(now)
         windows.extend((now, s.ready_s) for s in eng.swapping_in if not eng.running)
 
-    eng._swap_in = watch
+    eng.swap_in = watch
     for r in reqs:
         eng.receive(ReqState(r), 0.0)
     eng.advance()
