@@ -3,9 +3,6 @@ any step of any replica, whatever the page and block sizes, tier sizes, write an
 policies, prefetch policy, PD split, replica count or shared store; and every run ends, each
 request completed or rejected with a reason."""
 
-import contextlib
-import signal
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_engine import FakeCost
@@ -20,22 +17,6 @@ from hisim_jax.serving.scheduler.base import SchedulerConfig
 from hisim_jax.serving.workload import LengthDist, Request, chat_sessions
 
 BYTES_PER_TOKEN = 1e5
-
-
-@contextlib.contextmanager
-def ends_within(seconds: float):
-    """Fail, instead of hanging the suite, if the block runs longer than ``seconds``."""
-
-    def hang(*_):
-        raise TimeoutError(f"still running after {seconds} s: the run does not end")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def check_capacity(eng: Engine) -> None:
@@ -152,7 +133,7 @@ def workload(cfg: dict):
 
 @settings(max_examples=120, deadline=None)
 @given(configs)
-def test_no_tier_over_capacity_and_every_run_ends(cfg):
+def test_no_tier_over_capacity_and_every_run_ends(ends_within, cfg):
     cluster, seen = build(cfg)
     reqs = workload(cfg)
     with ends_within(60):
@@ -180,7 +161,7 @@ def _engine(role="unified", l1=21, page=7, block=4):
     return Engine(EngineConfig(SchedulerConfig(), cache, 32, 32768, role=role), FakeCost())
 
 
-def test_a_request_that_can_never_start_ends_at_once_and_stalls_nothing():
+def test_a_request_that_can_never_start_ends_at_once_and_stalls_nothing(ends_within):
     # pages of 7 on 4-token blocks: request 1 needs the 14 cached pages of request 0's blocks
     # pinned beside 7 pages for its 5 new tokens and its decode reservation: never in 21
     # tokens, though the request alone fits. It used to wait, the replica frozen, until the
@@ -200,7 +181,7 @@ def test_a_request_that_can_never_start_ends_at_once_and_stalls_nothing():
     assert request_frame(alone).equals(cluster_request_frame(res).drop(columns=["replica"]))
 
 
-def test_an_engine_alone_rejects_a_request_that_never_arrives():
+def test_an_engine_alone_rejects_a_request_that_never_arrives(ends_within):
     reqs = [Request(0, 0.0, 8, 2, (1, 2)), Request(1, float("inf"), 8, 2, (3, 4))]
     with ends_within(20):
         res = _engine(l1=100, page=1).run(reqs)

@@ -1,8 +1,6 @@
 """Clusters on a fake step cost: routing exactly once, one clock, sessions kept together, PD."""
 
-import contextlib
 import json
-import signal
 
 import numpy as np
 import pytest
@@ -312,22 +310,6 @@ def test_decode_replicas_count_only_their_own_prefix_lookups():
             assert 0 <= cache["hit_rate"] <= 1
 
 
-@contextlib.contextmanager
-def ends_within(seconds: float):
-    """Fail, instead of hanging the suite, if the block runs longer than ``seconds``."""
-
-    def hang(*_):
-        raise TimeoutError(f"still running after {seconds} s: the run does not end")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _small_engine(role, l1, page, block):
     cache = KVCacheConfig(
         l1_tokens=l1, bytes_per_token=BYTES_PER_TOKEN, block_tokens=block, page_size=page
@@ -341,7 +323,7 @@ def _pd(l1=14, page=7, block=4, link=KVLink()):
     return Cluster([prefill], Router(RouterConfig("round_robin"), 1, block), [decode], link)
 
 
-def test_drain_ends_when_a_prefill_replica_can_never_admit_its_request():
+def test_drain_ends_when_a_prefill_replica_can_never_admit_its_request(ends_within):
     # pages of 7 on 4-token blocks: the cached 8 tokens of request 0 hold 14 pages, and
     # request 1 would need them pinned beside the 7 pages of its 5 new tokens: never in a
     # 14-token L1, though the request alone fits. The drain rounds after the last arrival
