@@ -48,3 +48,46 @@ def predicted_vs_measured(
         return write_atomic(path, fig.savefig)
     finally:
         plt.close(fig)
+
+
+def cdf_comparison(
+    series: list[tuple[str, np.ndarray, np.ndarray, str]],
+    path: str | Path,
+    title: str = "",
+    xlabel: str = "ms",
+) -> Path:
+    """Cumulative distributions, measured (solid) against predicted (dashed), one colour per
+    stage: ``(label, x, fraction, "measured"|"predicted")`` each. Writes ``path`` directly (the
+    caller moves it into place, e.g. through ``files.write_files_atomic``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours: dict[str, str] = {}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    positive = [float(np.min(x[x > 0])) for _, x, _, _ in series if np.any(x > 0)]
+    for label, x, frac, side in series:
+        stage = label.split(" measured")[0].split(" predicted")[0]
+        colour = colours.setdefault(stage, palette[len(colours) % len(palette)])
+        style = "-" if side == "measured" else "--"
+        if "published" in label:  # a few percentile points: join them, do not step
+            ax.plot(x, frac, ls=style, color=colour, lw=1.2, marker=".", ms=3, label=label)
+        else:
+            ax.step(x, frac, where="post", ls=style, color=colour, lw=1.2, label=label)
+    if positive:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+        return path
+    finally:
+        plt.close(fig)
