@@ -124,8 +124,14 @@ def overall(rows: list[dict]) -> dict:
         v = [abs(r[key]) for r in rows if r[key] is not None]
         return sum(v) / len(v) if v else None
 
+    def median(key):
+        v = sorted(abs(r[key]) for r in rows if r[key] is not None)
+        return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2 if v else None
+
     ok = [r for r in rows if r["requests_failed_measured"] == 0]
     return {
+        "median_abs_error": {k: median(f"{k}_error") for k in
+                             ("ttft_mean", "tpot_mean", "e2e_mean", "request_throughput")},
         "points": len(rows),
         "regime_match": sum(r["regime_match"] for r in rows),
         "mean_abs_error": {k: mape(f"{k}_error") for k in
@@ -207,6 +213,8 @@ def main(argv=None) -> int:
             f"\n{o['points']} points, regime match {o['regime_match']}/{o['points']}; mean |error| "
             "over points without failures: "
             + ", ".join(f"{k} {v:.1%}" for k, v in err.items() if v is not None)
+            + "; median |error| over all: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in o["median_abs_error"].items() if v is not None)
         )
     if a.out is not None:
         buf = io.StringIO()
