@@ -510,6 +510,9 @@ def simulate(
     model: str = typer.Option(None, help="Model name or config.json [llama-3.1-8b]."),
     hardware: str = typer.Option(None, help="GPU name or YAML [h100-sxm]."),
     tp: int = typer.Option(None, help="Tensor-parallel degree [1]."),
+    engine: str = typer.Option(
+        None, help="Engine whose scheduler and defaults are simulated: sglang or vllm [sglang]."
+    ),
     weight_dtype: str = typer.Option(None, help="bf16, fp8 or fp4 [bf16]."),
     kv_dtype: str = typer.Option(None, help="bf16 or fp8 [bf16]."),
     calibration: Path = typer.Option(None, help="Calibration JSON [shipped H100 fit]."),
@@ -528,23 +531,41 @@ def simulate(
     seed: int = typer.Option(
         None, help="Seed of the synthetic workload, ShareGPT arrivals, random routing [0]."
     ),
-    l1_fraction: float = typer.Option(None, help="HBM share for weights + KV [0.88]."),
+    l1_fraction: float = typer.Option(
+        None, help="SGLang: HBM share for weights + KV (mem_fraction_static) [0.88]."
+    ),
+    gpu_memory_utilization: float = typer.Option(
+        None, help="vLLM: HBM share for weights, activations + KV [0.9]."
+    ),
+    kv_cache_tokens: int = typer.Option(
+        None, help="KV capacity in tokens per replica, overriding the memory accounting."
+    ),
     l2_gb: float = typer.Option(None, help="Host-DRAM KV tier per GPU, GB [0: off]."),
     l3_gb: float = typer.Option(None, help="SSD/remote KV tier per GPU, GB [0: off]."),
     l2_gb_s: float = typer.Option(
         None, help="L1<->L2 link per GPU, GB/s [PCIe of the spec x 0.86]."
     ),
     l3_gb_s: float = typer.Option(None, help="L2<->L3 link per GPU, GB/s [SSD of the spec]."),
-    page_size: int = typer.Option(None, help="KV page size in tokens [1]."),
+    page_size: int = typer.Option(None, help="KV page size in tokens [SGLang 1, vLLM 16]."),
     eviction: str = typer.Option(None, help="lru or lfu [lru]."),
     write_policy: str = typer.Option(None, help="write_through or write_back [write_through]."),
-    chunked_prefill_size: int = typer.Option(None, help="Prompt tokens per chunk [8192]."),
-    max_prefill_tokens: int = typer.Option(None, help="Prompt tokens per prefill batch [16384]."),
-    max_running_requests: int = typer.Option(None, help="Cap on running requests [1024]."),
+    chunked_prefill_size: int = typer.Option(None, help="SGLang: prompt tokens per chunk [8192]."),
+    max_prefill_tokens: int = typer.Option(
+        None, help="SGLang: prompt tokens per prefill batch [16384]."
+    ),
+    max_running_requests: int = typer.Option(None, help="SGLang: running requests cap [1024]."),
+    max_num_batched_tokens: int = typer.Option(
+        None, help="vLLM: tokens per step, decodes included [8192; 2048 below 70 GB or A100]."
+    ),
+    max_num_seqs: int = typer.Option(
+        None, help="vLLM: running requests cap [1024; 256 below 70 GB or A100]."
+    ),
     schedule_policy: str = typer.Option(None, help="fcfs or lpm [fcfs]."),
     preemption: str = typer.Option(None, help="recompute or swap [recompute]."),
     prefetch_policy: str = typer.Option(None, help="best_effort, wait_complete or timeout."),
-    cuda_graph_max_bs: int = typer.Option(None, help="Largest captured decode batch [160]."),
+    cuda_graph_max_bs: int = typer.Option(
+        None, help="Largest captured decode batch [SGLang 160; vLLM min(2 x seqs, 512)]."
+    ),
     step_overhead_ms: float = typer.Option(None, help="CPU time per step not overlapped [0]."),
     slo_ttft_ms: float = typer.Option(None, help="TTFT SLO for goodput."),
     slo_tpot_ms: float = typer.Option(None, help="TPOT SLO for goodput."),

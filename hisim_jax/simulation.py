@@ -21,7 +21,13 @@ from hisim_jax.serving import workload as wl
 from hisim_jax.serving.cluster import Cluster, KVLink, Replica
 from hisim_jax.serving.engine import Engine, EngineConfig
 from hisim_jax.serving.kvstore import KVStore, KVStoreConfig
-from hisim_jax.serving.memory import cache_config, size_replica
+from hisim_jax.serving.memory import (
+    MEM_FRACTION_STATIC,
+    VLLM_GPU_MEMORY_UTILIZATION,
+    cache_config,
+    size_replica,
+    vllm_reserved_bytes,
+)
 from hisim_jax.serving.metrics import (
     CPU_PRICE_USD_PER_HOUR,
     SLO,
@@ -32,6 +38,7 @@ from hisim_jax.serving.metrics import (
 )
 from hisim_jax.serving.router import Router, RouterConfig
 from hisim_jax.serving.scheduler.base import SchedulerConfig
+from hisim_jax.serving.scheduler.vllm import VLLM_BLOCK_SIZE, vllm_defaults, vllm_max_capture_size
 from hisim_jax.specs import SpecError
 
 # Numeric options and the range each must lie in: (lowest, whether lowest itself is allowed,
@@ -50,6 +57,10 @@ _RANGES = {
     "seed": (0, True, None),
     "block_tokens": (1, True, None),
     "l1_fraction": (0, False, 1),
+    "gpu_memory_utilization": (0, False, 1),
+    "kv_cache_tokens": (1, True, None),
+    "max_num_batched_tokens": (1, True, None),
+    "max_num_seqs": (1, True, None),
     "l2_gb": (0, True, 1e6),
     "l3_gb": (0, True, 1e6),
     "l2_gb_s": _LINK_GB_S,
@@ -69,6 +80,22 @@ _RANGES = {
     "kv_link_latency_us": (0, True, 1e9),
     "l3_shared_gb": (0, True, 1e9),
     "l3_shared_gb_s": _LINK_GB_S,
+}
+
+
+# options that belong to one engine's scheduler or memory accounting, and their counterparts
+ENGINE_ONLY = {
+    "sglang": ("l1_fraction", "chunked_prefill_size", "max_prefill_tokens", "max_running_requests"),
+    "vllm": ("gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs"),
+}
+_COUNTERPART = {
+    "l1_fraction": "gpu_memory_utilization",
+    "gpu_memory_utilization": "l1_fraction",
+    "chunked_prefill_size": "max_num_batched_tokens",
+    "max_prefill_tokens": "max_num_batched_tokens",
+    "max_num_batched_tokens": "chunked_prefill_size and max_prefill_tokens",
+    "max_running_requests": "max_num_seqs",
+    "max_num_seqs": "max_running_requests",
 }
 
 
@@ -103,23 +130,30 @@ class SimulationOptions:
     skip_bad_lines: bool = False
     block_tokens: int | None = None  # prefix block of a jsonl/csv/sharegpt trace [512; 64]
     seed: int = 0
-    # KV cache
-    l1_fraction: float = 0.88
+    # the engine whose scheduler and defaults are simulated: "sglang" or "vllm"
+    engine: str = "sglang"
+    # KV cache (capacity: kv_cache_tokens, else the engine's own memory accounting)
+    l1_fraction: float | None = None  # SGLang's mem_fraction_static [0.88]
+    gpu_memory_utilization: float | None = None  # vLLM's [0.9]
+    kv_cache_tokens: int | None = None  # SGLang max_total_tokens, vLLM num_gpu_blocks x block
     l2_gb: float = 0.0
     l3_gb: float = 0.0
     l2_gb_s: float | None = None  # L1<->L2 link per GPU (default: PCIe from the spec)
     l3_gb_s: float | None = None  # L2<->L3 link per GPU (default: the spec's SSD)
-    page_size: int = 1
+    page_size: int | None = None  # [SGLang 1, vLLM 16 (its block size)]
     eviction: str = "lru"
     write_policy: str = "write_through"
-    # scheduler (SGLang defaults)
-    chunked_prefill_size: int = 8192
-    max_prefill_tokens: int = 16384
-    max_running_requests: int = 1024
+    # scheduler: SGLang's knobs (None: its defaults, scheduler.base.SchedulerConfig) ...
+    chunked_prefill_size: int | None = None
+    max_prefill_tokens: int | None = None
+    max_running_requests: int | None = None
     schedule_policy: str = "fcfs"
     preemption: str = "recompute"
     prefetch_policy: str = "best_effort"
-    cuda_graph_max_bs: int = 160
+    # ... vLLM's (None: its defaults by GPU memory, scheduler.vllm)
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    cuda_graph_max_bs: int | None = None  # largest captured batch [SGLang 160, vLLM 2 x seqs]
     step_overhead_ms: float = 0.0
     # SLOs for goodput, and prices
     slo_ttft_ms: float | None = None
@@ -144,6 +178,24 @@ class SimulationOptions:
             v = getattr(self, name)
             if v is not None and (why := range_error(name, v, lo, closed, hi)):
                 raise ValueError(why)
+        if self.engine not in ENGINE_ONLY:
+            raise ValueError(
+                f"field 'engine' must be one of {', '.join(ENGINE_ONLY)}, got {self.engine!r}"
+            )
+        for other, names in ENGINE_ONLY.items():
+            for name in names if other != self.engine else ():
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"field '{name}' is an option of engine {other}, not {self.engine} "
+                        f"(its counterpart: {_COUNTERPART[name]})"
+                    )
+        if self.engine == "vllm":
+            for name, value, only in (
+                ("schedule_policy", self.schedule_policy, "fcfs"),
+                ("preemption", self.preemption, "recompute"),
+            ):
+                if value != only:
+                    raise ValueError(f"field '{name}' {value!r}: vLLM V1 supports {only!r} only")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict) -> SimulationOptions:
@@ -312,22 +364,51 @@ def _bucket_bounds(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def scheduler_config(o: SimulationOptions, gpu) -> SchedulerConfig:
+    """The engine's scheduler knobs: the options given, else that engine's defaults (vLLM's
+    depend on the GPU's memory)."""
+    overhead = o.step_overhead_ms / 1e3
+    if o.engine == "vllm":
+        budget, seqs = vllm_defaults(gpu.hbm_bytes, gpu.name)
+        budget = o.max_num_batched_tokens or budget
+        seqs = o.max_num_seqs or seqs
+        return SchedulerConfig(
+            chunked_prefill_size=budget,
+            max_prefill_tokens=budget,
+            max_running_requests=seqs,
+            prefetch_policy=o.prefetch_policy,
+            cuda_graph_max_bs=o.cuda_graph_max_bs or vllm_max_capture_size(seqs, budget),
+            step_overhead_s=overhead,
+        )
+    d = SchedulerConfig()
+    return SchedulerConfig(
+        chunked_prefill_size=o.chunked_prefill_size or d.chunked_prefill_size,
+        max_prefill_tokens=o.max_prefill_tokens or d.max_prefill_tokens,
+        max_running_requests=o.max_running_requests or d.max_running_requests,
+        schedule_policy=o.schedule_policy,
+        preemption=o.preemption,
+        prefetch_policy=o.prefetch_policy,
+        cuda_graph_max_bs=o.cuda_graph_max_bs or d.cuda_graph_max_bs,
+        step_overhead_s=overhead,
+    )
+
+
+def memory_share(o: SimulationOptions, model, tp: int, sched: SchedulerConfig):
+    """(share of HBM for weights + KV + reserve, bytes reserved besides the weights) under the
+    engine's accounting: SGLang's mem_fraction_static holds weights and KV; vLLM's
+    gpu_memory_utilization also holds the forward pass's peak activations."""
+    if o.engine == "vllm":
+        util = o.gpu_memory_utilization or VLLM_GPU_MEMORY_UTILIZATION
+        return util, vllm_reserved_bytes(model, tp, sched.max_prefill_tokens)
+    return (o.l1_fraction or MEM_FRACTION_STATIC), 0.0
+
+
 def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     """Replicas (one estimator per distinct GPU and TP degree), router and KV link."""
     fleet = parse_fleet(o)
     n_prefill = parse_pd(o.pd)[0] if o.pd else len(fleet)
     if o.pd and not 0 < n_prefill < len(fleet):
         raise SpecError(f"options: --pd {o.pd} does not split a fleet of {len(fleet)} replicas")
-    sched = SchedulerConfig(
-        chunked_prefill_size=o.chunked_prefill_size,
-        max_prefill_tokens=o.max_prefill_tokens,
-        max_running_requests=o.max_running_requests,
-        schedule_policy=o.schedule_policy,
-        preemption=o.preemption,
-        prefetch_policy=o.prefetch_policy,
-        cuda_graph_max_bs=o.cuda_graph_max_bs,
-        step_overhead_s=o.step_overhead_ms / 1e3,
-    )
     if o.l3_shared_gb and o.l3_gb:
         raise SpecError("options: give either l3_gb (per replica) or l3_shared_gb, not both")
     if o.write_policy == "write_back" and (o.l3_gb or o.l3_shared_gb) and not o.l2_gb:
@@ -349,10 +430,12 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                 raise SpecError(f"options: {e}") from None
             estimators[hw, tp] = est
         gpu = est.hardware[0]
+        sched = scheduler_config(o, gpu)
         try:
             sizing = size_replica(
                 est.model, gpu, tp, DTYPE_BYTES[o.weight_dtype], DTYPE_BYTES[o.kv_dtype],
-                o.l1_fraction, o.l2_gb, o.l3_gb,
+                *memory_share(o, est.model, tp, sched), o.l2_gb, o.l3_gb,
+                kv_tokens=o.kv_cache_tokens,
             )  # fmt: skip
         except ValueError as e:
             raise SpecError(f"options: {e}") from None
@@ -375,7 +458,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                     sizing,
                     gpu,
                     block_tokens,
-                    o.page_size,
+                    o.page_size or (VLLM_BLOCK_SIZE if o.engine == "vllm" else 1),
                     o.eviction,
                     o.write_policy,
                     ranks=tp,
@@ -385,6 +468,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                 num_layers=est.model.num_layers,
                 max_context=est.model.max_position_embeddings,
                 role=role,
+                policy=o.engine,
             )
         except ValueError as e:  # a page size, eviction or write policy it refuses
             raise SpecError(f"options: {e}") from None
@@ -475,6 +559,11 @@ def run(
         "l2_tokens": first.engine.cache.capacity[1],
         "l3_tokens": first.engine.cache.capacity[2],
         "kv_bytes_per_token": first.kv_bytes_per_token,
+        "engine": o.engine,
+        # the scheduler's knobs as run, engine defaults filled in (vLLM: max_prefill_tokens
+        # is max_num_batched_tokens, max_running_requests is max_num_seqs)
+        "scheduler": asdict(first.engine.sched),
+        "page_size": first.engine.cache.cfg.page_size,
     }
     summ.update(_jsonable(cluster_summary(result)))
     summ["options"] = asdict(o)

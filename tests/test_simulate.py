@@ -169,3 +169,43 @@ def test_sharegpt_arrivals_follow_the_seed_and_block_tokens_reach_the_reader(tmp
     )
     r = invoke("--trace", mooncake, "--block-tokens", 64, "--out", tmp_path / "m")
     assert r.exit_code == 2 and "block_tokens" in r.stderr
+
+
+def test_vllm_engine_runs_with_its_defaults_and_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = invoke("--engine", "vllm", "--limit", 80, "--out", out)
+        assert r.exit_code == 0, r.output
+    assert (a / "steps.csv").read_bytes() == (b / "steps.csv").read_bytes()
+    assert (a / "requests.csv").read_bytes() == (b / "requests.csv").read_bytes()
+    s = json.loads((a / "summary.json").read_text())
+    rep = s["replica"]
+    assert rep["engine"] == "vllm" and rep["page_size"] == 16
+    # H100 (80 GB, not an A100): the API server's 8192-token budget and 1024 sequences
+    assert rep["scheduler"]["max_prefill_tokens"] == 8192
+    assert rep["scheduler"]["max_running_requests"] == 1024
+    assert rep["scheduler"]["cuda_graph_max_bs"] == 512
+    kinds = set(pd.read_csv(a / "steps.csv")["kind"])
+    assert "mixed" in kinds and s["requests_completed"] == 80
+
+
+def test_kv_cache_tokens_overrides_the_capacity_for_either_engine(tmp_path):
+    for engine in ("sglang", "vllm"):
+        out = tmp_path / engine
+        r = invoke("--engine", engine, "--kv-cache-tokens", 50000, "--limit", 20, "--out", out)
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "summary.json").read_text())["replica"]["l1_tokens"] == 50000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--engine", "vllm", "--l1-fraction", 0.8), "'l1_fraction' is an option of engine sglang"),
+        (("--max-num-seqs", 64), "'max_num_seqs' is an option of engine vllm"),
+        (("--engine", "vllm", "--schedule-policy", "lpm"), "supports 'fcfs' only"),
+        (("--engine", "tgi"), "field 'engine' must be one of sglang, vllm"),
+    ],
+)
+def test_options_of_the_other_engine_are_refused_in_one_line(tmp_path, args, message):
+    r = invoke(*args, "--limit", 5, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1

@@ -33,7 +33,6 @@ from hisim_jax.serving.scheduler.base import (
     CLIP_MAX_NEW_TOKENS,
     ReqState,
     SchedulerConfig,
-    cuda_graph_sizes,
     graph_padded_size,
 )
 
@@ -169,7 +168,8 @@ class Engine:
         self.sched = cfg.scheduler
         self.step_cost = step_cost
         self.cache = KVCache(cfg.cache, shared_l3)
-        self.graph_sizes = np.array(cuda_graph_sizes(self.sched.cuda_graph_max_bs))
+        self.policy = POLICIES[cfg.policy](cfg.scheduler, prefill_only=cfg.role == "prefill")
+        self.graph_sizes = np.array(self.policy.cuda_graph_sizes(self.sched.cuda_graph_max_bs))
         # the padded size of every batch size up to the largest captured graph: one lookup
         self._graph_pad = graph_padded_size(np.arange(self.graph_sizes[-1] + 1), self.graph_sizes)
         self.waiting: deque[ReqState] = deque()
@@ -178,7 +178,6 @@ class Engine:
         self.swapped: deque[ReqState] = deque()
         self.swapping_in: list[ReqState] = []  # KV on its way back to L1, then they decode
         self.chunked: ReqState | None = None  # a prompt being prefilled chunk by chunk
-        self.policy = POLICIES[cfg.policy](cfg.scheduler, prefill_only=cfg.role == "prefill")
         self.preemptions = 0
         self.steps = StepLog()
         self.finished = 0  # completed or rejected
@@ -361,22 +360,38 @@ class Engine:
     # steps
 
     def _run_prefill(self, batch, now: float) -> float:
+        """One step of prefill chunks; with a policy that mixes batches (vLLM) the running
+        requests decode a token each in the same step."""
         pairs = [(st.computed, c) for st, c in batch]
-        compute_s = float(self.step_cost.step_latency_s([pairs])[0]) + self.sched.step_overhead_s
+        decodes = []
+        # the policy admitted the chunks leaving L1 room for the decodes' tokens; should it
+        # not be there, the decodes sit this step out and the next decode step preempts
+        if self.policy.mixes_decodes and 0 < len(self.running) <= self.cache.l1_available():
+            # each decode reads the KV of its prompt and every token but the newest
+            ctx = self._r_int.view[1] + self._tick
+            decodes = [(c, 1) for c in ctx.tolist()]
+        compute_s = float(self.step_cost.step_latency_s([decodes + pairs])[0])
+        compute_s += self.sched.step_overhead_s
         # KV arriving from L2/L3 is consumed layer by layer as the forward pass reaches it
         ready = max(st.ready_s for st, _ in batch)
         end = max(now + compute_s, ready + compute_s / self.cfg.num_layers)
+        n_dec = len(decodes)
         self.steps.add(
             now,
             end - now,
-            "prefill",
-            len(batch),
-            sum(c for _, c in batch),
-            sum(a + b for a, b in pairs),
+            "mixed" if n_dec else "prefill",
+            n_dec + len(batch),
+            n_dec + sum(c for _, c in batch),
+            sum(a + b for a, b in decodes) + sum(a + b for a, b in pairs),
             len(self.waiting),
             len(self.running),
             " ".join(str(st.req.request_id) for st, _ in batch),
         )
+        if n_dec:
+            # before the prompts that finish here join: they get their first token, not two
+            step = np.array([end - now])
+            if not self._decode_tokens(now, step, step + now, np.array([n_dec]), log=False):
+                raise RuntimeError("internal: L1 room for the decodes vanished within a step")
         for st, c in batch:
             st.computed += c
             # every prefill token a step computes belongs to one request's row
@@ -416,10 +431,8 @@ class Engine:
         With nobody waiting, requests that finish mid-stretch leave without ending it (their
         batch simply shrinks); with requests waiting, the first finish ends it, since the freed
         KV may admit one of them."""
-        run = self.running  # longest remaining output first
-        tick = self._tick
-        key, ctx0, priv0 = self._r_int.view
-        last = self._r_last.view[0]
+        tick = self._tick  # running: longest remaining output first
+        key, ctx0, _ = self._r_int.view
         remaining = -(key + tick)
         through = not (self.waiting or self.swapped or self.chunked)
         k = int(min(remaining[0] if through else remaining[-1], FAST_FORWARD_STEPS))
@@ -453,10 +466,25 @@ class Engine:
         k = over + 1 if over < k else k
         dur, ends, active = dur[:k], ends[:k], active[:k]
         self._last_decode_s = float(dur[-1])
-        slots = int(active.sum())
-        if not self.cache.make_room(L1, slots, now):
+        if not self._decode_tokens(now, dur, ends, active, log=True):
             self._preempt(now)
             return now
+        return float(ends[-1])
+
+    def _decode_tokens(self, now: float, dur, ends, active, log: bool) -> bool:
+        """Every running request decodes in the steps of ``dur`` (ending at ``ends``) while it
+        has output left (``active[j]`` of them at step j, the head of the batch): allocate their
+        KV, record their tokens, finish the ones done. False: L1 cannot hold the new tokens
+        (nothing changed)."""
+        run = self.running
+        k = len(dur)
+        tick = self._tick
+        key, ctx0, priv0 = self._r_int.view
+        last = self._r_last.view[0]
+        remaining = -(key + tick)
+        slots = int(active.sum())
+        if not self.cache.make_room(L1, slots, now):
+            return False
         self.cache.alloc_private(slots)
         # ITL samples: a request's first gap also spans any prefill steps since its last token
         self._itl.append(ends[0] - last)
@@ -481,11 +509,12 @@ class Engine:
                 s.last_token_s = t
         self._tick = tick + k
         last[:keep] = ends[-1]
-        # KV read at step j: the first active[j] contexts (>= 1 of them), each j tokens longer
-        kv = np.cumsum(ctx)[active - 1] + active * np.arange(k)
-        self.steps.add_many(
-            ends - dur, dur, "decode", active, active, kv, len(self.waiting), active
-        )  # fmt: skip
+        if log:
+            # KV read at step j: the first active[j] contexts (>= 1 of them), each j longer
+            kv = np.cumsum(ctx0 + tick)[active - 1] + active * np.arange(k)
+            self.steps.add_many(
+                ends - dur, dur, "decode", active, active, kv, len(self.waiting), active
+            )  # fmt: skip
         self.policy.after_decode(k)
         if n_done:
             finished = run[keep:]
@@ -493,7 +522,7 @@ class Engine:
             self._r_int.n = self._r_last.n = keep
             for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
                 self._finish(s, s.last_token_s, still_running=False)
-        return float(ends[-1])
+        return True
 
     def _hand_off(self, st: ReqState, now: float) -> None:
         """Prefill role: the prompt is done (its first token computed); the blocks stay in this

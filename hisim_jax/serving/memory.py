@@ -13,6 +13,10 @@ from hisim_jax.serving.kvcache import KVCacheConfig
 # (data/profiles/h100/pcie.csv).
 PCIE_EFFICIENCY = 0.86
 MEM_FRACTION_STATIC = 0.88  # SGLang's share of HBM for weights + KV on an 80 GB GPU
+VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's share for weights, activations and KV
+# Memory vLLM's profile run sees besides weights and activations: the CUDA context's and
+# cuBLAS/NCCL workspaces outside PyTorch's allocator (~0.5 GiB logged at TP 1).
+VLLM_NON_TORCH_BYTES = 0.5 * 2**30
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +35,16 @@ def size_replica(
     weight_bytes_per_param: float = 2.0,
     kv_bytes: float = 2.0,
     l1_fraction: float = MEM_FRACTION_STATIC,
+    reserved_bytes: float = 0.0,
     l2_gb: float = 0.0,
     l3_gb: float = 0.0,
+    kv_tokens: int | None = None,
 ) -> ReplicaSizing:
-    """KV capacity per tier in tokens, per TP rank: L1 is the HBM share for weights + KV minus
-    the weights (the rest of HBM is SGLang's activation and CUDA-graph reserve); L2 and L3 are
-    the host DRAM and SSD given per GPU."""
+    """KV capacity per tier in tokens, per TP rank: L1 is the HBM share minus the weights and
+    ``reserved_bytes`` (SGLang: the share holds weights + KV, the rest of HBM is its activation
+    and CUDA-graph reserve; vLLM: the share also holds the profiled activation peak), or
+    ``kv_tokens`` when given (SGLang's max_total_tokens, vLLM's num_gpu_blocks_override x
+    block size); L2 and L3 are the host DRAM and SSD given per GPU."""
     if not 0 < l1_fraction <= 1:
         raise ValueError(f"l1 fraction must be in (0, 1], got {l1_fraction}")
     for name, gb in (("l2_gb", l2_gb), ("l3_gb", l3_gb)):
@@ -51,7 +59,9 @@ def size_replica(
     kv_heads = max(1, model.num_kv_heads // tp)
     per_token = 2.0 * model.num_layers * kv_heads * model.head_dim * kv_bytes
     weights = model.weight_params() * weight_bytes_per_param / tp
-    free = hardware.hbm_bytes * l1_fraction - weights
+    free = hardware.hbm_bytes * l1_fraction - weights - reserved_bytes
+    if kv_tokens is not None:
+        free = kv_tokens * per_token
     if free <= per_token:
         raise ValueError(
             f"{model.name} at tp={tp} needs {weights / 1e9:.1f} GB of weights per GPU; "
@@ -95,3 +105,18 @@ def cache_config(
         write_policy=write_policy,
         ranks=ranks,
     )
+
+
+def vllm_reserved_bytes(model, tp: int, max_num_batched_tokens: int, act_bytes: float = 2.0):
+    """What vLLM's profile run takes from ``gpu_memory_utilization`` besides the weights
+    (vllm/v1/worker/gpu_worker.py, ``determine_available_memory``): the peak activations of a
+    forward pass over ``max_num_batched_tokens`` tokens — the widest live tensors, the fused
+    gate/up output and its activation (MoE: of the routed copies), beside the residual stream
+    and the QKV output — plus the non-torch memory."""
+    h, d = model.hidden_size, model.head_dim
+    inter = model.intermediate_size
+    if model.is_moe:
+        inter = max(inter, model.moe_intermediate_size * model.experts_per_token)
+    qkv = (model.num_heads + 2 * model.num_kv_heads) * d
+    per_token = (3 * inter / tp + 2 * h + qkv / tp) * act_bytes
+    return max_num_batched_tokens * per_token + VLLM_NON_TORCH_BYTES

@@ -2,8 +2,9 @@
 of an engine that every policy shares; one file per engine's rules."""
 
 from hisim_jax.serving.scheduler.sglang import SGLangPolicy
+from hisim_jax.serving.scheduler.vllm import VLLMPolicy
 
 # engine name -> its policy class (the engine builds one per replica)
-POLICIES = {"sglang": SGLangPolicy}
+POLICIES = {"sglang": SGLangPolicy, "vllm": VLLMPolicy}
 
-__all__ = ["POLICIES", "SGLangPolicy"]
+__all__ = ["POLICIES", "SGLangPolicy", "VLLMPolicy"]

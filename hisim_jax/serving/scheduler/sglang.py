@@ -19,6 +19,7 @@ from hisim_jax.serving.scheduler.base import (
     EngineView,
     ReqState,
     SchedulerConfig,
+    cuda_graph_sizes,
 )
 
 LPM_QUEUE_PREFIX = 128  # SGLang computes prefix matches for a bounded head of the queue
@@ -28,10 +29,17 @@ class SGLangPolicy:
     """The batch-forming rules of one SGLang replica, with their one piece of state: the
     decode reservation's ``new_token_ratio``."""
 
+    # a step is a prefill batch or a decode step, never both (no mixed batches)
+    mixes_decodes = False
+
     def __init__(self, cfg: SchedulerConfig, prefill_only: bool = False):
         self.cfg = cfg
         self.prefill_only = prefill_only  # a PD prefill replica reserves nothing for decode
         self.new_token_ratio = cfg.new_token_ratio
+
+    @staticmethod
+    def cuda_graph_sizes(max_bs: int) -> list[int]:
+        return cuda_graph_sizes(max_bs)
 
     # ------------------------------------------------------------------------------------
     # the decode reservation
