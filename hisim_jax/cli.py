@@ -469,6 +469,84 @@ def _print_report(title: str, report: dict, fmt: Format) -> None:
         _table(title, ["name", "value"], flat)
 
 
+@validate_app.command("e2e")
+@handles_errors
+def validate_e2e_cmd(
+    run_path: Path = typer.Argument(
+        ...,
+        metavar="RUN",
+        help="A benchmark run: an inference-perf results folder, a `vllm bench serve "
+        "--save-result --save-detailed` JSON, an SGLang bench_serving JSONL, or a per-request CSV.",
+    ),
+    input_format: str = typer.Option(
+        None, "--input-format", help="inference-perf, vllm-bench, sglang-bench or csv [detected]."
+    ),
+    config: Path = typer.Option(None, help="YAML of simulate options for the deployment."),
+    model: str = typer.Option(None, help="Model name or config.json [from the run]."),
+    hardware: str = typer.Option(None, help="GPU name or YAML [from the run]."),
+    tp: int = typer.Option(None, help="Tensor-parallel degree [from the run]."),
+    engine: str = typer.Option(None, help="sglang or vllm [from the run]."),
+    calibration: Path = typer.Option(None, help="Calibration JSON [the GPU and engine's]."),
+    max_num_batched_tokens: int = typer.Option(None, help="vLLM token budget [from the run]."),
+    max_num_seqs: int = typer.Option(None, help="vLLM running requests cap [from the run]."),
+    kv_cache_tokens: int = typer.Option(None, help="KV capacity in tokens [engine accounting]."),
+    seed: int = typer.Option(None, help="Seed of rebuilt arrivals and prompt order [0]."),
+    out: Path = typer.Option(
+        Path("hisim-e2e"), help="Folder for e2e.csv, summary.json and CDF plots."
+    ),
+    fmt: Format = typer.Option(Format.table, "--format", help="How to print the comparison."),
+):
+    """Replay a real benchmark run through the simulator: predicted vs measured mean, p50, p90
+    and p99 TTFT, TPOT, ITL and E2E, throughput, and the queueing regime of each load stage."""
+    from hisim_jax.simulation import SimulationOptions
+    from hisim_jax.validate.e2e import options_for, read_run, replay, report_csv, write_report
+
+    files.check_output_dir(out)  # before the run: a folder it cannot write fails now
+    given = {
+        "model": model, "hardware": hardware, "tp": tp, "engine": engine,
+        "calibration": str(calibration) if calibration else None,
+        "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
+        "kv_cache_tokens": kv_cache_tokens, "seed": seed,
+    }  # fmt: skip
+    bench = read_run(run_path, input_format, seed=seed or 0)
+    base = SimulationOptions.resolve(config, given) if config else None
+    explicit = [k for k, v in given.items() if v is not None]
+    if base is None:
+        base = SimulationOptions.checked({k: v for k, v in given.items() if v is not None})
+    options = options_for(bench, base, explicit=explicit)
+    report = replay(bench, options, progress=lambda msg: typer.echo(msg, err=True))
+    written = write_report(report, out)
+    if fmt == Format.json:
+        _echo_json(report.summary())
+    elif fmt == Format.csv:
+        typer.echo(report_csv(report), nl=False)
+    else:
+        keep = (
+            "ttft_mean_ms",
+            "ttft_p99_ms",
+            "tpot_mean_ms",
+            "e2e_mean_ms",
+            "request_throughput_per_s",
+        )
+        rows = [
+            [r["stage"], r["rate"], r["metric"], _num(r["measured"]), _num(r["predicted"]),
+             "" if r["error"] is None else f"{r['error']:+.1%}"]
+            for r in report.rows() if r["metric"] in keep
+        ]  # fmt: skip
+        _table(f"{run_path} vs simulation", ["stage", "rate", "metric", "measured",
+               "predicted", "error"], rows)  # fmt: skip
+        for c in report.stages:
+            typer.echo(
+                f"stage {c.stage.index}: measured {c.measured_regime}, "
+                f"predicted {c.predicted_regime}"
+            )
+    typer.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
 @validate_app.command("scheduler")
 @handles_errors
 def validate_scheduler_cmd(

@@ -411,3 +411,22 @@ def test_every_shared_run_parses():
         assert run.deployment.hardware == "h100-sxm"
         assert e2e.model_stem(run.deployment.model_id) is not None
         assert len(run.requests) == sum(int(s.rate * (s.end_s - s.start_s)) for s in run.stages)
+
+
+def test_cli_validate_e2e_replays_a_fixture_and_writes_the_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from hisim_jax.cli import app
+
+    out = tmp_path / "rep"
+    run = Path(__file__).parent / "fixtures" / "e2e" / "requests.csv"
+    r = CliRunner().invoke(
+        app, ["validate", "e2e", str(run), "--model", "llama-3.2-1b", "--hardware", "h100-sxm",
+              "--engine", "vllm", "--out", str(out), "--format", "json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["options"]["engine"] == "vllm" and doc["stages"]
+    assert {"e2e.csv", "summary.json"} <= {p.name for p in out.iterdir()}
+    bad = CliRunner().invoke(app, ["validate", "e2e", str(tmp_path / "missing.json")])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
