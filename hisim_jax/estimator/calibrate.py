@@ -184,11 +184,26 @@ class GemmRows(eqx.Module):
     n: np.ndarray
     weight_bytes: np.ndarray
     measured_s: np.ndarray
+    # per-row GPU (leaves [N]) when the rows come from several GPUs; None: the fit's GPU
+    hw: ops.HwArrays | None = None
 
 
 class AttnRows(eqx.Module):
     dims: ops.ModelDims
     batches: Batch
+    measured_s: np.ndarray
+    # requests per row when each row is ``repeat`` identical copies of its batch (kernel tables
+    # time uniform batches: one request's features, summed ones scaled); None: the batch as is
+    repeat: np.ndarray | None = None
+    hw: ops.HwArrays | None = None  # per-row GPU, as in GemmRows
+
+
+class CommRows(eqx.Module):
+    """All-reduce timings: ``elems`` activation elements over ``tp`` ranks, per-row link."""
+
+    elems: np.ndarray
+    tp: np.ndarray
+    interconnect_bytes_per_s: np.ndarray
     measured_s: np.ndarray
 
 
@@ -245,6 +260,7 @@ def read_attention(
 
 
 def _gemm_kernel_s(p: Params, g: GemmRows, hw: ops.HwArrays):
+    hw = hw if g.hw is None else g.hw
     fp8 = g.weight_bytes < 1.5
     peak = jnp.where(
         fp8, hw.fp8_flops_per_s * p.gemm_fp8_flops_eff, hw.bf16_flops_per_s * p.gemm_flops_eff
@@ -261,11 +277,34 @@ def _gemm_kernel_s(p: Params, g: GemmRows, hw: ops.HwArrays):
     )
 
 
-def _attn_kernel_s(p: Params, a: AttnRows, hw: ops.HwArrays):
-    def one(d, b):
-        return _attention_s(p, d, features(d, b), hw, attn.FA2, jnp)
+# features that are sums over a batch's requests (the others are maxima or flags)
+_SUMMED_FEATURES = ("tokens", "n_req", "pf_work", "pf_blocks", "dec_std_keys", "dec_split_keys")
 
-    return jax.vmap(one)(a.dims, a.batches)
+
+def _attn_kernel_s(p: Params, a: AttnRows, hw: ops.HwArrays):
+    def one(d, b, repeat, h):
+        f = features(d, b)
+        if repeat is not None:
+            f = {k: v * repeat if k in _SUMMED_FEATURES else v for k, v in f.items()}
+        return _attention_s(p, d, f, h, attn.FA2, jnp)
+
+    rep_axis = None if a.repeat is None else 0
+    hw_axis, hw = (None, hw) if a.hw is None else (0, a.hw)
+    return jax.vmap(one, in_axes=(0, 0, rep_axis, hw_axis))(a.dims, a.batches, a.repeat, hw)
+
+
+def _comm_kernel_s(p: Params, c: CommRows):
+    """One all-reduce, as the roofline's communication term costs it."""
+    ring = ops.allreduce_bytes_per_rank(c.elems, _RingDims(c.tp, ops._float(2.0)))
+    return ring / (c.interconnect_bytes_per_s * p.comm_eff) + p.comm_latency_s
+
+
+@dataclass(frozen=True)
+class _RingDims:
+    """The two fields of ModelDims that the all-reduce traffic formula reads."""
+
+    tp: jnp.ndarray
+    act_bytes: jnp.ndarray
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,18 +322,37 @@ def _log_mse(pred, meas):
 
 
 @eqx.filter_jit
-def _loss(log_fit, fixed: Params, prior_log, prior_weight, steps, gemm, attn_rows, hw):
+def _loss(
+    log_fit,
+    fixed: Params,
+    prior_log,
+    prior_weight,
+    steps,
+    gemm,
+    attn_rows,
+    hw,
+    comm=None,
+    micro_weight=MICRO_WEIGHT,
+):
     p = _with_fitted(fixed, log_fit)
-    step_pred = jax.vmap(lambda d, b: step_s(p, d, b, hw))(steps[0], steps[1])
-    loss = _log_mse(step_pred, steps[2])
+    loss = 0.0
+    if steps is not None:
+        step_pred = jax.vmap(lambda d, b: step_s(p, d, b, hw))(steps[0], steps[1])
+        loss = _log_mse(step_pred, steps[2])
     if gemm is not None:
         pred = _eager_s(_gemm_kernel_s(p, gemm, hw), log_fit["eager_gemm_s"])
-        loss = loss + MICRO_WEIGHT * _log_mse(pred, gemm.measured_s)
+        loss = loss + micro_weight * _log_mse(pred, gemm.measured_s)
     if attn_rows is not None:
         pred = _eager_s(_attn_kernel_s(p, attn_rows, hw), log_fit["eager_attn_s"])
-        loss = loss + MICRO_WEIGHT * _log_mse(pred, attn_rows.measured_s)
+        loss = loss + micro_weight * _log_mse(pred, attn_rows.measured_s)
+    if comm is not None:
+        loss = loss + micro_weight * _log_mse(_comm_kernel_s(p, comm), comm.measured_s)
     prior = sum((log_fit[k] - prior_log[k]) ** 2 for k in prior_log)
     return loss + prior_weight * prior
+
+
+# module level, so fits of equal shapes (folds, GPUs) compile once
+_loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss))
 
 
 def _with_fitted(fixed: Params, log_fit) -> Params:
@@ -312,7 +370,7 @@ class FitResult:
 
 
 def fit(
-    steps: StepRows,
+    steps: StepRows | None,
     hw: HardwareSpec,
     gemm: GemmRows | None = None,
     attention_rows: AttnRows | None = None,
@@ -322,26 +380,41 @@ def fit(
     learning_rate: float = 0.03,
     prior_weight: float = PRIOR_WEIGHT,
     progress=None,
+    comm: CommRows | None = None,
+    micro_weight: float = MICRO_WEIGHT,
+    eager_init_s: dict[str, float] | None = None,
 ) -> FitResult:
-    """Adam on log-parameters; deterministic for given inputs."""
+    """Adam on log-parameters; deterministic for given inputs. ``steps`` may be None to fit on
+    per-operator tables alone (``comm``: all-reduce timings); ``eager_init_s`` overrides the
+    starting launch floors (``eager_gemm_s``, ``eager_attn_s``)."""
     init = as_float_params(init or Params())
     hwa = ops.hw_arrays(hw)
     log_fit = {n: jnp.log(getattr(init, n)) for n in fit_names}
+    floors = {"eager_gemm_s": 20e-6, "eager_attn_s": 50e-6, **(eager_init_s or {})}
     if gemm is not None:
-        log_fit["eager_gemm_s"] = ops._float(np.log(20e-6))
+        log_fit["eager_gemm_s"] = ops._float(np.log(floors["eager_gemm_s"]))
     if attention_rows is not None:
-        log_fit["eager_attn_s"] = ops._float(np.log(50e-6))
+        log_fit["eager_attn_s"] = ops._float(np.log(floors["eager_attn_s"]))
     prior_log = {n: jnp.log(getattr(Params(), n) * 1.0) for n in fit_names}
     prior_log = jax.tree.map(ops._float, prior_log)
-    step_data = (steps.dims, steps.batches, ops._float(steps.measured_s))
+    step_data = None if steps is None else (steps.dims, steps.batches, ops._float(steps.measured_s))
     opt = optax.adam(learning_rate)
     state = opt.init(log_fit)
-    grad_fn = eqx.filter_jit(eqx.filter_value_and_grad(_loss))
+    grad_fn = _loss_and_grad
 
     history = []
     for i in range(steps_n):
         loss, grads = grad_fn(
-            log_fit, init, prior_log, ops._float(prior_weight), step_data, gemm, attention_rows, hwa
+            log_fit,
+            init,
+            prior_log,
+            ops._float(prior_weight),
+            step_data,
+            gemm,
+            attention_rows,
+            hwa,
+            comm,
+            ops._float(micro_weight),
         )
         # optax's bias correction mixes an int32 step count with float decays, which strict
         # dtype promotion (used by the tests) rejects; the model itself stays strict.
