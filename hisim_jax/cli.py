@@ -591,9 +591,14 @@ def simulate(
     engine: str = typer.Option(
         None, help="Engine whose scheduler and defaults are simulated: sglang or vllm [sglang]."
     ),
+    frontend: str = typer.Option(
+        None, help="on: latencies as a client sees them (HTTP, tokenization); off: engine only."
+    ),
     weight_dtype: str = typer.Option(None, help="bf16, fp8 or fp4 [bf16]."),
     kv_dtype: str = typer.Option(None, help="bf16 or fp8 [bf16]."),
-    calibration: Path = typer.Option(None, help="Calibration JSON [shipped H100 fit]."),
+    calibration: Path = typer.Option(
+        None, help="Calibration JSON [the GPU's: <gpu>.vllm.json with --engine vllm]."
+    ),
     trace: Path = typer.Option(None, help="Trace file [built-in multi-turn chat workload]."),
     trace_format: str = typer.Option(
         None, help="mooncake, azure, jsonl, csv or sharegpt [mooncake]."

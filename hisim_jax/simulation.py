@@ -16,10 +16,11 @@ from pathlib import Path
 
 from hisim_jax import files
 from hisim_jax.estimator.ops import DTYPE_BYTES
-from hisim_jax.estimator.roofline import Estimator
+from hisim_jax.estimator.roofline import Estimator, calibration_path
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.cluster import Cluster, KVLink, Replica
 from hisim_jax.serving.engine import Engine, EngineConfig
+from hisim_jax.serving.frontend import FRONTENDS, Frontend
 from hisim_jax.serving.kvstore import KVStore, KVStoreConfig
 from hisim_jax.serving.memory import (
     MEM_FRACTION_STATIC,
@@ -39,7 +40,7 @@ from hisim_jax.serving.metrics import (
 from hisim_jax.serving.router import Router, RouterConfig
 from hisim_jax.serving.scheduler.base import SchedulerConfig
 from hisim_jax.serving.scheduler.vllm import VLLM_BLOCK_SIZE, vllm_defaults, vllm_max_capture_size
-from hisim_jax.specs import SpecError
+from hisim_jax.specs import SpecError, load_hardware
 
 # Numeric options and the range each must lie in: (lowest, whether lowest itself is allowed,
 # highest or None). Checked up front so a bad value is named with its field, not found deep in a
@@ -132,6 +133,8 @@ class SimulationOptions:
     seed: int = 0
     # the engine whose scheduler and defaults are simulated: "sglang" or "vllm"
     engine: str = "sglang"
+    # the serving front end in client-side latencies (serving/frontend.py): "on" or "off"
+    frontend: str = "on"
     # KV cache (capacity: kv_cache_tokens, else the engine's own memory accounting)
     l1_fraction: float | None = None  # SGLang's mem_fraction_static [0.88]
     gpu_memory_utilization: float | None = None  # vLLM's [0.9]
@@ -189,6 +192,8 @@ class SimulationOptions:
                         f"field '{name}' is an option of engine {other}, not {self.engine} "
                         f"(its counterpart: {_COUNTERPART[name]})"
                     )
+        if self.frontend not in ("on", "off"):
+            raise ValueError(f"field 'frontend' must be on or off, got {self.frontend!r}")
         if self.engine == "vllm":
             for name, value, only in (
                 ("schedule_policy", self.schedule_policy, "fcfs"),
@@ -422,8 +427,11 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     for i, (hw, tp) in enumerate(fleet):
         est = estimators.get((hw, tp))
         if est is None:
+            calibration = o.calibration
+            if calibration is None and o.engine != "sglang":
+                calibration = str(calibration_path(load_hardware(hw).name, o.engine))
             try:
-                est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration)
+                est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, calibration)
             except SpecError:
                 raise
             except ValueError as e:  # a combination of options (tp, dtypes) the model refuses
@@ -469,6 +477,10 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                 max_context=est.model.max_position_embeddings,
                 role=role,
                 policy=o.engine,
+                # a disaggregated decode replica receives from the prefill one, not a client
+                frontend=FRONTENDS[o.engine]
+                if o.frontend == "on" and role != "decode"
+                else Frontend(),
             )
         except ValueError as e:  # a page size, eviction or write policy it refuses
             raise SpecError(f"options: {e}") from None

@@ -209,3 +209,21 @@ def test_kv_cache_tokens_overrides_the_capacity_for_either_engine(tmp_path):
 def test_options_of_the_other_engine_are_refused_in_one_line(tmp_path, args, message):
     r = invoke(*args, "--limit", 5, "--out", tmp_path / "o")
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_frontend_adds_to_ttft_and_e2e_not_to_tpot(tmp_path):
+    from hisim_jax.serving.frontend import VLLM_FRONTEND
+
+    s = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        r = invoke("--engine", "vllm", "--frontend", mode, "--limit", 20, "--rate-scale", 0.05,
+                   "--out", out)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        s[mode] = json.loads((out / "summary.json").read_text())
+    # an idle replica (arrivals 20x sparser): the front end only shifts when the engine sees
+    # each request, by its fixed cost plus tokenizing the prompt
+    req = pd.read_csv(tmp_path / "on" / "requests.csv")
+    extra = VLLM_FRONTEND.request_s + VLLM_FRONTEND.per_input_token_s * req.input_len.mean()
+    assert s["on"]["ttft_s"]["mean"] - s["off"]["ttft_s"]["mean"] == pytest.approx(extra, rel=0.05)
+    assert s["on"]["tpot_s"]["mean"] == pytest.approx(s["off"]["tpot_s"]["mean"], rel=0.02)

@@ -383,9 +383,18 @@ def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, 
 # calibration files
 
 
-def calibration_path(hardware_name: str) -> Path:
-    """The GPU's own calibration if shipped, else the H100 one (the default for every GPU)."""
+def calibration_path(hardware_name: str, engine: str | None = None) -> Path:
+    """The GPU's own calibration if shipped, else the H100 one (the default for every GPU).
+
+    With ``engine`` ("vllm"): that engine's production-kernel calibration of the GPU
+    (``<gpu>.vllm.json``: kernel tables plus the engine's costs fitted end to end) if shipped.
+    SGLang keeps the reference-step calibration (``<gpu>.json``) until SGLang end-to-end runs
+    are there to fit its engine costs on."""
     base = data_dir("hardware_specs") / "calibration"
+    if engine is not None and engine != "sglang":
+        own_engine = base / f"{hardware_name}.{engine}.json"
+        if own_engine.is_file():
+            return own_engine
     own = base / f"{hardware_name}.json"
     return own if own.is_file() else base / f"{DEFAULT_CALIBRATION}.json"
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from hisim_jax.serving.frontend import Frontend
 from hisim_jax.serving.kvcache import L1, L2, L3, KVCache, KVCacheConfig
 from hisim_jax.serving.kvstore import KVStore
 from hisim_jax.serving.scheduler import POLICIES
@@ -104,6 +105,7 @@ class EngineConfig:
     # prompt (see ``handoffs``); a "decode" replica takes them in with their KV (``receive``)
     role: str = "unified"
     policy: str = "sglang"  # the scheduler's rules (scheduler.POLICIES)
+    frontend: Frontend = Frontend()  # what requests pass through before the engine sees them
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -201,6 +203,8 @@ class Engine:
         self.handoffs: list[ReqState] = []  # prefill role: prompts done, KV to send on
         self.received: deque[ReqState] = deque()  # decode role: KV arrived, not yet admitted
         self._prefill_only = cfg.role == "prefill"
+        self._async = getattr(self.policy, "async_scheduling", False)
+        self._formed_s: float | None = None  # async: when the next step's batch is formed
 
     # ------------------------------------------------------------------------------------
     # arrivals and admission
@@ -469,6 +473,8 @@ class Engine:
         if not self._decode_tokens(now, dur, ends, active, log=True):
             self._preempt(now)
             return now
+        if self._async:
+            self._formed_s = float(ends[-1] - dur[-1])  # the stretch's last step started then
         return float(ends[-1])
 
     def _decode_tokens(self, now: float, dur, ends, active, log: bool) -> bool:
@@ -703,7 +709,8 @@ class Engine:
         if not math.isfinite(st.req.arrival_s):  # it would wait in the heap for ever
             self._give_up(st, f"never arrives (arrival at {st.req.arrival_s} s)", self.now)
             return
-        self._push_pending(st, st.req.arrival_s)
+        # through the front end (HTTP, tokenization) before the engine sees it
+        self._push_pending(st, st.req.arrival_s + self.cfg.frontend.in_s(st.req.input_len))
 
     def _push_pending(self, st: ReqState, t: float) -> None:
         self._seq += 1
@@ -738,7 +745,9 @@ class Engine:
             self._release_prefetched(now)
             if self.swapping_in:
                 self._land_swapped(now)
-            self._take_arrivals(now)
+            # async scheduling: a busy engine formed this step's batch when the previous step
+            # started, so requests that arrived during that step wait for the next one
+            self._take_arrivals(now if self._formed_s is None else self._formed_s)
             if self.received:
                 self._admit_received(now)
             if now >= until:
@@ -748,10 +757,13 @@ class Engine:
                 if upcoming == math.inf:
                     break
                 now = max(now, upcoming)
+                self._formed_s = None  # idle: the scheduler waits on its input queue
                 continue
             batch = self.policy.prefill_batch(self, now)
             upcoming = self._next_event(until)  # after it: a swap-in it started is an event
             if batch:
+                if self._async:
+                    self._formed_s = now
                 now = self._run_prefill(batch, now)
             elif self.running:
                 now = self._decode_stretch(now, upcoming)
@@ -782,6 +794,7 @@ class Engine:
                 if upcoming == math.inf:
                     break
                 now = max(now, upcoming)
+                self._formed_s = None
             if progress is not None and self.finished != done_count:
                 progress(self.finished - done_count)
                 done_count = self.finished

@@ -105,12 +105,19 @@ def test_shipped_calibration_loads_and_round_trips(path: Path):
     assert set(doc["params"]) == set(PARAM_NAMES) == set(doc["fitted_on"])
     p = load_calibration(path)
     assert params_to_dict(p) == pytest.approx(doc["params"])
-    # what single-kernel tables cannot show is kept, and said to be
+    # what single-kernel tables cannot show is kept from the reference fit, or (vLLM) fitted
+    # on the end-to-end runs (scripts/fit_e2e.py), and said to be
     base = params_to_dict(load_calibration())
-    for name in ("layer_s", "step_s", "elem_hidden", "elem_inter", "elem_qkv", "gemv_saving_s"):
+    e2e = ("layer_s", "step_s", "elem_hidden", "elem_inter", "elem_qkv")
+    for name in (*e2e, "gemv_saving_s"):
+        if engine == "vllm" and name in e2e:
+            assert "scripts/fit_e2e.py" in doc["fitted_on"][name]
+            continue
         assert "kept from" in doc["fitted_on"][name]
         assert doc["params"][name] == pytest.approx(base[name], rel=1e-5)
     for name in aic.GEMM_NAMES + aic.ATTN_NAMES:
+        if "scripts/fit_e2e.py" in doc["fitted_on"][name]:
+            continue  # the H100's decode streaming efficiencies, refitted end to end
         fitted = name != "gemm_fp8_flops_eff" or "gemm_fp8" in doc["fit"]
         assert doc["fitted_on"][name].startswith("aiconfigurator-core") == fitted, name
     for op in ("gemm", "context_attention", "generation_attention"):

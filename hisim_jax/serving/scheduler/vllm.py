@@ -56,6 +56,9 @@ class VLLMPolicy:
 
     # every step carries the running requests' decodes beside any prefill chunks
     mixes_decodes = True
+    # async scheduling (on by default, vllm/config/vllm.py): step N+1 is scheduled while step
+    # N runs, so a request arriving during step N first runs in step N+2
+    async_scheduling = True
 
     def __init__(self, cfg: SchedulerConfig, prefill_only: bool = False):
         if cfg.preemption != "recompute":

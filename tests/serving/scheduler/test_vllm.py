@@ -135,12 +135,19 @@ def times(res):
     return [(s.first_token_s, s.finish_s) for s in res.states]
 
 
-def test_vllm_mixes_the_arriving_prompt_into_the_running_decode():
+def test_vllm_mixes_the_arriving_prompt_into_the_running_decode_one_step_late():
     res, cost = run_engine(two_requests(), "vllm")
-    # t=0..1 A's prompt; t=1..2 A decodes beside B's prompt; t=2..3 both decode their last
-    assert list(res.steps.column("kind")) == ["prefill", "mixed", "decode"]
-    assert cost.batches == [[(0, 4)], [(0, 4), (4, 1)]]
-    assert times(res) == [(1.0, 3.0), (2.0, 3.0)]
+    # t=0..1 A's prompt. B arrives at 0.5, after the step at 1 was scheduled (async
+    # scheduling forms it when the step at 0 starts): t=1..2 A decodes alone; t=2..3 A's last
+    # decode beside B's prompt; t=3..4 B's last decode
+    assert list(res.steps.column("kind")) == ["prefill", "decode", "mixed", "decode"]
+    assert cost.batches == [[(0, 4)], [(0, 4), (5, 1)]]
+    assert times(res) == [(1.0, 3.0), (3.0, 4.0)]
+
+
+def test_an_idle_vllm_engine_schedules_an_arrival_at_once():
+    res, _ = run_engine([Request(0, 0.0, 4, 1, (1,)), Request(1, 2.5, 4, 1, (2,))], "vllm")
+    assert times(res) == [(1.0, 1.0), (3.5, 3.5)]
 
 
 def test_sglang_runs_the_arriving_prompt_as_its_own_step():
@@ -153,7 +160,8 @@ def test_sglang_runs_the_arriving_prompt_as_its_own_step():
 def test_vllm_chunks_a_long_prompt_across_mixed_steps_under_the_budget():
     reqs = [Request(0, 0.0, 2, 4, (1,)), Request(1, 0.5, 13, 1, (2, 3, 4, 5))]
     res, cost = run_engine(reqs, "vllm", budget=8)
-    # B's 13 tokens: 7 beside A's decode (8 - 1), then the last 6 beside A's next decode
-    assert cost.batches[1:3] == [[(0, 7), (2, 1)], [(3, 1), (7, 6)]]
-    assert res.states[1].first_token_s == 3.0
+    # B (arrived during A's prompt step) from t=2: 7 of its 13 tokens beside A's decode
+    # (8 - 1), then the last 6 beside A's next decode
+    assert cost.batches[1:3] == [[(0, 7), (3, 1)], [(4, 1), (7, 6)]]
+    assert res.states[1].first_token_s == 4.0
     assert sum(s.computed_prompt for s in res.states) == 15
