@@ -316,12 +316,26 @@ def calibrate(
     hardware: str = typer.Option(DEFAULT_HARDWARE, help="The GPU the profiles were taken on."),
     out: Path = typer.Option(..., help="Calibration JSON to write."),
     iterations: int = typer.Option(1500, min=1, help="Adam steps."),
+    source: str = typer.Option(
+        "profiles", help="profiles (our steps.csv format) or aiconfigurator (its kernel tables)."
+    ),
+    system: str = typer.Option(None, help="aiconfigurator system, e.g. h100_sxm."),
+    backend: str = typer.Option(None, help="aiconfigurator engine: vllm, sglang or trtllm."),
+    version: str = typer.Option(None, help="aiconfigurator engine version [newest]."),
 ):
-    """Fit the estimator's scale factors to measured profiles and write a calibration JSON."""
+    """Fit the estimator's scale factors to measured profiles (or to the per-operator kernel
+    tables of aiconfigurator-core, `pip install hisim-jax[aic]`) and write a calibration JSON."""
     from hisim_jax.estimator.calibrate import calibrate_dir, calibration_document
     from hisim_jax.specs import load_hardware
 
     files.check_output_file(out)
+    if source == "aiconfigurator":
+        _calibrate_aiconfigurator(system, backend, version, iterations, out)
+        return
+    if source != "profiles":
+        raise ValueError(
+            f"options: field 'source' must be profiles or aiconfigurator, got {source!r}"
+        )
     hw = load_hardware(hardware)
     profiles = profiles or _default_profiles()
     with _progress() as prog:
@@ -339,6 +353,27 @@ def calibrate(
         [[s, n, f"{v:.2%}"] for s, n, v in _report_rows(report)],
     )
     typer.echo(f"p90 {report['p90']:.2%}  max {report['max']:.2%}  -> {out}")
+
+
+def _calibrate_aiconfigurator(system, backend, version, iterations: int, out: Path) -> None:
+    from hisim_jax.estimator.aiconfigurator import calibrate_from_aiconfigurator
+
+    if not system or not backend:
+        raise ValueError("options: --source aiconfigurator needs --system and --backend")
+    with _progress() as prog:
+        task = prog.add_task("fitting", total=iterations)
+        doc = calibrate_from_aiconfigurator(
+            system, backend, version, steps_n=iterations,
+            progress=lambda i, n: prog.update(task, completed=i, total=n),
+        )  # fmt: skip
+    write_atomic(
+        out, lambda p: Path(p).write_text(files.strict_json(doc, indent=2, sort_keys=True) + "\n")
+    )
+    rows = [[k, v["rows"], f"{v['mape']:.2%}"] for k, v in doc["fit"].items() if "mape" in v]
+    _table(
+        f"{system}/{backend} {doc['version']}: fit per operator", ["table", "rows", "MAPE"], rows
+    )
+    typer.echo(f"-> {out}")
 
 
 def _report_rows(report):

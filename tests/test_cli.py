@@ -393,3 +393,22 @@ def test_list():
     models_line, hw_line = res.stdout.strip().splitlines()
     assert models_line.startswith("models:") and "qwen3-30b-a3b" in models_line
     assert hw_line.startswith("hardware:") and "a100-sxm-80gb" in hw_line
+
+
+def test_calibrate_from_aiconfigurator_writes_a_loadable_calibration(tmp_path):
+    pytest.importorskip("aiconfigurator_core")
+    pytest.importorskip("pyarrow")
+    from hisim_jax.estimator.roofline import load_calibration
+
+    out = tmp_path / "cal.json"
+    r = runner.invoke(
+        app, ["calibrate", "--source", "aiconfigurator", "--system", "h100_sxm", "--backend",
+              "vllm", "--iterations", "30", "--out", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["source"] == "aiconfigurator" and doc["backend"] == "vllm"
+    load_calibration(out)
+    bad = runner.invoke(app, ["calibrate", "--source", "aiconfigurator", "--system", "h999",
+                              "--backend", "vllm", "--out", str(tmp_path / "x.json")])  # fmt: skip
+    assert bad.exit_code == 2 and "choose from" in bad.output and not (tmp_path / "x.json").exists()
