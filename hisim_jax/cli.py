@@ -141,17 +141,39 @@ def _check_options(**ranges) -> None:
             raise ValueError(f"options: {why}")
 
 
-def _estimator(*args, **kwargs):
-    """An Estimator; a combination of options the model refuses (tp, dtypes) names options."""
-    from hisim_jax.estimator.roofline import Estimator
+def _estimator(kind: str, *args, **kwargs):
+    """The estimator backend ``kind``; a combination of options the model refuses (tp, dtypes)
+    names options."""
+    from hisim_jax.estimator.backends import make_estimator
     from hisim_jax.specs import SpecError
 
     try:
-        return Estimator(*args, **kwargs)
+        return make_estimator(kind, *args, **kwargs)
     except SpecError:
         raise
     except ValueError as e:
         raise ValueError(f"options: {e}") from None
+
+
+ESTIMATOR_HELP = (
+    "Step-latency backend: roofline (fitted operator roofline), aiconfigurator (lookup in "
+    "aiconfigurator-core's kernel tables; hisim-jax[aic]) or table (a fit to --estimator-table)."
+)
+ESTIMATOR_TABLE_HELP = "With --estimator table: measured steps.csv (model, batch, step_ms)."
+EXTRAPOLATE_HELP = "With --estimator table: predict batches outside the measured steps' range."
+
+
+def _estimator_options(kind: str, table: Path | None, extrapolate: bool) -> dict:
+    """The backend options of --estimator, checked before any work."""
+    from hisim_jax.estimator.backends import BACKENDS
+
+    if kind not in BACKENDS:
+        raise ValueError(
+            f"options: field 'estimator' must be one of {', '.join(BACKENDS)}, got {kind!r}"
+        )
+    if (kind == "table") != (table is not None):
+        raise ValueError("options: --estimator-table goes with --estimator table, and it needs one")
+    return {"table": str(table), "extrapolate": extrapolate} if kind == "table" else {}
 
 
 def _echo_json(obj) -> None:
@@ -218,11 +240,17 @@ def estimate(
     ),
     breakdown: bool = typer.Option(False, help="Add a per-operator table."),
     fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
+    estimator: str = typer.Option("roofline", help=ESTIMATOR_HELP),
+    estimator_table: Path = typer.Option(None, help=ESTIMATOR_TABLE_HELP),
+    extrapolate: bool = typer.Option(False, help=EXTRAPOLATE_HELP),
 ):
     """Predict the latency of one forward step (or of every row of a CSV of batches)."""
     from hisim_jax.estimator.batch import parse_batch
 
     _check_options(tp=(tp, 1, True, 1024))
+    backend = _estimator_options(estimator, estimator_table, extrapolate)
+    if calibration is not None and estimator != "roofline":
+        raise ValueError("options: --calibration goes with --estimator roofline")
     if calibration is not None:  # a bad file fails before a CSV of batches is read
         from hisim_jax.estimator.roofline import load_calibration
 
@@ -233,12 +261,17 @@ def estimate(
         if out is not None:
             files.check_output_file(out)
         return _estimate_csv(
-            batches, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt
-        )
+            batches, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt,
+            estimator, backend,
+        )  # fmt: skip
     if out is not None:
         raise ValueError("--out goes with --batches")
     parsed = parse_batch(batch or DEFAULT_BATCH, where="--batch")
-    est = _estimator(model, hardware, tp, weight_dtype, kv_dtype, calibration, act_dtype=act_dtype)
+    if estimator == "roofline":
+        backend = {"calibration": calibration, "act_dtype": act_dtype}
+    elif estimator == "aiconfigurator":
+        backend = {"act_dtype": act_dtype}
+    est = _estimator(estimator, model, hardware, tp, weight_dtype, kv_dtype, **backend)
     lat = est.step_latency_s([parsed]).reshape(1, -1)[0]
     parts = [est.breakdown_s(parsed, i) for i in range(len(hardware))] if breakdown else None
     rows = [
@@ -275,9 +308,13 @@ def estimate(
                 )
 
 
-def _estimate_csv(path, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt):
+def _estimate_csv(
+    path, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, calibration, fmt,
+    estimator="roofline", backend=None,
+):  # fmt: skip
     import pandas as pd
 
+    from hisim_jax.estimator.backends import predict_rows
     from hisim_jax.estimator.calibrate import predict_steps_s, read_steps
     from hisim_jax.estimator.roofline import load_calibration
     from hisim_jax.specs import load_hardware
@@ -290,10 +327,17 @@ def _estimate_csv(path, out, hardware, tp, weight_dtype, kv_dtype, act_dtype, ca
     with _progress() as prog:
         task = prog.add_task("estimating", total=len(hws))
         for hw in hws:
-            params = load_calibration(calibration, hw.name)
             f = rows.frame.copy()
             f["hardware"] = hw.name
-            f["predicted_ms"] = predict_steps_s(params, rows, hw) * 1e3
+            if estimator == "roofline":
+                params = load_calibration(calibration, hw.name)
+                f["predicted_ms"] = predict_steps_s(params, rows, hw) * 1e3
+            else:
+                extra = {"act_dtype": act_dtype} if estimator == "aiconfigurator" else {}
+                pred_s = predict_rows(
+                    estimator, rows.frame, hw, tp, weight_dtype, kv_dtype, **backend, **extra
+                )
+                f["predicted_ms"] = pred_s * 1e3
             frames.append(f)
             prog.advance(task)
     result = pd.concat(frames, ignore_index=True)
@@ -396,6 +440,11 @@ def validate_steps_cmd(
     plot: Path = typer.Option(Path("validate_steps.png"), help="Predicted-vs-measured PNG."),
     out: Path = typer.Option(None, help="Also write per-row predictions as CSV."),
     fmt: Format = typer.Option(Format.table, "--format"),
+    estimator: str = typer.Option("roofline", help=ESTIMATOR_HELP),
+    estimator_table: Path = typer.Option(
+        None, help=ESTIMATOR_TABLE_HELP + " The profile itself is in-sample."
+    ),
+    extrapolate: bool = typer.Option(False, help=EXTRAPOLATE_HELP),
 ):
     """Step-latency error against measurements: MAPE overall, per model and per kind."""
     from hisim_jax.estimator.roofline import load_calibration
@@ -404,13 +453,19 @@ def validate_steps_cmd(
     from hisim_jax.validate.steps import validate_steps
 
     _check_options(tp=(tp, 1, True, 1024))
+    backend = _estimator_options(estimator, estimator_table, extrapolate)
+    if calibration is not None and estimator != "roofline":
+        raise ValueError("options: --calibration goes with --estimator roofline")
     for path in (out, plot):
         if path is not None:
             files.check_output_file(path)
     hw = load_hardware(hardware)
     profile = profile or (_default_profiles() / "steps.csv")
-    params = load_calibration(calibration, hw.name)
-    result = validate_steps(profile, hw, params, tp=tp)
+    if estimator == "roofline":
+        params = load_calibration(calibration, hw.name)
+        result = validate_steps(profile, hw, params, tp=tp)
+    else:
+        result = _validate_steps_backend(profile, hw, tp, estimator, backend)
     f = result.frame
     if plot is not None:  # the plot first: a failing plot leaves no new CSV behind
         groups = f["kind"].to_numpy() if "kind" in f.columns else None
@@ -439,6 +494,22 @@ def validate_steps_cmd(
             f"p90 {result.report['p90']:.2%}  max {result.report['max']:.2%}  "
             f"bias {result.report['bias']:+.2%}" + (f"  plot -> {plot}" if plot else "")
         )
+
+
+def _validate_steps_backend(profile, hw, tp: int, estimator: str, backend: dict):
+    """``validate_steps`` with another estimator backend: one estimator per model of the
+    profile, the same frame and report."""
+    from hisim_jax.estimator.backends import predict_rows
+    from hisim_jax.estimator.calibrate import error_report, read_steps
+    from hisim_jax.validate.steps import StepValidation
+
+    rows = read_steps(profile, require_time=True, tp=tp)
+    pred_s = predict_rows(estimator, rows.frame, hw, tp, **backend)
+    frame = rows.frame.copy()
+    frame["predicted_ms"] = pred_s * 1e3
+    frame["measured_ms"] = rows.measured_s * 1e3
+    frame["error"] = pred_s / rows.measured_s - 1.0
+    return StepValidation(frame, error_report(rows.frame, pred_s, rows.measured_s))
 
 
 @validate_app.command("cache")
@@ -522,6 +593,9 @@ def validate_e2e_cmd(
     tp: int = typer.Option(None, help="Tensor-parallel degree [from the run]."),
     engine: str = typer.Option(None, help="sglang or vllm [from the run]."),
     calibration: Path = typer.Option(None, help="Calibration JSON [the GPU and engine's]."),
+    estimator: str = typer.Option(None, help=ESTIMATOR_HELP + " [roofline]"),
+    estimator_table: Path = typer.Option(None, help=ESTIMATOR_TABLE_HELP),
+    extrapolate: bool = typer.Option(None, help=EXTRAPOLATE_HELP),
     max_num_batched_tokens: int = typer.Option(None, help="vLLM token budget [from the run]."),
     max_num_seqs: int = typer.Option(None, help="vLLM running requests cap [from the run]."),
     kv_cache_tokens: int = typer.Option(None, help="KV capacity in tokens [engine accounting]."),
@@ -540,6 +614,8 @@ def validate_e2e_cmd(
     given = {
         "model": model, "hardware": hardware, "tp": tp, "engine": engine,
         "calibration": str(calibration) if calibration else None,
+        "estimator": estimator, "extrapolate": extrapolate,
+        "estimator_table": str(estimator_table) if estimator_table else None,
         "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
         "kv_cache_tokens": kv_cache_tokens, "seed": seed,
     }  # fmt: skip
@@ -634,6 +710,9 @@ def simulate(
     calibration: Path = typer.Option(
         None, help="Calibration JSON [the GPU's: <gpu>.vllm.json with --engine vllm]."
     ),
+    estimator: str = typer.Option(None, help=ESTIMATOR_HELP + " [roofline]"),
+    estimator_table: Path = typer.Option(None, help=ESTIMATOR_TABLE_HELP),
+    extrapolate: bool = typer.Option(None, help=EXTRAPOLATE_HELP),
     trace: Path = typer.Option(None, help="Trace file [built-in multi-turn chat workload]."),
     trace_format: str = typer.Option(
         None, help="mooncake, azure, jsonl, csv or sharegpt [mooncake]."

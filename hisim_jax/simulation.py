@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from hisim_jax import files
+from hisim_jax.estimator.backends import BACKENDS, make_estimator
 from hisim_jax.estimator.ops import DTYPE_BYTES
 from hisim_jax.estimator.roofline import Estimator, calibration_path
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.cluster import Cluster, KVLink, Replica
-from hisim_jax.serving.engine import Engine, EngineConfig
+from hisim_jax.serving.engine import Engine, EngineConfig, StepCost
 from hisim_jax.serving.frontend import FRONTENDS, Frontend
 from hisim_jax.serving.kvstore import KVStore, KVStoreConfig
 from hisim_jax.serving.memory import (
@@ -121,6 +122,10 @@ class SimulationOptions:
     weight_dtype: str = "bf16"
     kv_dtype: str = "bf16"
     calibration: str | None = None
+    # step-latency backend (estimator/backends.py): roofline, aiconfigurator or table
+    estimator: str = "roofline"
+    estimator_table: str | None = None  # steps.csv (model, batch, step_ms) of estimator table
+    extrapolate: bool = False  # estimator table: predict batches outside its data's range
     # workload: a trace, or the built-in multi-turn chat
     trace: str | None = None
     trace_format: str = "mooncake"
@@ -192,6 +197,14 @@ class SimulationOptions:
                         f"field '{name}' is an option of engine {other}, not {self.engine} "
                         f"(its counterpart: {_COUNTERPART[name]})"
                     )
+        if self.estimator not in BACKENDS:
+            raise ValueError(
+                f"field 'estimator' must be one of {', '.join(BACKENDS)}, got {self.estimator!r}"
+            )
+        if (self.estimator == "table") != (self.estimator_table is not None):
+            raise ValueError(
+                "field 'estimator_table' (a steps.csv) is needed by estimator table and only by it"
+            )
         if self.frontend not in ("on", "off"):
             raise ValueError(f"field 'frontend' must be on or off, got {self.frontend!r}")
         if self.engine == "vllm":
@@ -421,17 +434,24 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
             "options: write_back moves evicted blocks down through L2, so an L3 tier without "
             "l2_gb would stay empty (give l2_gb > 0, or use write_through)"
         )
-    estimators: dict[tuple[str, int], Estimator] = {}
+    estimators: dict[tuple[str, int], StepCost] = {}
     replicas = []
     store = None
     for i, (hw, tp) in enumerate(fleet):
         est = estimators.get((hw, tp))
         if est is None:
             calibration = o.calibration
-            if calibration is None and o.engine != "sglang":
+            if calibration is None and o.engine != "sglang" and o.estimator == "roofline":
                 calibration = str(calibration_path(load_hardware(hw).name, o.engine))
             try:
-                est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, calibration)
+                if o.estimator == "roofline":
+                    est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, calibration)
+                else:
+                    est = make_estimator(
+                        o.estimator, o.model, hw, tp, o.weight_dtype, o.kv_dtype,
+                        calibration=calibration, table=o.estimator_table,
+                        extrapolate=o.extrapolate, engine=o.engine,
+                    )  # fmt: skip
             except SpecError:
                 raise
             except ValueError as e:  # a combination of options (tp, dtypes) the model refuses
