@@ -671,46 +671,54 @@ def varlen_layout(torch, batch: Batch, dev) -> Varlen:
 
 
 def attention_fn(torch, kernel: str, window: int = 0):
-    """``fn(q, k, v, layout, out)`` writing the attention output into ``out`` [T, nq, d]."""
+    """``fn(q, k, v, layout) -> out [T, nq, d]``: the kernel's own output, no extra copy."""
     if kernel == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
         ws = (window - 1, 0) if window else (-1, -1)
 
-        def fa(q, k, v, lay, out):
-            out.copy_(
-                flash_attn_varlen_func(
-                    q, k, v, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, causal=True, window_size=ws
-                )
+        def fa(q, k, v, lay):
+            return flash_attn_varlen_func(
+                q, k, v, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, causal=True, window_size=ws
             )
 
         return fa
     if kernel == "aten_flash":
         win = {"window_size_left": window - 1, "window_size_right": 0} if window else {}
 
-        def aten(q, k, v, lay, out):
-            res = torch.ops.aten._flash_attention_forward(
+        def aten(q, k, v, lay):
+            return torch.ops.aten._flash_attention_forward(
                 q, k, v, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, 0.0, True, False, **win
-            )
-            out.copy_(res[0])
+            )[0]
 
         return aten
     import torch.nn.functional as F
 
-    def sdpa(q, k, v, lay, out):
+    try:  # native GQA (torch >= 2.5); else K/V heads repeated
+        one = torch.zeros(1, 2, 1, 8)
+        F.scaled_dot_product_attention(one, one[:, :1], one[:, :1], enable_gqa=True)
+        gqa = {"enable_gqa": True}
+    except (TypeError, RuntimeError):
+        gqa = None
+
+    def sdpa(q, k, v, lay):
         group = q.shape[1] // k.shape[1]
+        out = q.new_empty(q.shape) if len(lay.batch) > 1 else None
         for i, (_, n) in enumerate(lay.batch):
             qs = q[lay.q_off[i] : lay.q_off[i + 1]].transpose(0, 1).unsqueeze(0)
             ks = k[lay.k_off[i] : lay.k_off[i + 1]].transpose(0, 1).unsqueeze(0)
             vs = v[lay.k_off[i] : lay.k_off[i + 1]].transpose(0, 1).unsqueeze(0)
-            if group > 1:  # enable_gqa needs torch >= 2.5 and is not in every backend
+            if group > 1 and gqa is None:
                 ks = ks.repeat_interleave(group, dim=1)
                 vs = vs.repeat_interleave(group, dim=1)
             mask = lay.masks[i]
             o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=mask is None and n > 1
-            )
-            out[lay.q_off[i] : lay.q_off[i + 1]].copy_(o[0].transpose(0, 1))
+                qs, ks, vs, attn_mask=mask, is_causal=mask is None and n > 1, **(gqa or {})
+            )[0].transpose(0, 1)
+            if out is None:
+                return o
+            out[lay.q_off[i] : lay.q_off[i + 1]] = o
+        return out
 
     return sdpa
 
@@ -725,7 +733,7 @@ def pick_kernel(torch, dev, want: str, dtype) -> str:
             lay = varlen_layout(torch, [(3, 2), (0, 4)], dev)
             q = torch.randn(6, 4, 64, device=dev, dtype=dtype)
             k = torch.randn(9, 2, 64, device=dev, dtype=dtype)
-            attention_fn(torch, kernel)(q, k, k, lay, torch.empty_like(q))
+            attention_fn(torch, kernel)(q, k, k, lay)
         except Exception as e:  # noqa: BLE001 - not usable here: try the next one
             if want != "auto":
                 raise OptionError(
@@ -808,7 +816,6 @@ class Decoder:
             )
             for _ in range(a.layers)
         ]
-        self.attn_out = torch.empty(n_tok, a.nq, a.d, device=dev, dtype=self.dtype)
 
     def _rotary(self, x):
         half = x.shape[-1] // 2
@@ -832,8 +839,8 @@ class Decoder:
             q, k = self._rotary(q), self._rotary(k)
             k_cache.index_copy_(0, self.write, k)
             v_cache.index_copy_(0, self.write, v)
-            self.attn(q, k_cache, v_cache, self.lay, self.attn_out)
-            x = x + F.linear(self.attn_out.view(n_tok, q_w), layer["o"])
+            o = self.attn(q, k_cache, v_cache, self.lay)
+            x = x + F.linear(o.reshape(n_tok, q_w), layer["o"])
             y = self._rms(x, layer["ln2"])
             gate, up = F.linear(y, layer["gate_up"]).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer["down"])
@@ -885,10 +892,7 @@ def run_attention(torch, dev, timer: Timer, plan: Plan, dtype, kernel: str, skip
             q = torch.randn(lay.q_off[-1], case["nq"], case["d"], device=dev, dtype=dtype)
             k = torch.randn(lay.k_off[-1], case["nkv"], case["d"], device=dev, dtype=dtype)
             v = torch.randn_like(k)
-            out = torch.empty_like(q)
-            ms, lo, hi = timer.eager(
-                lambda q=q, k=k, v=v, lay=lay, out=out: fn_attn(q, k, v, lay, out)
-            )
+            ms, lo, hi = timer.eager(lambda q=q, k=k, v=v, lay=lay: fn_attn(q, k, v, lay))
         except Exception as e:
             if not _oom(torch, e):
                 raise
@@ -898,7 +902,7 @@ def run_attention(torch, dev, timer: Timer, plan: Plan, dtype, kernel: str, skip
             log(f"attention: skipped {batch_text(batch)[:60]} (out of memory)")
             continue
         finally:
-            q = k = v = out = None
+            q = k = v = None
         rows.append(
             {
                 **{c: case[c] for c in ("nq", "nkv", "d", "kind")},
@@ -950,6 +954,8 @@ def run_steps(torch, dev, timer: Timer, plan: Plan, archs, dtype, kernel, eager,
                 )
                 log(f"steps: skipped {arch.name} {batch_text(batch)[:60]} (out of memory)")
                 continue
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()  # give the replayed graph's private pool back
             rows.append(
                 {
                     "model": arch.name,

@@ -173,3 +173,13 @@ def test_bad_out_and_exit_code(tmp_path):
         [sys.executable, str(SCRIPT), "--plan-only"], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--out" in res.stderr
+
+
+def test_no_torch_without_dry_run(pg, tmp_path, monkeypatch, capsys):
+    """A real run needs torch: one line saying how to get it, exit code 2, nothing written."""
+    monkeypatch.setattr(pg, "import_torch", lambda: None)
+    out = tmp_path / "o"
+    assert pg.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install torch" in err
+    assert list(out.iterdir()) == []
