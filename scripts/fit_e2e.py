@@ -5,13 +5,17 @@ Each load stage a real engine served without queueing gives one steady-state dec
 by Little's law ``rate x E2E`` requests run at once, each with about its prompt plus half its
 output in the KV cache, and the measured per-token time ``(E2E - TTFT) / (output - 1)`` is
 that step's duration (mixed steps add little here: the prompts are prefix-cached after the
-first pass). Four physically named parameters are fitted by gradient descent (optax, log
-space, priors from the base calibration) to those steps:
+first pass). Six physically named parameters are fitted by gradient descent (optax, in log
+or logit space, priors from the base calibration) to those steps, the decode batch padded to
+the CUDA graph it replays:
 
 - ``gemm_bytes_eff``: weight streaming of decode GEMMs (the tables' GEMMs run one kernel at a
   time with its launch; inside a CUDA graph back-to-back GEMMs stream closer to peak),
+- ``gemm_blend``: how much of a decode GEMM's (small) math still shows beside its streaming,
 - ``attn_bytes_eff``: the KV streaming of FA3's paged decode (the tables stop at 8 KV heads;
   Llama-2-7B has 32),
+- ``attn_block_s``: FA3's cost per thread block (its persistent CTAs prefetch the next block's
+  keys while finishing one: less than the single-kernel tables show),
 - ``layer_s``: fixed cost per layer (the small fused kernels and the gaps between kernels),
 - ``step_s``: fixed cost per step (embedding, sampling, what async scheduling leaves).
 
@@ -53,11 +57,11 @@ jax.config.update("jax_enable_x64", True)
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ROOT.parent / "shared" / "e2e" / "vllm-h100" / "measured.csv"
 CALIBRATION = ROOT / "hardware_specs" / "calibration" / "h100-sxm.vllm.json"
-FITTED = ("gemm_bytes_eff", "gemm_blend", "attn_bytes_eff", "layer_s", "step_s")
+FITTED = ("gemm_bytes_eff", "gemm_blend", "attn_bytes_eff", "attn_block_s", "layer_s", "step_s")
 FUSED_PASSES = {"elem_hidden": 8.0, "elem_inter": 3.0, "elem_qkv": 3.0}
 PRIOR_WEIGHT = 1e-3
 # a fixed cost may shrink towards zero but stays a cost: no fit below 0.1 µs
-FLOOR = {"layer_s": 1e-7, "step_s": 1e-7, "gemm_blend": 0.0}
+FLOOR = {"layer_s": 1e-7, "step_s": 1e-7, "gemm_blend": 0.0, "attn_block_s": 1e-8}
 # what HBM streaming reaches at best: the device-to-device copy ceiling measured on the H100
 # (2.97 of 3.35 TB/s, data/profiles/h100/device.json), so no fit can claim more
 EFF_MAX = 0.886

@@ -42,6 +42,7 @@ import pandas as pd
 from hisim_jax.estimator import calibrate as cal
 from hisim_jax.estimator.batch import Batch
 from hisim_jax.estimator.roofline import (
+    ATTENTION_BACKENDS,
     Params,
     _moe_s,
     as_float_params,
@@ -448,6 +449,13 @@ def _template_dims() -> ops.ModelDims:
     return ops.model_dims(load_model("llama-3.1-8b"))
 
 
+def attention_model(frames: Sequence[pd.DataFrame]) -> str:
+    """The attention kernel model of these tables: FA3's grid (attention/fa3.py) when every row
+    was timed on an FA3 kernel (vLLM's ``vllm_flash_attn_fa3`` on Hopper), else FA2's."""
+    kernels = {str(k) for f in frames for k in f.get("kernel", pd.Series(dtype=str)).unique()}
+    return "fa3" if kernels and all("fa3" in k for k in kernels) else "fa2"
+
+
 def attention_rows(frames: Sequence[pd.DataFrame], hws: Sequence[HardwareSpec]) -> cal.AttnRows:
     a = pd.concat(frames, ignore_index=True)
     n = len(a)
@@ -470,6 +478,7 @@ def attention_rows(frames: Sequence[pd.DataFrame], hws: Sequence[HardwareSpec]) 
         _f(a["latency_s"]),
         _f(a["batch"]),
         _per_row_hw(hws, [len(f) for f in frames]),
+        ATTENTION_BACKENDS[attention_model(frames)],
     )
 
 
@@ -711,7 +720,9 @@ def _document(
     return {
         "hardware": hw.name,
         "backend": engine,
-        "attention_model": "fa2",
+        "attention_model": attention_model(
+            [frames[o] for o in ("context_attention", "generation_attention") if o in frames]
+        ),
         "source": "aiconfigurator",
         "system": system,
         "version": version,

@@ -196,6 +196,7 @@ class AttnRows(eqx.Module):
     # time uniform batches: one request's features, summed ones scaled); None: the batch as is
     repeat: np.ndarray | None = None
     hw: ops.HwArrays | None = None  # per-row GPU, as in GemmRows
+    backend: attn.AttentionBackend = eqx.field(static=True, default=attn.FA2)  # kernel timed
 
 
 class CommRows(eqx.Module):
@@ -241,6 +242,11 @@ def read_attention(
     a = a[a["ms"] >= ATTN_MIN_MS]
     if heads is not None:
         a = a[[(int(q), int(k)) in heads for q, k in zip(a["nq"], a["nkv"], strict=True)]]
+    if a.empty:
+        raise ProfileError(
+            f"{path}: no row to fit: every 'ms' is below {ATTN_MIN_MS} ms (launch-bound) or of "
+            "a head shape no profiled model has"
+        )
     dims = []
     for row in a.itertuples(index=False):
         dims.append(
@@ -278,15 +284,20 @@ def _gemm_kernel_s(p: Params, g: GemmRows, hw: ops.HwArrays):
 
 
 # features that are sums over a batch's requests (the others are maxima or flags)
-_SUMMED_FEATURES = ("tokens", "n_req", "pf_work", "pf_blocks", "dec_std_keys", "dec_split_keys")
+_SUMMED_FEATURES = (
+    "tokens", "n_req", "pf_work", "pf_blocks", "dec_std_keys", "dec_split_keys", "fa3_work",
+    "fa3_keys", "fa3_blocks",
+)  # fmt: skip
 
 
 def _attn_kernel_s(p: Params, a: AttnRows, hw: ops.HwArrays):
+    be = a.backend
+
     def one(d, b, repeat, h):
-        f = features(d, b)
+        f = features(d, b, be)
         if repeat is not None:
             f = {k: v * repeat if k in _SUMMED_FEATURES else v for k, v in f.items()}
-        return _attention_s(p, d, f, h, attn.FA2, jnp)
+        return _attention_s(p, d, f, h, be, jnp)
 
     rep_axis = None if a.repeat is None else 0
     hw_axis, hw = (None, hw) if a.hw is None else (0, a.hw)

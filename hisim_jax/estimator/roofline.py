@@ -26,6 +26,7 @@ import numpy as np
 from hisim_jax import compile_cache, files
 from hisim_jax.estimator import ops
 from hisim_jax.estimator.attention import fa2 as attn
+from hisim_jax.estimator.attention import fa3
 from hisim_jax.estimator.batch import (
     Batch,
     RaggedBatches,
@@ -116,6 +117,11 @@ def features(
     separate reduction is a kernel launch, which would dominate a single-batch call.
     """
     c, n, m = batch.cache_len, batch.new_len, batch.mask
+    if backend.name == "fa3":  # one varlen grid for every batch (fa3.py)
+        nm = n * m
+        sums = xp.sum(xp.stack([nm, m]), axis=-1)
+        grid = fa3.features(c, n, m, dims.q_heads, dims.kv_heads, dims.window, xp, backend)
+        return dict(tokens=sums[0], n_req=sums[1], **grid)
     t = attn.request_tiles(c, n, m, dims.window, backend, xp)
     nm = n * m
     sums = xp.sum(xp.stack([nm, m, t["tiles"], t["m_blocks"], t["last"], t["dec_split"]]), axis=-1)
@@ -167,12 +173,11 @@ def _attention_s(
     sm_bytes = hw.hbm_bytes_per_s / hw.sm_count
     kv_bytes_per_key = 2.0 * d * dims.kv_bytes
 
-    def kernel_s(work, chain, blocks, rows, heads_per_kv):
-        # seconds per key column: across the whole GPU, and for one block alone on an SM
-        key_gpu_s = xp.maximum(
-            4.0 * rows * d / (hw.bf16_flops_per_s * p.attn_flops_eff),
-            kv_bytes_per_key / heads_per_kv / (hw.hbm_bytes_per_s * p.attn_bytes_eff),
-        )
+    def kernel_s(work, chain, blocks, rows, heads_per_kv, mem_work=None):
+        # seconds per key column: across the whole GPU, and for one block alone on an SM;
+        # ``mem_work``: the key columns actually read, where tiles past the end move no bytes
+        key_flops_s = 4.0 * rows * d / (hw.bf16_flops_per_s * p.attn_flops_eff)
+        key_bytes_s = kv_bytes_per_key / heads_per_kv / (hw.hbm_bytes_per_s * p.attn_bytes_eff)
         # The heaviest block is bound by its own tile math, which slows the busier the GPU is
         # (a co-resident CTA shares its SM), or by the few K/V tiles one 4-warp CTA keeps in
         # flight, about its SM's share of HBM whether or not other SMs stream beside it.
@@ -181,7 +186,10 @@ def _attention_s(
             4.0 * rows * d / (sm_flops * p.attn_chain_flops_eff) * (1.0 + p.attn_crowding * crowd),
             kv_bytes_per_key / (sm_bytes * p.attn_chain_bytes_eff),
         )
-        work_s = work * key_gpu_s
+        if mem_work is None:
+            work_s = work * xp.maximum(key_flops_s, key_bytes_s)
+        else:
+            work_s = xp.maximum(work * key_flops_s, mem_work * key_bytes_s)
         chain_s = chain * key_lone_s
         # The heaviest block may start late only if some blocks wait for an SM; with every
         # block on an SM of its own the makespan is max(work, chain).
@@ -190,6 +198,23 @@ def _attention_s(
         excess_s = (chain - work / xp.maximum(blocks, 1.0)) * key_lone_s
         tail = p.attn_blend * late * xp.minimum(work_s, xp.maximum(excess_s, 0.0))
         return xp.maximum(work_s, chain_s) + tail + blocks * p.attn_block_s / hw.sm_count
+
+    if be.name == "fa3":
+        # packed GQA: each block reads its KV head once; the heaviest block's KV axis is cut
+        # into the heuristic's splits, partial outputs merged by the combine kernel
+        n_blocks = xp.maximum(f["fa3_chain_tiles"], 1.0)
+        total_mblocks = f["n_req"] * dims.kv_heads * f["fa3_mblocks_max"]
+        splits = fa3.num_splits(total_mblocks, hw.sm_count, n_blocks, xp, be)
+        chain = xp.ceil(n_blocks / splits) * be.block_n
+        combine_bytes = (splits - 1.0) * f["n_req"] * dims.q_heads * (d + 1.0) * 4.0 * 2.0
+        combine_s = xp.where(
+            splits > 1.0,
+            combine_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff) + p.attn_combine_s,
+            0.0,
+        )
+        blocks = f["fa3_blocks"] * splits
+        work_s = kernel_s(f["fa3_work"], chain, blocks, f["fa3_rows"], 1.0, f["fa3_keys"])
+        return work_s + combine_s
 
     prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m), groups)
     if needs.attention == "prefill":
@@ -383,6 +408,26 @@ def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, 
 # calibration files
 
 
+ATTENTION_BACKENDS = {b.name: b for b in (attn.FA2, fa3.FA3)}
+
+
+def calibration_attention(calibration, hardware_name: str = DEFAULT_CALIBRATION) -> str:
+    """The attention kernel a calibration was fitted with: its ``attention_model`` (or an
+    attention name in ``backend``, as older files have it); fa2 otherwise."""
+    if isinstance(calibration, Params):
+        return "fa2"
+    p = Path(calibration) if calibration is not None else calibration_path(hardware_name)
+    if not p.is_file():
+        return "fa2"
+    doc = files.read_json(p, "calibration (JSON)", SpecError)
+    if not isinstance(doc, dict):
+        return "fa2"
+    for key in ("attention_model", "backend"):
+        if doc.get(key) in ATTENTION_BACKENDS:
+            return doc[key]
+    return "fa2"
+
+
 def calibration_path(hardware_name: str, engine: str | None = None) -> Path:
     """The GPU's own calibration if shipped, else the H100 one (the default for every GPU).
 
@@ -489,7 +534,7 @@ class Estimator:
         weight_dtype: str = "bf16",
         kv_dtype: str = "bf16",
         calibration: str | Path | Params | None = None,
-        backend: str = "fa2",
+        backend: str | None = None,
         act_dtype: str | None = None,
     ):
         compile_cache.enable()  # before the first compile of this process (see compile_cache)
@@ -498,11 +543,13 @@ class Estimator:
         if not hw_list:
             raise ValueError("at least one hardware spec is needed")
         self.hardware = [h if isinstance(h, HardwareSpec) else load_hardware(h) for h in hw_list]
-        if backend not in attn.BACKENDS:
+        if backend is None:
+            backend = calibration_attention(calibration, self.hardware[0].name)
+        if backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention backend {backend!r} unknown (choose from {', '.join(attn.BACKENDS)})"
+                f"attention backend {backend!r} unknown (choose from {', '.join(ATTENTION_BACKENDS)})"
             )
-        self.backend = attn.BACKENDS[backend]
+        self.backend = ATTENTION_BACKENDS[backend]
         self.tp = tp
         self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype)
         # FA2 folds the GQA heads of a pure-decode batch into rows (its decode path) only when
@@ -511,6 +558,8 @@ class Estimator:
         self._decode_attention = (
             "decode" if folds and self.backend.decode_swaps_groups else "prefill"
         )
+        if self.backend.name == "fa3":
+            self._decode_attention = "any"  # one grid for every batch: nothing to prune
         if isinstance(calibration, Params):
             self.params = as_float_params(calibration)
         else:
