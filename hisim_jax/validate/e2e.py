@@ -93,9 +93,10 @@ INFERENCE_PERF_LEAD_S = 1.0
 # replay re-times later stages when a predicted stage drains later than that.
 STAGE_GAP_S = 120.0
 # Regime rule: a stage is "queueing" when its mean TTFT exceeds this many times the run's
-# unloaded TTFT (the lowest TTFT of the run: a request that found the engine idle), or when
-# any of its requests failed (measured) / was rejected or ran past the client's timeout
-# (predicted). Otherwise "unloaded".
+# unloaded TTFT (the lowest stage median TTFT of the run: what a typical request waits when
+# nothing queues; the single fastest request, one that found the engine idle, would call a
+# stage with a few slow bursts "queueing"), or when any of its requests failed (measured) /
+# was rejected or ran past the client's timeout (predicted). Otherwise "unloaded".
 QUEUEING_TTFT_RATIO = 3.0
 
 # Hugging Face ids of the models/ configs that carry no ``_name_or_path`` (none of ours does:
@@ -1278,12 +1279,10 @@ def _predicted_stage(frame, steps, k: int, stage: Stage, timeout_s: float | None
 def _lowest_ttft(metrics: Sequence[StageMetrics]) -> float | None:
     vals = []
     for m in metrics:
-        if m.samples.get("ttft"):
-            vals.append(min(m.samples["ttft"]))
-        elif m.quantiles.get("ttft"):
-            vals.append(m.quantiles["ttft"][0][1])
-        elif m.ttft.p50 is not None:
-            vals.append(m.ttft.p50)  # no minimum published: the median bounds it
+        if m.ttft.p50 is not None:
+            vals.append(m.ttft.p50)
+        elif m.samples.get("ttft"):
+            vals.append(float(np.median(m.samples["ttft"])))
     return min(vals) if vals else None
 
 

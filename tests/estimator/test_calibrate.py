@@ -121,3 +121,14 @@ def test_micro_tables_use_the_fastest_run(tmp_path):
     )
     template = jax.tree.map(lambda x: x[0], steps.dims)
     assert np.asarray(cal.read_attention(a, template).measured_s) == pytest.approx([0.53e-3])
+
+
+def test_attention_table_with_no_fittable_row_is_one_line_error(tmp_path):
+    from hisim_jax.estimator import ops
+    from hisim_jax.estimator.calibrate import ProfileError, read_attention
+    from hisim_jax.specs import load_model
+
+    path = tmp_path / "attention.csv"
+    path.write_text('nq,nkv,d,batch,ms\n32,8,128,"[[0, 16]]",0.01\n')
+    with pytest.raises(ProfileError, match="no row to fit"):
+        read_attention(path, ops.model_dims(load_model("llama-3.1-8b")))
