@@ -10,7 +10,7 @@ counted), requests per wall second and simulated/wall. Each timed run is precede
 run of the same workload, so the estimator's shapes are compiled and compile time (the first
 warm-up, reported apart) is not counted.
 
-    python scripts/bench_simulator.py [--requests 10000] [--json out.json]
+    python scripts/bench_simulator.py [--requests 10000] [--engine sglang|vllm] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,22 +25,35 @@ import numpy as np
 
 from hisim_jax import Estimator
 from hisim_jax.cores import pin_to_one_core
+from hisim_jax.estimator.roofline import calibration_path
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.engine import Engine, EngineConfig
+from hisim_jax.serving.frontend import FRONTENDS
 from hisim_jax.serving.memory import cache_config, size_replica
-from hisim_jax.serving.scheduler.base import SchedulerConfig
+from hisim_jax.simulation import SimulationOptions, memory_share, scheduler_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MOONCAKE = ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 
 
+ENGINE = "sglang"  # set by --engine
+
+
 def make_engine(est: Estimator, block_tokens: int, l2_gb: float = 0.0) -> Engine:
-    sizing = size_replica(est.model, est.hardware[0], l2_gb=l2_gb)
+    """One replica with the engine's defaults, as ``hisim simulate --engine`` builds it."""
+    o = SimulationOptions(engine=ENGINE)
+    gpu = est.hardware[0]
+    sched = scheduler_config(o, gpu)
+    frac, reserved = memory_share(o, est.model, 1, sched)
+    sizing = size_replica(est.model, gpu, 1, 2.0, 2.0, frac, reserved, l2_gb=l2_gb)
+    page = 16 if ENGINE == "vllm" else 1
     cfg = EngineConfig(
-        SchedulerConfig(),
-        cache_config(sizing, est.hardware[0], block_tokens),
+        sched,
+        cache_config(sizing, gpu, block_tokens, page),
         num_layers=est.model.num_layers,
         max_context=est.model.max_position_embeddings,
+        policy=ENGINE,
+        frontend=FRONTENDS[ENGINE],
     )
     return Engine(cfg, est)
 
@@ -105,10 +118,14 @@ def main(argv=None) -> int:
     ap.add_argument("--target-load", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--engine", choices=("sglang", "vllm"), default="sglang")
     args = ap.parse_args(argv)
+    global ENGINE
+    ENGINE = args.engine
 
     core = pin_to_one_core()  # as `hisim simulate` does, before JAX starts
-    est = Estimator("llama-3.1-8b", "h100-sxm")
+    calibration = calibration_path("h100-sxm", args.engine) if args.engine != "sglang" else None
+    est = Estimator("llama-3.1-8b", "h100-sxm", calibration=calibration)
     t0 = time.perf_counter()
     make_engine(est, 64).run(chat(600, 2.0, args.seed + 1).requests)  # compile the shapes
     warmup_s = time.perf_counter() - t0

@@ -32,8 +32,9 @@ class Frontend:
         return self.request_s + self.per_input_token_s * input_len
 
 
-# request_s: 6.7 ms mean TTFT residual (measured - engine-only prediction) over the 16 stages
-# at <= 10 req/s, less the ~0.6 ms of tokenizing their ~600-token prompts
-VLLM_FRONTEND = Frontend(request_s=6.0e-3, per_input_token_s=1e-6)
+# request_s: 9.3 ms mean TTFT residual (measured - engine-only prediction) over the 16 stages
+# at <= 10 req/s, less the ~0.6 ms of tokenizing their ~600-token prompts (the residual is
+# 6-7 ms for Llama-2-7B and CodeLlama-34B, 10-13 ms for Llama-2-70B and Mixtral)
+VLLM_FRONTEND = Frontend(request_s=8.7e-3, per_input_token_s=1e-6)
 # SGLang: no client-side runs to fit on yet, so its engine times are reported as they are
 FRONTENDS = {"vllm": VLLM_FRONTEND, "sglang": Frontend()}
