@@ -708,7 +708,7 @@ def simulate(
     weight_dtype: str = typer.Option(None, help="bf16, fp8 or fp4 [bf16]."),
     kv_dtype: str = typer.Option(None, help="bf16 or fp8 [bf16]."),
     calibration: Path = typer.Option(
-        None, help="Calibration JSON [the GPU's: <gpu>.vllm.json with --engine vllm]."
+        None, help="Calibration JSON [the GPU's production-kernel fit, <gpu>.<engine>.json]."
     ),
     estimator: str = typer.Option(None, help=ESTIMATOR_HELP + " [roofline]"),
     estimator_table: Path = typer.Option(None, help=ESTIMATOR_TABLE_HELP),

@@ -441,7 +441,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
         est = estimators.get((hw, tp))
         if est is None:
             calibration = o.calibration
-            if calibration is None and o.engine != "sglang" and o.estimator == "roofline":
+            if calibration is None and o.estimator == "roofline":
                 calibration = str(calibration_path(load_hardware(hw).name, o.engine))
             try:
                 if o.estimator == "roofline":

@@ -178,12 +178,20 @@ def main() -> None:
     print(f"wrote {args.out}")
     if args.propagate:
         # the fixed costs and fused pass counts are the engine's, not the GPU's: every other
-        # GPU's vLLM calibration takes them, keeping its own table-fitted efficiencies
-        for other in sorted(args.out.parent.glob("*.vllm.json")):
+        # GPU's calibration takes them, keeping its own table-fitted efficiencies
+        # SGLang runs the same kind of kernels under CUDA graphs (FA3 on Hopper, fused norms
+        # and activations): with no SGLang end-to-end runs to fit on, it takes vLLM's costs
+        others = [*args.out.parent.glob("*.vllm.json"), *args.out.parent.glob("*.sglang.json")]
+        for other in sorted(others):
             if other.resolve() == args.out.resolve():
                 continue
             d = json.loads(other.read_text())
-            for k in ("layer_s", "step_s", *FUSED_PASSES):
+            carried = ["layer_s", "step_s", *FUSED_PASSES]
+            if d.get("hardware") == args.hardware and d.get("attention_model") == "fa3":
+                # the same GPU running the same kernels (cuBLAS GEMMs, FA3): its streaming
+                # efficiencies and FA3's block cost carry over with the engine costs
+                carried += [k for k in FITTED if k not in carried]
+            for k in carried:
                 d["params"][k] = doc["params"][k]
                 d.setdefault("fitted_on", {})[k] = (
                     f"{doc['fitted_on'][k]}, on {args.hardware} (engine costs carried over)"

@@ -431,12 +431,12 @@ def calibration_attention(calibration, hardware_name: str = DEFAULT_CALIBRATION)
 def calibration_path(hardware_name: str, engine: str | None = None) -> Path:
     """The GPU's own calibration if shipped, else the H100 one (the default for every GPU).
 
-    With ``engine`` ("vllm"): that engine's production-kernel calibration of the GPU
-    (``<gpu>.vllm.json``: kernel tables plus the engine's costs fitted end to end) if shipped.
-    SGLang keeps the reference-step calibration (``<gpu>.json``) until SGLang end-to-end runs
-    are there to fit its engine costs on."""
+    With ``engine`` ("vllm", "sglang"): that engine's production-kernel calibration of the GPU
+    (``<gpu>.<engine>.json``: its kernel tables, plus the engine costs fitted end to end on
+    vLLM's runs) if shipped. Without: the reference step's (``<gpu>.json``), what ``hisim
+    estimate`` and ``validate steps`` compare with the reference profiles."""
     base = data_dir("hardware_specs") / "calibration"
-    if engine is not None and engine != "sglang":
+    if engine is not None:
         own_engine = base / f"{hardware_name}.{engine}.json"
         if own_engine.is_file():
             return own_engine

@@ -110,7 +110,7 @@ def test_shipped_calibration_loads_and_round_trips(path: Path):
     base = params_to_dict(load_calibration())
     e2e = ("layer_s", "step_s", "elem_hidden", "elem_inter", "elem_qkv")
     for name in (*e2e, "gemv_saving_s"):
-        if engine == "vllm" and name in e2e:
+        if name in e2e:  # vLLM's end-to-end fit, carried to SGLang (no SGLang runs yet)
             assert "scripts/fit_e2e.py" in doc["fitted_on"][name]
             continue
         assert "kept from" in doc["fitted_on"][name]

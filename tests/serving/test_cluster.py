@@ -141,12 +141,14 @@ def test_same_seed_same_outputs_other_seed_other_routes():
 
 
 def test_power_of_two_spreads_load_better_than_random():
-    reqs = chat(200, rate=20.0, seed=6)
-    imb = {}
-    for policy in ("random", "power_of_two"):
-        res = cluster(4, policy, seed=1).run(reqs)
-        imb[policy] = cluster_summary(res)["cluster"]["load_imbalance_prompt_tokens"]
-    assert imb["power_of_two"] < imb["random"] - 0.03
+    # a statistical property: on average over routing seeds, not for every one of them
+    reqs = chat(400, rate=20.0, seed=6)
+    imb = {"random": 0.0, "power_of_two": 0.0}
+    for policy in imb:
+        for seed in (1, 2, 3):
+            res = cluster(4, policy, seed=seed).run(reqs)
+            imb[policy] += cluster_summary(res)["cluster"]["load_imbalance_prompt_tokens"] / 3
+    assert imb["power_of_two"] < imb["random"] - 0.02
 
 
 def test_disaggregated_requests_pay_the_kv_transfer():

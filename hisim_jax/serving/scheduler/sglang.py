@@ -31,6 +31,10 @@ class SGLangPolicy:
 
     # a step is a prefill batch or a decode step, never both (no mixed batches)
     mixes_decodes = False
+    # the overlap scheduler (on unless --disable-overlap-schedule; scheduler.py's
+    # event_loop_overlap) forms batch N+1 right after launching batch N, so a request that
+    # arrives while batch N runs first runs in batch N+2
+    async_scheduling = True
 
     def __init__(self, cfg: SchedulerConfig, prefill_only: bool = False):
         self.cfg = cfg

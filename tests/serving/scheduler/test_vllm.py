@@ -152,9 +152,11 @@ def test_an_idle_vllm_engine_schedules_an_arrival_at_once():
 
 def test_sglang_runs_the_arriving_prompt_as_its_own_step():
     res, _ = run_engine(two_requests(), "sglang")
-    # t=1..2 B's prompt alone (A waits), then decode steps at 2..3 and 3..4
-    assert list(res.steps.column("kind")) == ["prefill", "prefill", "decode", "decode"]
-    assert times(res) == [(1.0, 4.0), (2.0, 3.0)]
+    # the overlap scheduler also forms a batch one step ahead: t=1..2 A decodes (B, arrived
+    # at 0.5, was not there when it was formed), t=2..3 B's prompt alone (A waits), t=3..4
+    # both decode their last token
+    assert list(res.steps.column("kind")) == ["prefill", "decode", "prefill", "decode"]
+    assert times(res) == [(1.0, 4.0), (3.0, 4.0)]
 
 
 def test_vllm_chunks_a_long_prompt_across_mixed_steps_under_the_budget():
