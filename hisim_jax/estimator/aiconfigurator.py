@@ -451,9 +451,14 @@ def _template_dims() -> ops.ModelDims:
 
 def attention_model(frames: Sequence[pd.DataFrame]) -> str:
     """The attention kernel model of these tables: FA3's grid (attention/fa3.py) when every row
-    was timed on an FA3 kernel (vLLM's ``vllm_flash_attn_fa3`` on Hopper), else FA2's."""
+    was timed on an FA3 kernel (``vllm_flash_attn_fa3``, SGLang's ``fa3`` on Hopper),
+    FlashInfer's (attention/flashinfer.py) when on FlashInfer, else FA2's."""
     kernels = {str(k) for f in frames for k in f.get("kernel", pd.Series(dtype=str)).unique()}
-    return "fa3" if kernels and all("fa3" in k for k in kernels) else "fa2"
+    for model in ("fa3", "flashinfer"):
+        # FlashInfer's TRT-LLM-gen kernels (vLLM on Blackwell) have a grid of their own
+        if kernels and all(model in k and "trtllm" not in k for k in kernels):
+            return model
+    return "fa2"
 
 
 def attention_rows(frames: Sequence[pd.DataFrame], hws: Sequence[HardwareSpec]) -> cal.AttnRows:

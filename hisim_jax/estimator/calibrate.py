@@ -286,7 +286,7 @@ def _gemm_kernel_s(p: Params, g: GemmRows, hw: ops.HwArrays):
 # features that are sums over a batch's requests (the others are maxima or flags)
 _SUMMED_FEATURES = (
     "tokens", "n_req", "pf_work", "pf_blocks", "dec_std_keys", "dec_split_keys", "fa3_work",
-    "fa3_keys", "fa3_blocks",
+    "fa3_keys", "fa3_blocks", "fi_work", "fi_keys", "fi_mblocks", "fi_kv_total",
 )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from hisim_jax import compile_cache, files
 from hisim_jax.estimator import ops
 from hisim_jax.estimator.attention import fa2 as attn
-from hisim_jax.estimator.attention import fa3
+from hisim_jax.estimator.attention import fa3, flashinfer
 from hisim_jax.estimator.batch import (
     Batch,
     RaggedBatches,
@@ -117,10 +117,12 @@ def features(
     separate reduction is a kernel launch, which would dominate a single-batch call.
     """
     c, n, m = batch.cache_len, batch.new_len, batch.mask
-    if backend.name == "fa3":  # one varlen grid for every batch (fa3.py)
+    if backend.name in ("fa3", "flashinfer"):  # one grid per batch (fa3.py, flashinfer.py)
         nm = n * m
         sums = xp.sum(xp.stack([nm, m]), axis=-1)
-        grid = fa3.features(c, n, m, dims.q_heads, dims.kv_heads, dims.window, xp, backend)
+        grid = (fa3 if backend.name == "fa3" else flashinfer).features(
+            c, n, m, dims.q_heads, dims.kv_heads, dims.window, xp, backend
+        )
         return dict(tokens=sums[0], n_req=sums[1], **grid)
     t = attn.request_tiles(c, n, m, dims.window, backend, xp)
     nm = n * m
@@ -215,6 +217,26 @@ def _attention_s(
         blocks = f["fa3_blocks"] * splits
         work_s = kernel_s(f["fa3_work"], chain, blocks, f["fa3_rows"], 1.0, f["fa3_keys"])
         return work_s + combine_s
+
+    if be.name == "flashinfer":
+        # balanced KV chunks: the grid's slots per KV head, filled by the requests' m-blocks or
+        # by chunks of their KV axes (flashinfer.py); the heaviest block walks one chunk
+        slots_per_head = hw.sm_count * be.ctas_per_sm / dims.kv_heads
+        chunk = flashinfer.chunk_keys(
+            f["fi_kv_total"], f["fi_max_keys"], f["fi_mblocks"], slots_per_head, xp
+        )
+        split = chunk < f["fi_max_keys"]
+        chunks = xp.where(
+            split,
+            xp.minimum(f["fi_kv_total"] / chunk + f["fi_mblocks"], slots_per_head),
+            f["fi_mblocks"],
+        )
+        merge_bytes = xp.where(split, chunks * groups * (d + 1.0) * 4.0 * 2.0, 0.0) * dims.kv_heads
+        merge_s = xp.where(
+            split, merge_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff) + p.attn_combine_s, 0.0
+        )
+        blocks = dims.kv_heads * chunks
+        return kernel_s(f["fi_work"], chunk, blocks, f["fi_tile"], 1.0, f["fi_keys"]) + merge_s
 
     prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m), groups)
     if needs.attention == "prefill":
@@ -408,7 +430,7 @@ def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, 
 # calibration files
 
 
-ATTENTION_BACKENDS = {b.name: b for b in (attn.FA2, fa3.FA3)}
+ATTENTION_BACKENDS = {b.name: b for b in (attn.FA2, fa3.FA3, flashinfer.FLASHINFER)}
 
 
 def calibration_attention(calibration, hardware_name: str = DEFAULT_CALIBRATION) -> str:
@@ -558,7 +580,7 @@ class Estimator:
         self._decode_attention = (
             "decode" if folds and self.backend.decode_swaps_groups else "prefill"
         )
-        if self.backend.name == "fa3":
+        if self.backend.name in ("fa3", "flashinfer"):
             self._decode_attention = "any"  # one grid for every batch: nothing to prune
         if isinstance(calibration, Params):
             self.params = as_float_params(calibration)

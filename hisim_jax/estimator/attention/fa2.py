@@ -11,7 +11,7 @@ block chain. Each backend reproduces its kernel's grid in closed form:
 and the estimator turns them into seconds with fitted per-SM rates. ``exact_makespan`` is the
 block-by-block list schedule the closed forms are checked against in the tests.
 
-Backends are named; add FlashInfer or FA3 as another ``AttentionBackend`` with its own rules.
+Backends are named; fa3.py and flashinfer.py are the others, each with its own rules.
 """
 
 from __future__ import annotations
