@@ -204,6 +204,9 @@ class Engine:
         self.received: deque[ReqState] = deque()  # decode role: KV arrived, not yet admitted
         self._prefill_only = cfg.role == "prefill"
         self._async = getattr(self.policy, "async_scheduling", False)
+        # decode steps costed but not yet run, keyed by (batch version, tick) (_decode_stretch)
+        self._spare: tuple | None = None
+        self._batch_version = 0  # bumped whenever a request joins or leaves the running batch
         self._formed_s: float | None = None  # async: when the next step's batch is formed
 
     # ------------------------------------------------------------------------------------
@@ -335,6 +338,7 @@ class Engine:
         key = st.generated - st.req.output_len - tick
         i = int(np.searchsorted(self._r_int.view[0], key, side="right"))  # after equal keys
         self.running.insert(i, st)
+        self._batch_version += 1
         self._r_int.insert(i, (key, st.req.input_len + st.generated - 1 - tick, st.private - tick))
         self._r_last.insert(i, st.last_token_s)
         self._remaining_clipped += self.clipped_left(st)
@@ -356,6 +360,7 @@ class Engine:
         i = self.running.index(st)
         self._materialize(i)
         del self.running[i]
+        self._batch_version += 1
         self._r_int.delete(i)
         self._r_last.delete(i)
         self._remaining_clipped -= self.clipped_left(st)
@@ -460,19 +465,27 @@ class Engine:
             if active[0] < len(pad_of)
             else graph_padded_size(active, self.graph_sizes)
         )
-        ctx = ctx0 + tick
-        # graph replay computes the padded slots too (as one-token dummies)
-        dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
-        dur = dur + self.sched.step_overhead_s
+        spare = self._spare
+        if spare is not None and spare[0] == (self._batch_version, tick) and len(spare[1]) >= k:
+            # the same batch at the same step: the previous call costed these steps already
+            dur = spare[1][:k]
+        else:
+            ctx = ctx0 + tick
+            # graph replay computes the padded slots too (as one-token dummies)
+            dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
+            dur = dur + self.sched.step_overhead_s
         ends = now + np.cumsum(dur)
         # stop at the first step that ends after the next event (the scheduler looks then)
         over = int(np.searchsorted(ends, next_event))  # ends ascend
+        costed = dur
         k = over + 1 if over < k else k
         dur, ends, active = dur[:k], ends[:k], active[:k]
         self._last_decode_s = float(dur[-1])
         if not self._decode_tokens(now, dur, ends, active, log=True):
             self._preempt(now)
             return now
+        # steps costed past the cut: the next stretch of this same batch starts with them
+        self._spare = ((self._batch_version, self._tick), costed[k:]) if k < len(costed) else None
         if self._async:
             self._formed_s = float(ends[-1] - dur[-1])  # the stretch's last step started then
         return float(ends[-1])
@@ -525,6 +538,7 @@ class Engine:
         if n_done:
             finished = run[keep:]
             self.running = run[:keep]
+            self._batch_version += 1
             self._r_int.n = self._r_last.n = keep
             for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
                 self._finish(s, s.last_token_s, still_running=False)
