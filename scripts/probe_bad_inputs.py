@@ -355,6 +355,30 @@ for opt, value in (
         ["simulate", "--limit", "4", opt, value, "--out", "o"],
         ok=opt in HARMLESS_WHEN_HUGE,
     )
+# this sitting's options: the engines, their own knobs, the front end, the KV override
+for opt, value in (
+    ("--engine", "tgi"), ("--frontend", "maybe"), ("--kv-cache-tokens", "0"),
+    ("--kv-cache-tokens", "1e30"), ("--gpu-memory-utilization", "1.5"),
+    ("--gpu-memory-utilization", "nan"),
+):  # fmt: skip
+    extra = ["--engine", "vllm"] if opt == "--gpu-memory-utilization" else []
+    add("numbers", f"simulate{opt}={value}", ["simulate", "--limit", "4", *extra, opt, value,
+        "--out", "o"])  # fmt: skip
+for name, args in (
+    ("vllm-with-l1-fraction", ["--engine", "vllm", "--l1-fraction", "0.8"]),
+    ("sglang-with-max-num-seqs", ["--max-num-seqs", "64"]),
+    ("vllm-with-swap", ["--engine", "vllm", "--preemption", "swap"]),
+    ("vllm-max-num-batched-tokens-0", ["--engine", "vllm", "--max-num-batched-tokens", "0"]),
+):
+    add("numbers", f"simulate:{name}", ["simulate", "--limit", "4", *args, "--out", "o"])
+add("files", "validate-e2e:missing-run", ["validate", "e2e", "nope.json", "--out", "rep"])
+add("files", "validate-e2e:empty-json", ["validate", "e2e", w("bad-run.json", "{}"), "--out", "rep"])
+add("files", "validate-e2e:bad-csv", ["validate", "e2e",
+    w("bad-run.csv", "arrival_s,input_len,output_len,ttft_ms,e2e_ms\n0,-3,8,10,20\n"),
+    "--out", "rep"])  # fmt: skip
+add("usage", "calibrate:aiconfigurator-no-system",
+    ["calibrate", "--source", "aiconfigurator", "--out", "c.json"])  # fmt: skip
+add("usage", "calibrate:unknown-source", ["calibrate", "--source", "magic", "--out", "c.json"])
 for opt, value in (("--l2-gb-s", "1e-300"), ("--l3-gb-s", "1e-300")):
     add(
         "numbers",
