@@ -227,3 +227,14 @@ def test_frontend_adds_to_ttft_and_e2e_not_to_tpot(tmp_path):
     extra = VLLM_FRONTEND.request_s + VLLM_FRONTEND.per_input_token_s * req.input_len.mean()
     assert s["on"]["ttft_s"]["mean"] - s["off"]["ttft_s"]["mean"] == pytest.approx(extra, rel=0.05)
     assert s["on"]["tpot_s"]["mean"] == pytest.approx(s["off"]["tpot_s"]["mean"], rel=0.02)
+
+
+def test_engine_and_its_options_come_from_a_yaml_config(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("engine: vllm\nmax-num-seqs: 64\nmax_num_batched_tokens: 1024\nlimit: 20\n")
+    out = tmp_path / "o"
+    r = invoke("--config", cfg, "--out", out)
+    assert r.exit_code == 0, r.output
+    sched = json.loads((out / "summary.json").read_text())["replica"]["scheduler"]
+    assert (sched["max_running_requests"], sched["max_prefill_tokens"]) == (64, 1024)
+    assert sched["cuda_graph_max_bs"] == 128  # min(2 x 64, 512, 1024)
