@@ -10,13 +10,15 @@ import pandas as pd
 from hisim_jax import files
 
 LOG_COLUMNS = ("start_s", "kind", "request_ids")
-LOG_KINDS = ("prefill", "decode")
+LOG_KINDS = ("prefill", "decode", "mixed")
+# steps whose request_ids are prompts being prefilled (a mixed step: beside the decodes)
+PREFILL_KINDS = ("prefill", "mixed")
 
 
 def read_step_log(path: str | Path) -> pd.DataFrame:
     """A per-step log in the columns of ``steps.csv`` (at least start_s, kind, request_ids).
 
-    Checked line by line: ``start_s`` a finite number, ``kind`` prefill or decode,
+    Checked line by line: ``start_s`` a finite number, ``kind`` prefill, decode or mixed (vLLM),
     ``request_ids`` space-separated integers >= 0; a log with no steps, or no prefill step
     (nothing to compare), is an error. Whether the ids belong to the workload is checked by
     ``check_request_ids`` once the workload is known."""
@@ -55,7 +57,7 @@ def read_step_log(path: str | Path) -> pd.DataFrame:
                     f"{path}: line {i + 2}: field 'request_ids' must be integers >= 0 "
                     f"separated by spaces, got {tok!r}"
                 )
-    if not (kinds == "prefill").any():
+    if not kinds.isin(PREFILL_KINDS).any():
         raise ProfileError(f"{path}: no prefill step, so no request's scheduling to compare")
     return frame
 
@@ -77,7 +79,7 @@ def first_scheduled(frame: pd.DataFrame) -> dict[int, float]:
     """Request id → start of the first prefill step that contains it."""
     out: dict[int, float] = {}
     for start, kind, ids in zip(frame["start_s"], frame["kind"], frame["request_ids"], strict=True):
-        if kind != "prefill" or not isinstance(ids, str) or not ids.strip():
+        if kind not in PREFILL_KINDS or not isinstance(ids, str) or not ids.strip():
             continue
         for tok in ids.split():
             try:
@@ -149,6 +151,6 @@ def compare_schedules(log: pd.DataFrame, sim: pd.DataFrame, arrivals: dict[int, 
         },
         "order_pairs_agreeing": 1.0 - inv / pairs if pairs else 1.0,
         "same_position": float(np.mean([rank_sim[r] == k for k, r in enumerate(order_log)])),
-        "prefill_steps_log": int((log["kind"] == "prefill").sum()),
-        "prefill_steps_sim": int((sim["kind"] == "prefill").sum()),
+        "prefill_steps_log": int(log["kind"].isin(PREFILL_KINDS).sum()),
+        "prefill_steps_sim": int(sim["kind"].isin(PREFILL_KINDS).sum()),
     }

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_kvcache import BT, RefLRU
 from typer.testing import CliRunner
 
 from hisim_jax.cli import app
@@ -14,6 +13,7 @@ from hisim_jax.serving.kvcache import KVCacheConfig
 from hisim_jax.serving.workload import Request, write_jsonl
 from hisim_jax.serving.workload import Workload as WL
 from hisim_jax.validate.cache import replay_cache
+from tests.serving.test_kvcache import BT, RefLRU
 
 MOONCAKE = (
     Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
@@ -145,3 +145,17 @@ def test_validate_scheduler_on_its_own_log_and_a_perturbed_one(tmp_path):
         app, ["validate", "scheduler", "--log", str(tmp_path / "bad.csv"), "--limit", "5"]
     )
     assert r.exit_code == 2 and "request_ids" in r.stderr
+
+
+def test_a_vllm_step_log_with_mixed_steps_is_read_and_compared(tmp_path):
+    from hisim_jax.validate.scheduler import first_scheduled, read_step_log
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(
+        app, ["simulate", "--engine", "vllm", "--limit", "30", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    log = read_step_log(out / "steps.csv")
+    assert "mixed" in set(log["kind"])
+    # every request's prompt is scheduled in a prefill or a mixed step
+    assert len(first_scheduled(log)) == 30
