@@ -64,8 +64,10 @@ def size_replica(
         free = kv_tokens * per_token
     if free <= per_token:
         raise ValueError(
-            f"{model.name} at tp={tp} needs {weights / 1e9:.1f} GB of weights per GPU; "
-            f"{hardware.name} leaves no room for KV at l1 fraction {l1_fraction}"
+            f"{model.name} at tp={tp} needs {weights / 1e9:.1f} GB of weights per GPU"
+            + (f" and {reserved_bytes / 1e9:.1f} GB of activations" if reserved_bytes else "")
+            + f"; {hardware.name} leaves no room for KV in its {l1_fraction:g} share of HBM "
+            "(SGLang's --l1-fraction, vLLM's --gpu-memory-utilization; or a larger --tp)"
         )
     return ReplicaSizing(
         per_token,
