@@ -97,6 +97,13 @@ class HardwareSpec:
     ssd_write_bytes_per_s: float
     price_usd_per_hour: float
     sources: tuple[tuple[str, str], ...] = ()
+    # what CUDA reports as total memory (cudaMemGetInfo), the figure engines multiply by their
+    # memory fraction; 0: the spec's hbm_bytes
+    hbm_visible_bytes: float = 0.0
+
+    @property
+    def engine_memory_bytes(self) -> float:
+        return self.hbm_visible_bytes or self.hbm_bytes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,6 +301,7 @@ _HW_RANGES = {
     "fp4_flops_per_s": _FLOPS,
     "hbm_bytes_per_s": (1e6, 1e16),
     "hbm_bytes": (1e6, 1e15),
+    "hbm_visible_bytes": (1e6, 1e15),
     "l2_bytes": (1e3, 1e12),
     "interconnect_bytes_per_s": (1e6, 1e15),
     "pcie_bytes_per_s": (1e6, 1e15),
@@ -338,6 +346,14 @@ def hardware_from_dict(doc: dict, path: Path | str = "<hardware>", name: str | N
     sources: dict[str, str] = {}
     for key in ("sm_count", *_HW_FLOAT_FIELDS):
         values[key], sources[key] = _hw_number(doc, path, key)
+    visible = 0.0
+    if "hbm_visible_bytes" in doc:  # optional: CUDA's view of the memory, where measured
+        visible, sources["hbm_visible_bytes"] = _hw_number(doc, path, "hbm_visible_bytes")
+        if visible > 1.1 * values["hbm_bytes"]:
+            raise SpecError(
+                f"{path}: field 'hbm_visible_bytes' exceeds hbm_bytes by more than 10%, got "
+                f"{visible!r}"
+            )
     sm = values["sm_count"]
     if sm != int(sm):
         raise SpecError(f"{path}: field 'sm_count' must be an integer, got {sm!r}")
@@ -362,6 +378,7 @@ def hardware_from_dict(doc: dict, path: Path | str = "<hardware>", name: str | N
         ssd_write_bytes_per_s=values["ssd_write_bytes_per_s"],
         price_usd_per_hour=values["price_usd_per_hour"],
         sources=tuple(sorted(sources.items())),
+        hbm_visible_bytes=visible,
     )
 
 

@@ -257,7 +257,7 @@ def test_h100_fp4_falls_back_to_fp8():
 
 def test_h100_has_a_source_for_each_field():
     sources = dict(load_hardware("h100-sxm").sources)
-    assert set(sources) == set(HW_FIELDS)
+    assert set(sources) == set(HW_FIELDS) | {"hbm_visible_bytes"}  # the one optional it has
     for field, text in sources.items():
         assert isinstance(text, str) and len(text.strip()) > 5, field
 
@@ -588,3 +588,19 @@ def test_specs_module_exports():
     # SpecError is a ValueError so callers that catch ValueError keep working
     assert issubclass(SpecError, ValueError)
     assert specs.available_models() == sorted(specs.available_models())
+
+
+def test_visible_memory_is_optional_and_checked(tmp_path):
+    import yaml
+
+    base = yaml.safe_load((data_dir("hardware_specs") / "h100-sxm.yaml").read_text())
+    h = load_hardware("h100-sxm")
+    assert h.engine_memory_bytes == 85.52e9 and h.hbm_bytes == 80e9
+    del base["hbm_visible_bytes"]
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(base))
+    assert load_hardware(path).engine_memory_bytes == 80e9  # absent: the datasheet figure
+    base["hbm_visible_bytes"] = {"value": 100e9, "source": "typo"}
+    path.write_text(yaml.safe_dump(base))
+    with pytest.raises(SpecError, match="hbm_visible_bytes"):
+        load_hardware(path)

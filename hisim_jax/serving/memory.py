@@ -59,7 +59,8 @@ def size_replica(
     kv_heads = max(1, model.num_kv_heads // tp)
     per_token = 2.0 * model.num_layers * kv_heads * model.head_dim * kv_bytes
     weights = model.weight_params() * weight_bytes_per_param / tp
-    free = hardware.hbm_bytes * l1_fraction - weights - reserved_bytes
+    # the engines multiply the memory CUDA reports (80 GB marketed is 79.65 GiB on an H100)
+    free = hardware.engine_memory_bytes * l1_fraction - weights - reserved_bytes
     if kv_tokens is not None:
         free = kv_tokens * per_token
     if free <= per_token:
