@@ -757,6 +757,9 @@ def simulate(
     max_num_seqs: int = typer.Option(
         None, help="vLLM: running requests cap [1024; 256 below 70 GB or A100]."
     ),
+    max_model_len: int = typer.Option(
+        None, help="Longest prompt + output served (vLLM --max-model-len) [the model's]."
+    ),
     schedule_policy: str = typer.Option(None, help="fcfs or lpm [fcfs]."),
     preemption: str = typer.Option(None, help="recompute or swap [recompute]."),
     prefetch_policy: str = typer.Option(None, help="best_effort, wait_complete or timeout."),

@@ -63,6 +63,7 @@ _RANGES = {
     "kv_cache_tokens": (1, True, None),
     "max_num_batched_tokens": (1, True, None),
     "max_num_seqs": (1, True, None),
+    "max_model_len": (2, True, None),
     "l2_gb": (0, True, 1e6),
     "l3_gb": (0, True, 1e6),
     "l2_gb_s": _LINK_GB_S,
@@ -161,6 +162,8 @@ class SimulationOptions:
     # ... vLLM's (None: its defaults by GPU memory, scheduler.vllm)
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    # longest prompt + output served (vLLM --max-model-len, SGLang --context-length) [model's]
+    max_model_len: int | None = None
     cuda_graph_max_bs: int | None = None  # largest captured batch [SGLang 160, vLLM 2 x seqs]
     step_overhead_ms: float = 0.0
     # SLOs for goodput, and prices
@@ -411,6 +414,20 @@ def scheduler_config(o: SimulationOptions, gpu) -> SchedulerConfig:
     )
 
 
+def max_context(o: SimulationOptions, model) -> int:
+    """The context window served: ``max_model_len`` if given (at most the model's, as both
+    engines refuse a longer one), else the model's ``max_position_embeddings``."""
+    own = model.max_position_embeddings
+    if o.max_model_len is None:
+        return own
+    if own and o.max_model_len > own:
+        raise SpecError(
+            f"options: field 'max_model_len' must be <= {model.name}'s context window {own}, "
+            f"got {o.max_model_len}"
+        )
+    return o.max_model_len
+
+
 def memory_share(o: SimulationOptions, model, tp: int, sched: SchedulerConfig):
     """(share of HBM for weights + KV + reserve, bytes reserved besides the weights) under the
     engine's accounting: SGLang's mem_fraction_static holds weights and KV; vLLM's
@@ -468,6 +485,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
         except ValueError as e:
             raise SpecError(f"options: {e}") from None
         role = "unified" if not o.pd else "prefill" if i < n_prefill else "decode"
+        context = max_context(o, est.model)
         if o.l3_shared_gb > 0 and store is None:
             try:
                 store = KVStore(
@@ -494,7 +512,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                     l3_bytes_per_s=o.l3_gb_s * 1e9 if o.l3_gb_s else None,
                 ),  # fmt: skip
                 num_layers=est.model.num_layers,
-                max_context=est.model.max_position_embeddings,
+                max_context=context,
                 role=role,
                 policy=o.engine,
                 # a disaggregated decode replica receives from the prefill one, not a client

@@ -238,3 +238,15 @@ def test_engine_and_its_options_come_from_a_yaml_config(tmp_path):
     sched = json.loads((out / "summary.json").read_text())["replica"]["scheduler"]
     assert (sched["max_running_requests"], sched["max_prefill_tokens"]) == (64, 1024)
     assert sched["cuda_graph_max_bs"] == 128  # min(2 x 64, 512, 1024)
+
+
+def test_max_model_len_rejects_longer_requests_and_is_capped_by_the_model(tmp_path):
+    out = tmp_path / "o"
+    r = invoke("--max-model-len", 1024, "--limit", 50, "--out", out)
+    assert r.exit_code == 0, r.output
+    req = pd.read_csv(out / "requests.csv")
+    long = req.input_len + req.output_len > 1024
+    assert long.any() and (req.rejected[long].str.contains("context window")).all()
+    assert req.rejected[~long].isna().all()
+    bad = invoke("--max-model-len", 10**7, "--limit", 5, "--out", tmp_path / "b")
+    assert bad.exit_code == 2 and "context window 131072" in bad.output

@@ -1064,6 +1064,7 @@ def options_for(run: BenchmarkRun, base=None, *, explicit: Sequence[str] = ()):
     if d.tp:
         values["tp"] = d.tp
     values["block_tokens"] = run.block_tokens
+    values["max_model_len"] = d.max_model_len
     engine = d.engine if d.engine in ("vllm", "sglang") else None
     if "engine" in have and engine:
         values["engine"] = engine
