@@ -372,7 +372,9 @@ for name, args in (
 ):
     add("numbers", f"simulate:{name}", ["simulate", "--limit", "4", *args, "--out", "o"])
 add("files", "validate-e2e:missing-run", ["validate", "e2e", "nope.json", "--out", "rep"])
-add("files", "validate-e2e:empty-json", ["validate", "e2e", w("bad-run.json", "{}"), "--out", "rep"])
+add(
+    "files", "validate-e2e:empty-json", ["validate", "e2e", w("bad-run.json", "{}"), "--out", "rep"]
+)
 add("files", "validate-e2e:bad-csv", ["validate", "e2e",
     w("bad-run.csv", "arrival_s,input_len,output_len,ttft_ms,e2e_ms\n0,-3,8,10,20\n"),
     "--out", "rep"])  # fmt: skip
