@@ -455,13 +455,16 @@ def calibration_path(hardware_name: str, engine: str | None = None) -> Path:
 
     With ``engine`` ("vllm", "sglang"): that engine's production-kernel calibration of the GPU
     (``<gpu>.<engine>.json``: its kernel tables, plus the engine costs fitted end to end on
-    vLLM's runs) if shipped. Without: the reference step's (``<gpu>.json``), what ``hisim
-    estimate`` and ``validate steps`` compare with the reference profiles."""
+    vLLM's runs) if shipped, else the H100's. Without: the reference step's (``<gpu>.json``),
+    what ``hisim estimate`` and ``validate steps`` compare with the reference profiles."""
     base = data_dir("hardware_specs") / "calibration"
     if engine is not None:
-        own_engine = base / f"{hardware_name}.{engine}.json"
-        if own_engine.is_file():
-            return own_engine
+        # a GPU without the engine's kernel tables takes the H100's production fit: its
+        # efficiencies are fractions of peak, which transfer, unlike an eager reference step
+        for gpu in (hardware_name, DEFAULT_CALIBRATION):
+            own_engine = base / f"{gpu}.{engine}.json"
+            if own_engine.is_file():
+                return own_engine
     own = base / f"{hardware_name}.json"
     return own if own.is_file() else base / f"{DEFAULT_CALIBRATION}.json"
 

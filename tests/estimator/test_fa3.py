@@ -93,3 +93,11 @@ def test_calibration_names_its_attention_model():
         ).backend.name
         == "fa3"
     )
+
+
+def test_a_gpu_without_engine_tables_takes_the_h100_production_fit():
+    from hisim_jax.estimator.roofline import calibration_path
+
+    assert calibration_path("rtx-4090", "vllm").name == "h100-sxm.vllm.json"
+    assert calibration_path("b200", "sglang").name == "b200.sglang.json"
+    assert calibration_path("rtx-4090").name == "h100-sxm.json"  # estimate's reference default
