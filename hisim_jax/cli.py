@@ -141,6 +141,15 @@ def _check_options(**ranges) -> None:
             raise ValueError(f"options: {why}")
 
 
+def _engine_calibrations(hardware: list[str], engine: str) -> dict[str, str]:
+    """GPU name -> its production-kernel calibration for ``engine`` (``--engine``)."""
+    from hisim_jax.estimator.roofline import calibration_path
+    from hisim_jax.specs import load_hardware
+
+    names = [load_hardware(h).name for h in hardware]
+    return {n: str(calibration_path(n, engine)) for n in names}
+
+
 def _estimator(kind: str, *args, **kwargs):
     """The estimator backend ``kind``; a combination of options the model refuses (tp, dtypes)
     names options."""
@@ -236,7 +245,10 @@ def estimate(
         None, help="GEMM input precision (default: fp8 with fp8/fp4 weights, i.e. W8A8; else bf16)."
     ),
     calibration: Path = typer.Option(
-        None, help="Calibration JSON (default: the shipped H100 fit)."
+        None, help="Calibration JSON [the reference-step fit; with --engine, each GPU's]."
+    ),
+    engine: str = typer.Option(
+        None, help="sglang or vllm: each GPU's production-kernel calibration for that engine."
     ),
     breakdown: bool = typer.Option(False, help="Add a per-operator table."),
     fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
@@ -251,10 +263,18 @@ def estimate(
     backend = _estimator_options(estimator, estimator_table, extrapolate)
     if calibration is not None and estimator != "roofline":
         raise ValueError("options: --calibration goes with --estimator roofline")
+    if engine is not None:
+        if engine not in ("sglang", "vllm"):
+            raise ValueError(f"options: field 'engine' must be one of sglang, vllm, got {engine!r}")
+        if calibration is not None or estimator != "roofline":
+            raise ValueError("options: --engine picks the roofline's calibration: not with "
+                             "--calibration or another --estimator")  # fmt: skip
     if calibration is not None:  # a bad file fails before a CSV of batches is read
         from hisim_jax.estimator.roofline import load_calibration
 
         load_calibration(calibration)
+    if engine is not None:
+        calibration = _engine_calibrations(hardware, engine)
     if batches is not None:
         if batch is not None:
             raise ValueError("give either --batch or --batches, not both")
@@ -267,16 +287,26 @@ def estimate(
     if out is not None:
         raise ValueError("--out goes with --batches")
     parsed = parse_batch(batch or DEFAULT_BATCH, where="--batch")
-    if estimator == "roofline":
-        backend = {"calibration": calibration, "act_dtype": act_dtype}
-    elif estimator == "aiconfigurator":
-        backend = {"act_dtype": act_dtype}
-    est = _estimator(estimator, model, hardware, tp, weight_dtype, kv_dtype, **backend)
-    lat = est.step_latency_s([parsed]).reshape(1, -1)[0]
-    parts = [est.breakdown_s(parsed, i) for i in range(len(hardware))] if breakdown else None
+    if isinstance(calibration, dict):  # --engine: one estimator per GPU, each on its own fit
+        ests = [
+            _estimator(estimator, model, [hw], tp, weight_dtype, kv_dtype,
+                       calibration=cal, act_dtype=act_dtype)
+            for hw, cal in calibration.items()
+        ]  # fmt: skip
+    else:
+        if estimator == "roofline":
+            backend = {"calibration": calibration, "act_dtype": act_dtype}
+        elif estimator == "aiconfigurator":
+            backend = {"act_dtype": act_dtype}
+        ests = [_estimator(estimator, model, hardware, tp, weight_dtype, kv_dtype, **backend)]
+    lat = [v for e in ests for v in e.step_latency_s([parsed]).reshape(1, -1)[0]]
+    est = ests[0]
+    per_gpu = [(e, i) for e in ests for i in range(len(e.hardware))]
+    parts = [e.breakdown_s(parsed, i) for e, i in per_gpu] if breakdown else None
+    est_hardware = [e.hardware[i] for e, i in per_gpu]
     rows = [
         {"model": est.model.name, "hardware": hw.name, "tp": tp, "predicted_ms": float(v) * 1e3}
-        for hw, v in zip(est.hardware, lat, strict=True)
+        for hw, v in zip(est_hardware, lat, strict=True)
     ]
     if fmt == Format.json:
         if parts:
@@ -289,7 +319,7 @@ def estimate(
             typer.echo(f"{r['model']},{r['hardware']},{r['tp']},{r['predicted_ms']:.6g}")
         if parts:
             typer.echo("hardware,op,ms")
-            for hw, p in zip(est.hardware, parts, strict=True):
+            for hw, p in zip(est_hardware, parts, strict=True):
                 for k, v in p.items():
                     typer.echo(f"{hw.name},{k},{v * 1e3:.6g}")
     else:
@@ -299,7 +329,7 @@ def estimate(
             [[r["hardware"], r["tp"], r["predicted_ms"]] for r in rows],
         )
         if parts:
-            for hw, p in zip(est.hardware, parts, strict=True):
+            for hw, p in zip(est_hardware, parts, strict=True):
                 total = sum(p.values())
                 _table(
                     f"breakdown on {hw.name}",
@@ -316,7 +346,11 @@ def _estimate_csv(
 
     from hisim_jax.estimator.backends import predict_rows
     from hisim_jax.estimator.calibrate import predict_steps_s, read_steps
-    from hisim_jax.estimator.roofline import load_calibration
+    from hisim_jax.estimator.roofline import (
+        ATTENTION_BACKENDS,
+        calibration_attention,
+        load_calibration,
+    )
     from hisim_jax.specs import load_hardware
 
     rows = read_steps(
@@ -330,8 +364,10 @@ def _estimate_csv(
             f = rows.frame.copy()
             f["hardware"] = hw.name
             if estimator == "roofline":
-                params = load_calibration(calibration, hw.name)
-                f["predicted_ms"] = predict_steps_s(params, rows, hw) * 1e3
+                cal = calibration.get(hw.name) if isinstance(calibration, dict) else calibration
+                params = load_calibration(cal, hw.name)
+                be = ATTENTION_BACKENDS[calibration_attention(cal, hw.name)]
+                f["predicted_ms"] = predict_steps_s(params, rows, hw, be=be) * 1e3
             else:
                 extra = {"act_dtype": act_dtype} if estimator == "aiconfigurator" else {}
                 pred_s = predict_rows(
@@ -447,7 +483,7 @@ def validate_steps_cmd(
     extrapolate: bool = typer.Option(False, help=EXTRAPOLATE_HELP),
 ):
     """Step-latency error against measurements: MAPE overall, per model and per kind."""
-    from hisim_jax.estimator.roofline import load_calibration
+    from hisim_jax.estimator.roofline import calibration_attention, load_calibration
     from hisim_jax.plots import predicted_vs_measured
     from hisim_jax.specs import load_hardware
     from hisim_jax.validate.steps import validate_steps
@@ -463,7 +499,9 @@ def validate_steps_cmd(
     profile = profile or (_default_profiles() / "steps.csv")
     if estimator == "roofline":
         params = load_calibration(calibration, hw.name)
-        result = validate_steps(profile, hw, params, tp=tp)
+        result = validate_steps(
+            profile, hw, params, tp=tp, attention=calibration_attention(calibration, hw.name)
+        )
     else:
         result = _validate_steps_backend(profile, hw, tp, estimator, backend)
     f = result.frame

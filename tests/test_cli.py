@@ -412,3 +412,18 @@ def test_calibrate_from_aiconfigurator_writes_a_loadable_calibration(tmp_path):
     bad = runner.invoke(app, ["calibrate", "--source", "aiconfigurator", "--system", "h999",
                               "--backend", "vllm", "--out", str(tmp_path / "x.json")])  # fmt: skip
     assert bad.exit_code == 2 and "choose from" in bad.output and not (tmp_path / "x.json").exists()
+
+
+def test_estimate_with_engine_uses_each_gpus_production_calibration(tmp_path):
+    from hisim_jax.estimator.roofline import Estimator, calibration_path
+
+    r = runner.invoke(app, ["estimate", "--engine", "vllm", "-H", "h100-sxm", "-H", "b200",
+                            "--batch", "[[700, 1], [0, 256]]", "--format", "json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = {row["hardware"]: row["predicted_ms"] for row in json.loads(r.stdout)}
+    for hw in ("h100-sxm", "b200"):
+        est = Estimator("llama-3.1-8b", hw, calibration=calibration_path(hw, "vllm"))
+        want = float(est.step_latency_s([[(700, 1), (0, 256)]])[0]) * 1e3
+        assert got[hw] == pytest.approx(want, rel=1e-9)
+    bad = runner.invoke(app, ["estimate", "--engine", "vllm", "--calibration", "x.json"])
+    assert bad.exit_code == 2 and "--engine" in bad.output

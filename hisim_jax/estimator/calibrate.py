@@ -159,9 +159,10 @@ def subset(rows: StepRows, index) -> StepRows:
 
 
 def predict_steps_s(
-    params: Params, rows: StepRows, hw: HardwareSpec, chunk: int = 512
+    params: Params, rows: StepRows, hw: HardwareSpec, chunk: int = 512, be=attn.FA2
 ) -> np.ndarray:
-    """Predicted seconds for every row of a steps table, in chunks to bound memory."""
+    """Predicted seconds for every row of a steps table, in chunks to bound memory, through
+    the attention grid ``be`` (the calibration's ``attention_model``)."""
     hwa = ops.hw_arrays(hw)
     p = as_float_params(params)
     out = []
@@ -170,7 +171,7 @@ def predict_steps_s(
         sl = slice(start, min(n, start + chunk))
         d = jax.tree.map(lambda x, sl=sl: x[sl], rows.dims)
         b = jax.tree.map(lambda x, sl=sl: x[sl], rows.batches)
-        out.append(np.asarray(step_seconds_rows(p, d, b, hwa)))
+        out.append(np.asarray(step_seconds_rows(p, d, b, hwa, be)))
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -25,11 +25,15 @@ def validate_steps(
     tp: int = 1,
     weight_dtype: str = "bf16",
     kv_dtype: str = "bf16",
+    attention: str = "fa2",
 ) -> StepValidation:
+    """Predicted vs measured step times; ``attention``: the calibration's attention model."""
+    from hisim_jax.estimator.roofline import ATTENTION_BACKENDS
+
     rows = read_steps(
         profile, require_time=True, tp=tp, weight_dtype=weight_dtype, kv_dtype=kv_dtype
     )
-    pred_s = predict_steps_s(params, rows, hw)
+    pred_s = predict_steps_s(params, rows, hw, be=ATTENTION_BACKENDS[attention])
     frame = rows.frame.copy()
     frame["predicted_ms"] = pred_s * 1e3
     frame["measured_ms"] = rows.measured_s * 1e3
