@@ -111,7 +111,9 @@ def watch_decodes(eng):
         eng._sync_running()
         for s in eng.running:
             assert all(n.tiers[L1] and n.pins > 0 for n in s.path)
-            held = sum(n.tokens for n in s.path) + s.private
+            # in pages: a prompt block's last page is charged whole, and after a recompute it
+            # also holds the first regenerated tokens (their private pages start after it)
+            held = sum(n.pages for n in s.path) + s.private
             assert held >= s.req.input_len + s.generated - 1, (s.req.request_id, held)
             assert s.ready_s <= now + 1e-12, (s.req.request_id, s.ready_s, now)
         seen.append(len(eng.running))
