@@ -72,6 +72,7 @@ configs = st.fixed_dictionaries(
         "sessions": st.integers(3, 16),
         "rate": st.sampled_from([2.0, 20.0]),
         "seed": st.integers(0, 2**16),
+        "engine": st.sampled_from(["sglang", "vllm"]),
     }
 )
 
@@ -84,11 +85,13 @@ def build(cfg: dict):
     if cfg["write_policy"] == "write_back" and (l3 or cfg["shared"]) and not l2:
         l2 = 2_000
     store = KVStore(KVStoreConfig(cfg["shared"], 5e9, 5e9)) if cfg["shared"] else None
+    vllm = cfg["engine"] == "vllm"  # vLLM: FCFS and recompute only; its budget is the chunk
     sched = SchedulerConfig(
         chunked_prefill_size=cfg["chunk"],
+        max_prefill_tokens=cfg["chunk"] if vllm else 16384,
         max_running_requests=cfg["max_running"],
-        schedule_policy=cfg["schedule"],
-        preemption=cfg["preemption"],
+        schedule_policy="fcfs" if vllm else cfg["schedule"],
+        preemption="recompute" if vllm else cfg["preemption"],
         prefetch_policy=cfg["prefetch"],
     )
     cache = KVCacheConfig(
@@ -102,7 +105,9 @@ def build(cfg: dict):
 
     def replica(role):
         eng = Engine(
-            EngineConfig(sched, cache, num_layers=32, max_context=32768, role=role),
+            EngineConfig(
+                sched, cache, num_layers=32, max_context=32768, role=role, policy=cfg["engine"]
+            ),
             FakeCost(),
             store if role != "decode" else None,
         )
