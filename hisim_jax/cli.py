@@ -767,7 +767,10 @@ def simulate(
         None, help="Seed of the synthetic workload, ShareGPT arrivals, random routing [0]."
     ),
     l1_fraction: float = typer.Option(
-        None, help="SGLang: HBM share for weights + KV (mem_fraction_static) [0.88]."
+        None,
+        "--l1-fraction",
+        "--mem-fraction-static",
+        help="SGLang: HBM share for weights + KV (its --mem-fraction-static) [0.88].",
     ),
     gpu_memory_utilization: float = typer.Option(
         None, help="vLLM: HBM share for weights, activations + KV [0.9]."

@@ -250,3 +250,13 @@ def test_max_model_len_rejects_longer_requests_and_is_capped_by_the_model(tmp_pa
     assert req.rejected[~long].isna().all()
     bad = invoke("--max-model-len", 10**7, "--limit", 5, "--out", tmp_path / "b")
     assert bad.exit_code == 2 and "context window 131072" in bad.output
+
+
+def test_mem_fraction_static_is_sglangs_name_for_l1_fraction(tmp_path):
+    out = {}
+    for flag in ("--l1-fraction", "--mem-fraction-static"):
+        d = tmp_path / flag.strip("-")
+        r = invoke(flag, 0.8, "--limit", 5, "--out", d)
+        assert r.exit_code == 0, r.output
+        out[flag] = json.loads((d / "summary.json").read_text())["replica"]["l1_tokens"]
+    assert out["--l1-fraction"] == out["--mem-fraction-static"]
