@@ -346,11 +346,7 @@ def _estimate_csv(
 
     from hisim_jax.estimator.backends import predict_rows
     from hisim_jax.estimator.calibrate import predict_steps_s, read_steps
-    from hisim_jax.estimator.roofline import (
-        ATTENTION_BACKENDS,
-        calibration_attention,
-        load_calibration,
-    )
+    from hisim_jax.estimator.roofline import ATTENTION_BACKENDS, read_calibration
     from hisim_jax.specs import load_hardware
 
     rows = read_steps(
@@ -365,8 +361,8 @@ def _estimate_csv(
             f["hardware"] = hw.name
             if estimator == "roofline":
                 cal = calibration.get(hw.name) if isinstance(calibration, dict) else calibration
-                params = load_calibration(cal, hw.name)
-                be = ATTENTION_BACKENDS[calibration_attention(cal, hw.name)]
+                params, attention = read_calibration(cal, hw.name)
+                be = ATTENTION_BACKENDS[attention]
                 f["predicted_ms"] = predict_steps_s(params, rows, hw, be=be) * 1e3
             else:
                 extra = {"act_dtype": act_dtype} if estimator == "aiconfigurator" else {}
@@ -483,7 +479,7 @@ def validate_steps_cmd(
     extrapolate: bool = typer.Option(False, help=EXTRAPOLATE_HELP),
 ):
     """Step-latency error against measurements: MAPE overall, per model and per kind."""
-    from hisim_jax.estimator.roofline import calibration_attention, load_calibration
+    from hisim_jax.estimator.roofline import read_calibration
     from hisim_jax.plots import predicted_vs_measured
     from hisim_jax.specs import load_hardware
     from hisim_jax.validate.steps import validate_steps
@@ -498,10 +494,8 @@ def validate_steps_cmd(
     hw = load_hardware(hardware)
     profile = profile or (_default_profiles() / "steps.csv")
     if estimator == "roofline":
-        params = load_calibration(calibration, hw.name)
-        result = validate_steps(
-            profile, hw, params, tp=tp, attention=calibration_attention(calibration, hw.name)
-        )
+        params, attention = read_calibration(calibration, hw.name)
+        result = validate_steps(profile, hw, params, tp=tp, attention=attention)
     else:
         result = _validate_steps_backend(profile, hw, tp, estimator, backend)
     f = result.frame

@@ -17,7 +17,7 @@ from pathlib import Path
 from hisim_jax import files
 from hisim_jax.estimator.backends import BACKENDS, make_estimator
 from hisim_jax.estimator.ops import DTYPE_BYTES
-from hisim_jax.estimator.roofline import Estimator, calibration_path
+from hisim_jax.estimator.roofline import Estimator
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.cluster import Cluster, KVLink, Replica
 from hisim_jax.serving.engine import Engine, EngineConfig, StepCost
@@ -41,7 +41,7 @@ from hisim_jax.serving.metrics import (
 from hisim_jax.serving.router import Router, RouterConfig
 from hisim_jax.serving.scheduler.base import SchedulerConfig
 from hisim_jax.serving.scheduler.vllm import VLLM_BLOCK_SIZE, vllm_defaults, vllm_max_capture_size
-from hisim_jax.specs import SpecError, load_hardware
+from hisim_jax.specs import SpecError
 
 # Numeric options and the range each must lie in: (lowest, whether lowest itself is allowed,
 # highest or None). Checked up front so a bad value is named with its field, not found deep in a
@@ -457,16 +457,14 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     for i, (hw, tp) in enumerate(fleet):
         est = estimators.get((hw, tp))
         if est is None:
-            calibration = o.calibration
-            if calibration is None and o.estimator == "roofline":
-                calibration = str(calibration_path(load_hardware(hw).name, o.engine))
             try:
-                if o.estimator == "roofline":
-                    est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, calibration)
+                if o.estimator == "roofline":  # without a calibration: the engine's for the GPU
+                    est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration,
+                                    engine=o.engine)  # fmt: skip
                 else:
                     est = make_estimator(
                         o.estimator, o.model, hw, tp, o.weight_dtype, o.kv_dtype,
-                        calibration=calibration, table=o.estimator_table,
+                        calibration=o.calibration, table=o.estimator_table,
                         extrapolate=o.extrapolate, engine=o.engine,
                     )  # fmt: skip
             except SpecError:

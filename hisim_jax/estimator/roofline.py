@@ -433,23 +433,6 @@ def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, 
 ATTENTION_BACKENDS = {b.name: b for b in (attn.FA2, fa3.FA3, flashinfer.FLASHINFER)}
 
 
-def calibration_attention(calibration, hardware_name: str = DEFAULT_CALIBRATION) -> str:
-    """The attention kernel a calibration was fitted with: its ``attention_model`` (or an
-    attention name in ``backend``, as older files have it); fa2 otherwise."""
-    if isinstance(calibration, Params):
-        return "fa2"
-    p = Path(calibration) if calibration is not None else calibration_path(hardware_name)
-    if not p.is_file():
-        return "fa2"
-    doc = files.read_json(p, "calibration (JSON)", SpecError)
-    if not isinstance(doc, dict):
-        return "fa2"
-    for key in ("attention_model", "backend"):
-        if doc.get(key) in ATTENTION_BACKENDS:
-            return doc[key]
-    return "fa2"
-
-
 def calibration_path(hardware_name: str, engine: str | None = None) -> Path:
     """The GPU's own calibration if shipped, else the H100 one (the default for every GPU).
 
@@ -476,12 +459,24 @@ PARAM_RANGE = (1e-12, 1e4)
 
 
 def load_calibration(path: str | Path | None = None, hardware_name: str = DEFAULT_CALIBRATION):
-    """Params from a calibration JSON (``{"params": {...}}``); defaults if none is shipped.
-    The file is read strictly (no key given twice, no NaN/Infinity) and every parameter must
-    be a known name with a value within ``PARAM_RANGE``: one-line ``SpecError`` otherwise."""
-    p = Path(path) if path is not None else calibration_path(hardware_name)
+    """Params from a calibration JSON (``{"params": {...}}``); see ``read_calibration``."""
+    return read_calibration(path, hardware_name)[0]
+
+
+def read_calibration(
+    path: str | Path | None = None,
+    hardware_name: str = DEFAULT_CALIBRATION,
+    engine: str | None = None,
+) -> tuple[Params, str]:
+    """(Params, attention model) of a calibration JSON (``{"params": {...}}``), or of the GPU's
+    default one (``calibration_path``; Params' defaults and fa2 if none is shipped), read once.
+    The attention model is the file's ``attention_model`` (or an attention name in ``backend``,
+    as older files have it), else fa2. The file is read strictly (no key given twice, no
+    NaN/Infinity) and every parameter must be a known name with a value within
+    ``PARAM_RANGE``: one-line ``SpecError`` otherwise."""
+    p = Path(path) if path is not None else calibration_path(hardware_name, engine)
     if path is None and not p.is_file():
-        return Params()
+        return Params(), "fa2"
     doc = files.read_json(p, "calibration (JSON)", SpecError)
     values = doc.get("params") if isinstance(doc, dict) else None
     if not isinstance(values, dict):
@@ -494,7 +489,11 @@ def load_calibration(path: str | Path | None = None, hardware_name: str = DEFAUL
             raise SpecError(f"{p}: field 'params.{k}' must be a number, got {v!r}")
         if not lo <= v <= hi:
             raise SpecError(f"{p}: field 'params.{k}' must be between {lo:g} and {hi:g}, got {v!r}")
-    return params_from_dict(values)
+    attention = next(
+        (doc[k] for k in ("attention_model", "backend") if doc.get(k) in ATTENTION_BACKENDS),
+        "fa2",
+    )
+    return params_from_dict(values), attention
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,6 +560,7 @@ class Estimator:
         calibration: str | Path | Params | None = None,
         backend: str | None = None,
         act_dtype: str | None = None,
+        engine: str | None = None,
     ):
         compile_cache.enable()  # before the first compile of this process (see compile_cache)
         self.model = model if isinstance(model, ModelSpec) else load_model(model)
@@ -568,8 +568,12 @@ class Estimator:
         if not hw_list:
             raise ValueError("at least one hardware spec is needed")
         self.hardware = [h if isinstance(h, HardwareSpec) else load_hardware(h) for h in hw_list]
-        if backend is None:
-            backend = calibration_attention(calibration, self.hardware[0].name)
+        if isinstance(calibration, Params):
+            params, attention = calibration, "fa2"
+        else:  # ``engine``: its production-kernel calibration when none is given
+            params, attention = read_calibration(calibration, self.hardware[0].name, engine)
+        self.params = as_float_params(params)
+        backend = backend or attention
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention backend {backend!r} unknown (choose from {', '.join(ATTENTION_BACKENDS)})"
@@ -585,10 +589,6 @@ class Estimator:
         )
         if self.backend.name in ("fa3", "flashinfer"):
             self._decode_attention = "any"  # one grid for every batch: nothing to prune
-        if isinstance(calibration, Params):
-            self.params = as_float_params(calibration)
-        else:
-            self.params = as_float_params(load_calibration(calibration, self.hardware[0].name))
         self.hws = ops.stack([ops.hw_arrays(h) for h in self.hardware])
         leaves, self._treedef = jax.tree.flatten((self.params, self.dims, self.hws))
         self._shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)

@@ -83,10 +83,11 @@ def test_decode_rows_in_a_mixed_batch_cost_about_what_they_cost_alone():
 
 
 def test_calibration_names_its_attention_model():
-    from hisim_jax.estimator.roofline import calibration_attention, calibration_path
+    from hisim_jax.estimator.roofline import calibration_path, read_calibration
 
-    assert calibration_attention(None, "h100-sxm") == "fa2"  # the FA2 reference profiles
-    assert calibration_attention(calibration_path("h100-sxm", "vllm")) == "fa3"
+    assert read_calibration(None, "h100-sxm")[1] == "fa2"  # the FA2 reference profiles
+    assert read_calibration(calibration_path("h100-sxm", "vllm"))[1] == "fa3"
+    assert read_calibration(None, "h100-sxm", "vllm")[1] == "fa3"  # the engine's default
     assert (
         Estimator(
             "llama-3.2-1b", "h100-sxm", calibration=calibration_path("h100-sxm", "vllm")
