@@ -203,7 +203,7 @@ class Engine:
         self.handoffs: list[ReqState] = []  # prefill role: prompts done, KV to send on
         self.received: deque[ReqState] = deque()  # decode role: KV arrived, not yet admitted
         self._prefill_only = cfg.role == "prefill"
-        self._async = getattr(self.policy, "async_scheduling", False)
+        self._async = self.policy.async_scheduling
         # decode steps costed but not yet run, keyed by (batch version, tick) (_decode_stretch)
         self._spare: tuple | None = None
         self._batch_version = 0  # bumped whenever a request joins or leaves the running batch
@@ -458,18 +458,18 @@ class Engine:
             self._preempt(now)
             return now
         active = active[:k]
-        # decode batches replay the smallest captured CUDA graph that fits them
-        pad_of = self._graph_pad
-        padded = (
-            pad_of[active]
-            if active[0] < len(pad_of)
-            else graph_padded_size(active, self.graph_sizes)
-        )
         spare = self._spare
         if spare is not None and spare[0] == (self._batch_version, tick) and len(spare[1]) >= k:
             # the same batch at the same step: the previous call costed these steps already
             dur = spare[1][:k]
         else:
+            # decode batches replay the smallest captured CUDA graph that fits them
+            pad_of = self._graph_pad
+            padded = (
+                pad_of[active]
+                if active[0] < len(pad_of)
+                else graph_padded_size(active, self.graph_sizes)
+            )
             ctx = ctx0 + tick
             # graph replay computes the padded slots too (as one-token dummies)
             dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
