@@ -58,6 +58,23 @@ def _ceil_div(a, b, xp):
     return xp.ceil(a * (1.0 / b))
 
 
+def causal_tiles(c, m_blocks, q_per_block, last, bn, xp):
+    """Key tiles a request's M m-blocks iterate in all under the bottom-right causal mask, each
+    m-block holding ``q_per_block`` query positions: m-block i sees
+    min(c + n, c + (i+1) q_per_block) keys, so the total is
+    (q_per_block/BN) M(M-1)/2 + (M-1) ceil(c/BN) + ``last`` (= ceil((c+n)/BN)), factored. Every
+    kernel here shares it: FA2 with q_per_block = BM, FA3 and FlashInfer with their packed
+    rows per query position."""
+    return (m_blocks - 1.0) * ((0.5 * q_per_block / bn) * m_blocks + _ceil_div(c, bn, xp)) + last
+
+
+def causal_keys(c, n, m_blocks, q_per_block, xp):
+    """Keys those m-blocks read in all (columns past a request's last key are not loaded):
+    M c + q_per_block M(M-1)/2 + n; zero for a request without blocks."""
+    keys = m_blocks * c + 0.5 * q_per_block * m_blocks * (m_blocks - 1.0) + n
+    return xp.where(m_blocks > 0, keys, 0.0)
+
+
 def request_tiles(cache_len, new_len, mask, window, be: AttentionBackend, xp):
     """Per-request tile counts ``[R]`` (zero for padding), for both kernels.
 
@@ -76,8 +93,8 @@ def request_tiles(cache_len, new_len, mask, window, be: AttentionBackend, xp):
     bm, bn = float(be.block_m), float(be.block_n)
     m_blocks = _ceil_div(n, bm, xp)
     last = _ceil_div(c + n, bn, xp)
-    # (BM/BN) M(M-1)/2 + (M-1) ceil(c/BN) + last, factored; zero for padding (M = 0, c = 0)
-    tiles = (m_blocks - 1.0) * ((0.5 * bm / bn) * m_blocks + _ceil_div(c, bn, xp)) + last
+    # zero for padding (M = 0, c = 0)
+    tiles = causal_tiles(c, m_blocks, bm, last, bn, xp)
     # A decode's n is 1: it sees its c cached keys and itself, c + n keys, so its standard-kernel
     # tile count is ``last``; the split-KV kernel uses wider key tiles.
     return dict(

@@ -20,7 +20,12 @@ are blocks of the same grid, not a separate kernel.
 
 from __future__ import annotations
 
-from hisim_jax.estimator.attention.fa2 import AttentionBackend, _ceil_div
+from hisim_jax.estimator.attention.fa2 import (
+    AttentionBackend,
+    _ceil_div,
+    causal_keys,
+    causal_tiles,
+)
 
 FA3 = AttentionBackend(
     name="fa3",
@@ -50,16 +55,11 @@ def features(cache_len, new_len, mask, q_heads, kv_heads, window, xp, be=FA3):
     max_rows = xp.max(rows)
     bm = xp.where(max_rows <= ONE_WG_ROWS, float(ONE_WG_ROWS), float(be.block_m))
     m_blocks = xp.ceil(rows / bm)
-    # an m-block holds bm / groups query positions; block i sees c + min(n, (i+1) bm/groups)
-    # keys (bottom-right causal), summed in closed form as fa2.request_tiles does
+    # an m-block holds bm / groups query positions (fa2.causal_tiles, causal_keys)
     q_per_block = bm / groups
     last = _ceil_div(c + n, bn, xp)
-    tiles = (m_blocks - 1.0) * ((0.5 * q_per_block / bn) * m_blocks + _ceil_div(c, bn, xp)) + last
-    tiles = xp.where(m_blocks > 0, tiles, 0.0)
-    # keys actually read: block i reads the c + min(n, (i+1) bm/groups) keys it sees (its last
-    # tile's columns past the end are masked, not loaded)
-    keys = m_blocks * c + 0.5 * q_per_block * m_blocks * (m_blocks - 1.0) + n
-    keys = xp.where(m_blocks > 0, keys, 0.0)
+    tiles = xp.where(m_blocks > 0, causal_tiles(c, m_blocks, q_per_block, last, bn, xp), 0.0)
+    keys = causal_keys(c, n, m_blocks, q_per_block, xp)
     sums = xp.sum(xp.stack([tiles, m_blocks, keys]), axis=-1)
     return dict(
         fa3_work=kv_heads * sums[0] * bn,

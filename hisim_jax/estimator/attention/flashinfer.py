@@ -22,7 +22,12 @@ tests.
 
 from __future__ import annotations
 
-from hisim_jax.estimator.attention.fa2 import AttentionBackend, _ceil_div
+from hisim_jax.estimator.attention.fa2 import (
+    AttentionBackend,
+    _ceil_div,
+    causal_keys,
+    causal_tiles,
+)
 
 FLASHINFER = AttentionBackend(
     name="flashinfer",
@@ -65,10 +70,9 @@ def features(cache_len, new_len, mask, q_heads, kv_heads, window, xp, be=FLASHIN
     q_per_block = tile / groups
     keys_seen = c + n  # the KV axis the request's blocks walk (its last block sees all of it)
     bn = float(be.block_n)
-    tiles = (m_blocks - 1.0) * ((0.5 * q_per_block / bn) * m_blocks + _ceil_div(c, bn, xp))
-    tiles = xp.where(m_blocks > 0, tiles + _ceil_div(keys_seen, bn, xp), 0.0)
-    keys = m_blocks * c + 0.5 * q_per_block * m_blocks * (m_blocks - 1.0) + n
-    keys = xp.where(m_blocks > 0, keys, 0.0)
+    last = _ceil_div(keys_seen, bn, xp)
+    tiles = xp.where(m_blocks > 0, causal_tiles(c, m_blocks, q_per_block, last, bn, xp), 0.0)
+    keys = causal_keys(c, n, m_blocks, q_per_block, xp)
     sums = xp.sum(xp.stack([tiles, keys, m_blocks, keys_seen * mask]), axis=-1)
     return dict(
         fi_work=kv_heads * sums[0] * bn,
