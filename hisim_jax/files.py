@@ -90,22 +90,27 @@ def read_text(
 # strict JSON and YAML
 
 
-def _finite(key: Any, value: Any, where: str, error: type[ValueError]) -> None:
+def _finite(key: Any, value: Any, where: str, error: type[ValueError], inf_ok=()) -> None:
     if isinstance(value, float) and not math.isfinite(value):
+        if key in inf_ok and value == math.inf:
+            return
         raise error(f"{where}field '{key}' must be a finite number, got {value!r}")
 
 
-def loads_json(text: str, path: str | Path, error: type[ValueError] = FileError) -> Any:
-    """A JSON document; duplicate keys and non-finite numbers are errors naming the field."""
+def loads_json(
+    text: str, path: str | Path, error: type[ValueError] = FileError, inf_ok: tuple = ()
+) -> Any:
+    """A JSON document; duplicate keys and non-finite numbers are errors naming the field
+    (``Infinity`` is allowed in the fields ``inf_ok`` names)."""
 
     def pairs(items: list[tuple[str, Any]]) -> dict:
         out: dict = {}
         for k, v in items:
             if k in out:
                 raise error(f"{path}: field '{k}' is given twice")
-            _finite(k, v, f"{path}: ", error)
+            _finite(k, v, f"{path}: ", error, inf_ok)
             for x in v if isinstance(v, list) else ():
-                _finite(k, x, f"{path}: ", error)
+                _finite(k, x, f"{path}: ", error, inf_ok)
             out[k] = v
         return out
 

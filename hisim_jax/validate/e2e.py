@@ -312,32 +312,6 @@ def _list(doc: Mapping, key: str, where: str, n: int | None = None) -> list:
     return v
 
 
-def _json_rate_inf_ok(text: str, where: str) -> Any:
-    """JSON read strictly (a key given twice is an error) except that ``Infinity`` is allowed
-    as a request rate: SGLang's bench_serving writes ``"request_rate": Infinity`` for
-    ``--request-rate inf``. Any other non-finite number is an error naming its field."""
-
-    def pairs(items):
-        out: dict = {}
-        for k, v in items:
-            if k in out:
-                raise E2EError(f"{where}: field '{k}' is given twice")
-            vals = v if isinstance(v, list) else [v]
-            for x in vals:
-                if isinstance(x, float) and not math.isfinite(x):
-                    if not (k == "request_rate" and x == math.inf):
-                        raise E2EError(f"{where}: field '{k}' must be a finite number, got {x!r}")
-            out[k] = v
-        return out
-
-    try:
-        return json.loads(text, object_pairs_hook=pairs)
-    except json.JSONDecodeError as e:
-        raise E2EError(f"{where}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except RecursionError:
-        raise E2EError(f"{where}: invalid JSON (nested too deeply)") from None
-
-
 def model_stem(model_id: str | None, models_dir: Path | None = None) -> str | None:
     """The ``models/`` stem of a Hugging Face id: a config whose ``_name_or_path`` names it,
     else ``HF_MODEL_STEMS``, else a stem equal to the id's last part (lower-cased); None if
@@ -834,7 +808,8 @@ def read_sglang_bench(path: str | Path, seed: int = 0) -> BenchmarkRun:
         if not line.strip():
             continue
         where = f"{p}: line {lineno}"
-        doc = _json_rate_inf_ok(line, where)
+        # SGLang's bench_serving writes "request_rate": Infinity for --request-rate inf
+        doc = files.loads_json(line, where, E2EError, inf_ok=("request_rate",))
         if not isinstance(doc, dict):
             raise E2EError(f"{where}: expected a JSON object, got {type(doc).__name__}")
         k = len(stages)
