@@ -430,3 +430,15 @@ def test_cli_validate_e2e_replays_a_fixture_and_writes_the_report(tmp_path):
     assert {"e2e.csv", "summary.json"} <= {p.name for p in out.iterdir()}
     bad = CliRunner().invoke(app, ["validate", "e2e", str(tmp_path / "missing.json")])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+
+def test_sglang_jsonl_allows_infinity_only_as_the_request_rate(tmp_path):
+    line = (FIX / "sglang-bench.jsonl").read_text().splitlines()[1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(line.replace('"duration": 0.1', '"duration": Infinity') + "\n")
+    with pytest.raises(E2EError, match=r"line 1: field 'duration' must be a finite number"):
+        e2e.read_run(bad, "sglang-bench")
+    neg = tmp_path / "neg.jsonl"
+    neg.write_text(line.replace('"request_rate": Infinity', '"request_rate": -Infinity') + "\n")
+    with pytest.raises(E2EError, match="field 'request_rate' must be a finite number"):
+        e2e.read_run(neg, "sglang-bench")
