@@ -916,6 +916,141 @@ def simulate(
     typer.echo(f"wrote {', '.join(str(f) for f in written)}", err=True)
 
 
+def _axis_list(text: str):
+    """A comma list from a flag as an axis: numbers where they read as numbers."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            try:
+                out.append(float(part))
+            except ValueError:
+                out.append(part)
+    return out
+
+
+def _slo_flag(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--slo: expected NAME=MS pairs (ttft_p99_ms=2000,...), got {part!r}")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--slo {key.strip()}: expected a number, got {value!r}") from None
+    return out
+
+
+@app.command()
+@handles_errors
+def search(
+    space: Path = typer.Option(None, help="Space file (YAML): model, workload, axes, slo, ..."),
+    out: Path = typer.Option(Path("hisim-search"), help="Output folder."),
+    model: str = typer.Option(None, help="Model (fixed)."),
+    trace: Path = typer.Option(None, help="Trace file [built-in chat]."),
+    trace_format: str = typer.Option(None, help="Trace format [mooncake]."),
+    limit: int = typer.Option(None, help="Only the first N requests of the trace."),
+    gpus: int = typer.Option(None, help="GPU budget: replicas x tp <= GPUS."),
+    hardware: str = typer.Option(None, help="Axis: GPUs, comma-separated."),
+    tp: str = typer.Option(None, help="Axis: tensor-parallel degrees (1,2,4)."),
+    replicas: str = typer.Option(None, help="Axis: replica counts [every count in the budget]."),
+    engine: str = typer.Option(None, help="Axis: sglang,vllm."),
+    router: str = typer.Option(None, help="Axis: router policies."),
+    token_budget: str = typer.Option(
+        None,
+        help="Axis: chunk / step token budget (SGLang chunked_prefill_size, vLLM "
+        "max_num_batched_tokens).",
+    ),  # fmt: skip
+    max_running: str = typer.Option(None, help="Axis: running-request caps."),
+    l2_gb: str = typer.Option(None, help="Axis: host-DRAM KV tier per GPU, GB."),
+    rate_scale: str = typer.Option(None, help="Axis: arrival-rate multipliers."),
+    slo: str = typer.Option(None, help="SLOs, e.g. ttft_p99_ms=2000,tpot_p99_ms=50."),
+    strategy: str = typer.Option("halving", help="halving (screen + simulate), grid, random."),
+    max_simulations: int = typer.Option(64, help="Full-workload simulations at most."),
+    jobs: int = typer.Option(0, help="Worker processes [0: every core]."),
+    ray: str = typer.Option(None, "--ray", help="Run simulations on this Ray cluster (auto)."),
+    cache_dir: Path = typer.Option(None, help="Simulation cache [$HISIM_CACHE_DIR/search]."),
+    no_cache: bool = typer.Option(False, help="Neither read nor write the simulation cache."),
+    seed: int = typer.Option(0, help="Seed of sampling and the random strategy."),
+):
+    """Search deployments for the cheapest that meet the SLOs: Pareto fronts of throughput per
+    GPU vs per user and of cost vs p99 TTFT, screened analytically, confirmed by simulation."""
+    from hisim_jax.search.run import SearchOptions, run_search, write_outputs
+    from hisim_jax.search.space import space_from_dict
+    from hisim_jax.specs import SpecError
+
+    where = str(space) if space else "options"
+    doc = files.read_yaml(space, "search space (YAML)", SpecError) if space else {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"{where}: expected a mapping (model, workload, axes, slo, ...)")
+    doc = dict(doc)
+    axes = dict(doc.get("axes") or {}) if isinstance(doc.get("axes") or {}, dict) else doc["axes"]
+    for key, value in (("model", model), ("trace", trace), ("trace_format", trace_format),
+                       ("limit", limit), ("gpus", gpus)):  # fmt: skip
+        if value is not None:
+            doc[key] = str(value) if isinstance(value, Path) else value
+    for key, value in (("hardware", hardware), ("tp", tp), ("replicas", replicas),
+                       ("engine", engine), ("router", router), ("token_budget", token_budget),
+                       ("max_running", max_running), ("l2_gb", l2_gb),
+                       ("rate_scale", rate_scale)):  # fmt: skip
+        if value is not None:
+            doc.pop(key, None)
+            axes[key] = _axis_list(value)
+    if isinstance(axes, dict):
+        doc["axes"] = axes
+    if slo is not None:
+        doc["slo"] = _slo_flag(slo)
+    sp = space_from_dict(doc, where)
+    opts = SearchOptions(
+        strategy=strategy, max_simulations=max_simulations, jobs=jobs, ray_address=ray,
+        cache_dir="" if no_cache else (str(cache_dir) if cache_dir else None), seed=seed,
+    )  # fmt: skip
+    files.check_output_dir(out)
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), transient=True, disable=not sys.stderr.isatty(),
+    ) as prog:  # fmt: skip
+        tasks: dict = {}
+
+        def progress(stage, done, total):
+            name = "screening" if stage == "screen" else "simulating"
+            if name not in tasks:
+                tasks[name] = prog.add_task(name, total=total, rate="")
+            t = tasks[name]
+            prog.update(t, completed=done, total=total)
+            task = prog.tasks[t]
+            if task.elapsed:
+                prog.update(t, rate=f"{done / task.elapsed:.1f} points/s")
+
+        result = run_search(sp, opts, progress=progress)
+    written = write_outputs(result, out)
+    r = result.report
+    typer.echo(
+        f"{r['points']} points ({r['infeasible']} infeasible), {r['screened']} screened, "
+        f"{r['simulations']} simulated ({r['simulations_cached']} cached) in {r['wall_s']:.1f} s; "
+        f"{r['meets_slo']} meet the SLOs on the whole workload"
+    )
+    rows = []
+    for obj, b in result.best.items():
+        rows.append([obj, b["id"] if b else "-", b["value"] if b else "none meets the SLOs"])
+    _table("best configuration per objective", ["objective", "id", "value"], rows)
+    typer.echo(f"wrote {', '.join(str(f) for f in written)}", err=True)
+
+
 @app.command("list")
 def list_cmd():
     """Models and GPUs known by name."""
