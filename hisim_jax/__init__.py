@@ -19,11 +19,13 @@ _EXPORTS = {
     "load_model": "hisim_jax.specs",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "search"])
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    if name == "search":  # the callable subpackage: hisim_jax.search(space, ...)
+        return importlib.import_module("hisim_jax.search")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hisim_jax' has no attribute {name!r}")

@@ -551,14 +551,16 @@ def run_search(
 
     # the table of every point: simulated metrics where the full workload ran, else the
     # deepest rung's, else the (corrected) screen's
-    metrics = pd.DataFrame(index=range(len(points)), columns=list(METRICS), dtype=float)
+    shown = [*METRICS, "throughput_output_tok_s", "throughput_input_tok_s", "goodput_req_s",
+             "usd_per_hour"]  # fmt: skip
+    metrics = pd.DataFrame(index=range(len(points)), columns=shown, dtype=float)
     stage = np.array(["infeasible"] * len(points), dtype=object)
     requests_sim = np.zeros(len(points), np.int64)
     reason = frame["reason"].to_numpy(object).copy()
     if len(feasible):
         corrected = correction.apply(raw_screen)
         corrected = derive(corrected, gpus_all[feasible])
-        cols = [c for c in METRICS if c in corrected]
+        cols = [c for c in shown if c in corrected]
         metrics.loc[feasible, cols] = corrected[cols].to_numpy(float)
         stage[feasible] = "screen"
         for n_req in sorted({n for _, n in sims}):
