@@ -666,6 +666,19 @@ class Estimator:
             out[idx] = np.asarray(fn(planes))[: len(idx)]
         return out
 
+    def padded_latency_s(self, planes: np.ndarray, prompt: bool = True) -> np.ndarray:
+        """Seconds ``[rows, H]`` of batches already padded by the caller into one
+        ``[3, rows, width]`` array (cache_len, new_len, mask: 1 where a request is): one
+        compiled shape for batches of any size up to ``width``, where ``step_latency_s``
+        compiles one per power-of-two bucket. ``prompt``: some batch computes more than one
+        token per request (then FA2's decode path is never taken). The configuration search
+        costs its steady states this way."""
+        planes = np.asarray(planes, _host_float())
+        if planes.ndim != 3 or planes.shape[0] != 3:
+            raise ValueError(f"planes must have shape [3, rows, width], got {planes.shape}")
+        attention = "prefill" if prompt else self._decode_attention
+        return np.asarray(self._program("flat", attention, planes.shape[1:])(planes))
+
     def step_latency_s(self, batches) -> np.ndarray:
         """Seconds per batch: shape ``[N]`` for one GPU, ``[N, H]`` for several.
 

@@ -66,7 +66,7 @@ class SearchOptions:
     ray_address: str | None = None  # run simulations as tasks of this Ray cluster ("auto")
     cache_dir: str | None = None  # None: $HISIM_CACHE_DIR/search; "": no cache
     seed: int = 0
-    samples: int = 512  # requests sampled for the screen's latency distributions
+    samples: int = 256  # requests sampled for the screen's latency distributions
     cpu_price_usd_per_hour: float = CPU_PRICE_USD_PER_HOUR
 
     def __post_init__(self):
@@ -427,7 +427,7 @@ def _check(points: list[Point], stats, prices: dict) -> list[Point]:
                         reason = f"pd {o.pd} needs at least one prefill and one decode replica"
             except (SpecError, ValueError) as e:
                 reason = str(e).removeprefix("options: ")
-        out.append(Point(p.id, p.options, p.axes, p.gpus, reason))
+        out.append(Point(p.id, p.options, p.axes, p.gpus, reason, {} if reason else {"o": o}))
     return out
 
 
@@ -464,7 +464,7 @@ def run_search(
     feasible = [i for i, p in enumerate(points) if not p.reason]
     say("screen", 0, len(feasible))
     t_screen = time.perf_counter()
-    screened = screen([points[i].options for i in feasible], stats, prices,
+    screened = screen([points[i].extra["o"] for i in feasible], stats, prices,
                       (space.slo.request_ttft_s, space.slo.request_tpot_s))  # fmt: skip
     screen_s = time.perf_counter() - t_screen
     say("screen", len(feasible), len(feasible))

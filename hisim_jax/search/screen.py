@@ -31,13 +31,12 @@ workload.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 
-from hisim_jax.estimator.batch import RaggedBatches
 from hisim_jax.estimator.ops import DTYPE_BYTES
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.frontend import FRONTENDS
@@ -298,54 +297,58 @@ def decode_contexts(stats: WorkloadStats, n: int) -> np.ndarray:
     return (stats.input_len[pick] + np.floor(at * outl[pick])).astype(np.int64)
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
 def compute_curves(stats: WorkloadStats, wanted: dict[tuple, set[tuple[int, int]]]) -> dict:
-    """Curves for every (estimator key, budget, max running) wanted, one estimator call per
-    estimator key."""
+    """Curves for every (estimator key, budget) wanted, each ``(budget, largest running
+    set)``: two estimator calls per estimator key, each of one padded shape (every prefill
+    chunk of every budget as a row; every decode-grid size as a row of the largest's width),
+    so a search compiles two programs per (model, GPU, TP, engine), not one per bucket."""
+    from hisim_jax.estimator.batch import bucket_size
+
     out = {}
     inp = stats.input_len
     reuse = stats.reuse_len
-    ctx = int(round(stats.context_tokens))
+    contexts: dict[int, np.ndarray] = {}  # the same running sets for every estimator
     for key, budgets in wanted.items():
         est = _estimator(key)
-        cl, nl, sizes, spans = [], [], [], []
-        top = max(m for _, m in budgets)
-        grid = _N_GRID[_N_GRID <= max(1, top)]
+        top = max(1, max(m for _, m in budgets))
+        grid = _N_GRID[_N_GRID <= top]
         if grid[-1] < top:
             grid = np.append(grid, float(top))
-        start = 0
+        cl, nl, spans, start = [], [], [], 0
         for budget in sorted({b for b, _ in budgets}):
             parts = []
             for cached in (np.zeros_like(inp), reuse):
                 c, n, owner, k = _chunk_batches(cached, np.maximum(1, inp - cached), budget)
                 cl.append(c)
                 nl.append(n)
-                sizes.append(np.ones(len(c), np.int64))
                 parts.append((start, start + len(c), owner, k))
                 start += len(c)
             spans.append((budget, parts))
-        # one decode token alone, then the decode grid: N requests at the mean context
-        cl.append(np.array([ctx]))
-        nl.append(np.array([1]))
-        sizes.append(np.array([1]))
-        one_at = start
-        start += 1
-        g = grid.astype(np.int64)
-        cl.append(np.concatenate([decode_contexts(stats, int(n)) for n in g]))
-        nl.append(np.ones(int(g.sum()), np.int64))
-        sizes.append(g)
-        seconds = np.asarray(
-            est.step_latency_s(
-                RaggedBatches(np.concatenate(cl), np.concatenate(nl), np.concatenate(sizes))
-            ),
-            np.float64,
-        ).reshape(-1)
-        decode = seconds[one_at + 1 :]
+        planes = np.zeros((3, _pow2(start), 8))  # one request per row
+        planes[0, :start, 0] = np.concatenate(cl)
+        planes[1, :start, 0] = np.concatenate(nl)
+        planes[2, :start, 0] = 1.0
+        prefill = est.padded_latency_s(planes, prompt=True)[:start, 0].astype(np.float64)
+        width = bucket_size(int(top))
+        dec = np.zeros((3, _pow2(len(grid)), width))
+        for row, n in enumerate(grid.astype(np.int64)):
+            if n not in contexts:
+                contexts[n] = decode_contexts(stats, int(n))
+            dec[0, row, :n] = contexts[n]
+            dec[1, row, :n] = 1.0
+            dec[2, row, :n] = 1.0
+        decode = est.padded_latency_s(dec, prompt=False)[: len(grid), 0].astype(np.float64)
         full = np.interp(_N_GRID, grid, decode)  # flat beyond the largest N wanted
         for budget, parts in spans:
-            pre = []
-            for lo, hi, owner, _k in parts:
-                pre.append(np.bincount(owner, weights=seconds[lo:hi], minlength=len(inp)))
-            out[key, budget] = Curves(pre[0], pre[1], parts[0][3], float(seconds[one_at]), full)
+            pre = [
+                np.bincount(owner, weights=prefill[lo:hi], minlength=len(inp))
+                for lo, hi, owner, _k in parts
+            ]
+            out[key, budget] = Curves(pre[0], pre[1], parts[0][3], float(decode[0]), full)
     return out
 
 
@@ -363,23 +366,31 @@ def _interp_rows(grid: np.ndarray, values: np.ndarray, x: np.ndarray) -> np.ndar
     return values[rows, j] * (1 - w) + values[rows, j + 1] * w
 
 
-def _poisson_ppf(mean: np.ndarray, u: np.ndarray, exact_below: float = 40.0) -> np.ndarray:
+def _poisson_ppf(mean: np.ndarray, u: np.ndarray, exact_below: float = 12.0) -> np.ndarray:
     """Poisson quantiles (elementwise, broadcast): the CDF summed term by term where the mean
-    is small, a normal approximation where it is large."""
+    is small, the Wilson-Hilferty cube-root approximation where it is large (within a count
+    or two there)."""
     mean, u = np.broadcast_arrays(np.asarray(mean, np.float64), np.asarray(u, np.float64))
-    small = np.minimum(mean, exact_below)
-    p = np.exp(-small)
+    out = np.empty(mean.shape)
+    small = mean < exact_below
+    m, uu = mean[small], u[small]
+    p = np.exp(-m)
     cdf = p.copy()
-    k = np.zeros_like(mean)
-    for j in range(1, int(3 * exact_below)):
-        need = cdf < u
+    k = np.zeros_like(m)
+    for j in range(1, int(4 * exact_below)):
+        need = cdf < uu
         if not need.any():
             break
-        p = p * small / j
+        p = p * m / j
         cdf = cdf + p
         k = k + need
-    approx = np.maximum(0.0, np.round(mean + np.sqrt(mean) * _normal_ppf(u)))
-    return np.where(mean < exact_below, k, approx)
+    out[small] = k
+    big = ~small
+    if big.any():
+        m, z = mean[big], _normal_ppf(u[big])
+        wh = m * (1 - 1 / (9 * m) + z / (3 * np.sqrt(m))) ** 3
+        out[big] = np.maximum(0.0, np.ceil(wh - 0.5))
+    return out
 
 
 def _normal_ppf(u: np.ndarray) -> np.ndarray:
@@ -454,7 +465,7 @@ def steady_state(
     o1 = max(float(outl.mean()) - 1.0, 0.0)
 
     n_run = np.zeros(n_rows)
-    for _ in range(3):  # hits depend on the running requests' KV, which depends on the load
+    for _ in range(2):  # hits depend on the running requests' KV, which depends on the load
         free = np.maximum(cache_tokens - n_run * ctx, 0.0)
         hits = hit_tokens(stats, free, replicas, affine)
         phi = hits / stats.reuse_tokens_inf if stats.reuse_tokens_inf else np.zeros(n_rows)
@@ -550,30 +561,21 @@ def steady_state(
     return frame, ttft, tpot
 
 
-def _wquantile(samples: np.ndarray, weights: np.ndarray, q: float) -> np.ndarray:
-    """Row-wise weighted quantile (NaNs ignored)."""
-    out = np.full(samples.shape[0], np.nan)
-    order = np.argsort(samples, axis=1)
-    s = np.take_along_axis(samples, order, axis=1)
-    w = np.take_along_axis(np.broadcast_to(weights, samples.shape), order, axis=1)
-    w = np.where(np.isnan(s), 0.0, w)
-    cw = np.cumsum(w, axis=1)
-    tot = cw[:, -1]
-    ok = tot > 0
-    target = (q / 100.0) * tot
-    j = np.argmax(cw >= target[:, None] - 1e-12, axis=1)
-    out[ok] = s[np.arange(len(s)), j][ok]
-    return out
-
-
 def _stats_columns(name: str, samples: np.ndarray, weights: np.ndarray) -> dict:
+    """Weighted mean and p50/p90/p99 of each row's samples (NaNs ignored): one sort per
+    metric, the three quantiles read off the cumulative weights."""
     w = np.where(np.isnan(samples), 0.0, weights)
     tot = w.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(tot > 0, np.nansum(samples * w, axis=1) / tot, np.nan)
     cols = {f"{name}_s_mean": mean}
+    order = np.argsort(samples, axis=1)  # NaNs last, with no weight
+    s = np.take_along_axis(samples, order, axis=1)
+    cw = np.cumsum(np.take_along_axis(w, order, axis=1), axis=1)
+    rows = np.arange(len(s))
     for stat, q in _STAT_Q.items():
-        cols[f"{name}_s_{stat}"] = _wquantile(samples, weights, q)
+        j = np.argmax(cw >= (q / 100.0) * tot[:, None] - 1e-12, axis=1)
+        cols[f"{name}_s_{stat}"] = np.where(tot > 0, s[rows, j], np.nan)
     return cols
 
 
@@ -581,10 +583,39 @@ def _stats_columns(name: str, samples: np.ndarray, weights: np.ndarray) -> dict:
 # points -> rows -> metrics
 
 
-def _rows_of(point_options: dict, stats: WorkloadStats, prices: dict) -> list[tuple[dict, float]]:
+# options that change a replica's sizing (memory, scheduler caps, estimator): points that
+# share them share one sizing, whatever their replica count, router or load
+_SIZING = (
+    "model", "hardware", "tp", "weight_dtype", "kv_dtype", "calibration", "estimator",
+    "estimator_table", "extrapolate", "engine", "l1_fraction", "gpu_memory_utilization",
+    "kv_cache_tokens", "l2_gb", "l3_gb", "chunked_prefill_size", "max_prefill_tokens",
+    "max_running_requests", "max_num_batched_tokens", "max_num_seqs", "cuda_graph_max_bs",
+    "step_overhead_ms", "gpu_price_usd_per_hour",
+)  # fmt: skip
+_GROUPS: dict[tuple, ReplicaPlan] = {}
+
+
+def _groups(o: SimulationOptions, prices: dict) -> list[ReplicaPlan]:
+    """``replica_groups``, computed once per distinct sizing: a homogeneous point's one group
+    is that of one replica, with the point's count."""
+    if o.fleet:
+        return replica_groups(o, prices)
+    key = (*(getattr(o, f) for f in _SIZING), tuple(sorted(prices.items())))
+    g = _GROUPS.get(key)
+    if g is None:
+        (g,) = replica_groups(replace(o, replicas=1, pd=None), prices)
+        _GROUPS[key] = g
+    return [g if g.count == o.replicas else replace(g, count=o.replicas)]
+
+
+def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[dict, float]]:
     """The steady-state rows of one point (one per replica group) and their weights."""
-    o = SimulationOptions.checked(point_options)
-    groups = replica_groups(o, prices)
+    o = (
+        point_options
+        if isinstance(point_options, SimulationOptions)
+        else SimulationOptions.checked(point_options)
+    )
+    groups = _groups(o, prices)
     total = sum(g.count for g in groups)
     n_prefill, n_decode = parse_pd(o.pd) if o.pd else (total, 0)
     lam_total = stats.rate_per_s * o.rate_scale
@@ -621,12 +652,13 @@ def _rows_of(point_options: dict, stats: WorkloadStats, prices: dict) -> list[tu
 
 
 def screen(
-    options: list[dict],
+    options: list,
     stats: WorkloadStats,
     prices: dict | None = None,
     request_slo: tuple[float | None, float | None] = (None, None),
 ) -> pd.DataFrame:
-    """Steady-state metrics of every configuration (simulate options, all feasible), one row
+    """Steady-state metrics of every configuration (simulate options as dicts or
+    ``SimulationOptions``, all feasible), one row
     each, in order: latency statistics (``ttft_s_p99``, ...), throughputs, hit rate, the
     cluster's price per hour, and the utilizations the correction is fitted on."""
     prices = prices or {}
@@ -639,9 +671,11 @@ def screen(
     if not rows:
         return pd.DataFrame()
     wanted: dict[tuple, set] = {}
+    ctx = max(stats.context_tokens, 1.0)
     for r in rows:
         key, budget = r["curve"]
-        wanted.setdefault(key, set()).add((budget, int(r["max_running"])))
+        n_cap = min(int(r["max_running"]), max(1, int(r["l1_tokens"] // ctx)))
+        wanted.setdefault(key, set()).add((budget, n_cap))
     curves = compute_curves(stats, wanted)
     frame, ttft, tpot = steady_state(stats, rows, curves)
     owner = np.asarray(owner)

@@ -78,8 +78,11 @@ def test_hit_tokens_grow_with_capacity_and_stop_at_the_infinite_cache():
 def test_poisson_quantile(mean, u):
     k = int(_poisson_ppf(np.array([mean]), np.array([u]))[0])
     cdf = lambda n: sum(math.exp(-mean) * mean**j / math.factorial(j) for j in range(n + 1))  # noqa: E731
-    assert cdf(k) >= u - 1e-9
-    assert k == 0 or cdf(k - 1) < u + 1e-9
+    exact = next(n for n in range(200) if cdf(n) >= u - 1e-12)
+    if mean < 12:  # summed exactly
+        assert k == exact
+    else:  # Wilson-Hilferty
+        assert abs(k - exact) <= 2
 
 
 def _chat_stats(n=300, seed=0):
