@@ -977,11 +977,17 @@ def search(
     cache_dir: Path = typer.Option(None, help="Simulation cache [$HISIM_CACHE_DIR/search]."),
     no_cache: bool = typer.Option(False, help="Neither read nor write the simulation cache."),
     seed: int = typer.Option(0, help="Seed of sampling and the random strategy."),
+    margin: float = typer.Option(
+        1.5, help="Simulate points this factor better than screened could reach a front."
+    ),
+    cpu_price: float = typer.Option(
+        0.05, help="USD per CPU core-hour, for the evaluation cost ratio."
+    ),
 ):
     """Search deployments for the cheapest that meet the SLOs: Pareto fronts of throughput per
     GPU vs per user and of cost vs p99 TTFT, screened analytically, confirmed by simulation."""
     from hisim_jax.search.run import SearchOptions, run_search, write_outputs
-    from hisim_jax.search.space import space_from_dict
+    from hisim_jax.search.space import PATH_KEYS, space_from_dict
     from hisim_jax.specs import SpecError
 
     where = str(space) if space else "options"
@@ -989,6 +995,10 @@ def search(
     if not isinstance(doc, dict):
         raise SpecError(f"{where}: expected a mapping (model, workload, axes, slo, ...)")
     doc = dict(doc)
+    for key in PATH_KEYS:  # relative to the space file, as read_space takes them
+        v = doc.get(key)
+        if space and isinstance(v, str) and not Path(v).is_absolute():
+            doc[key] = str((space.parent / v).resolve())
     axes = dict(doc.get("axes") or {}) if isinstance(doc.get("axes") or {}, dict) else doc["axes"]
     for key, value in (("model", model), ("trace", trace), ("trace_format", trace_format),
                        ("limit", limit), ("gpus", gpus)):  # fmt: skip
@@ -1009,6 +1019,7 @@ def search(
     opts = SearchOptions(
         strategy=strategy, max_simulations=max_simulations, jobs=jobs, ray_address=ray,
         cache_dir="" if no_cache else (str(cache_dir) if cache_dir else None), seed=seed,
+        margin=margin, cpu_price_usd_per_hour=cpu_price,
     )  # fmt: skip
     files.check_output_dir(out)
     from rich.progress import (

@@ -79,6 +79,9 @@ class SearchOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"field '{name}' must be an integer >= {lo}, got {v!r}")
+        price = self.cpu_price_usd_per_hour
+        if not (isinstance(price, (int, float)) and math.isfinite(price) and 0 < price <= 1e6):
+            raise ValueError(f"field 'cpu_price' must be USD per core-hour > 0, got {price!r}")
         if not (isinstance(self.margin, (int, float)) and 1 <= self.margin <= 100):
             raise ValueError(f"field 'margin' must be a factor in [1, 100], got {self.margin!r}")
 

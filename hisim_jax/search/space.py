@@ -131,8 +131,20 @@ def _err(where: str, msg: str) -> SpecError:
     return SpecError(f"{where}: {msg}")
 
 
+PATH_KEYS = ("trace", "calibration", "estimator_table")
+
+
 def read_space(path: str | Path) -> SearchSpace:
-    doc = files.read_yaml(Path(path), "search space (YAML)", SpecError)
+    """A space file; its relative paths (trace, calibration, estimator_table) are taken from
+    the file's folder and made absolute, so the configs it writes replay from anywhere."""
+    path = Path(path)
+    doc = files.read_yaml(path, "search space (YAML)", SpecError)
+    if isinstance(doc, dict):
+        doc = dict(doc)
+        for key in PATH_KEYS:
+            v = doc.get(key)
+            if isinstance(v, str) and not Path(v).is_absolute():
+                doc[key] = str((path.parent / v).resolve())
     return space_from_dict(doc, str(path))
 
 
