@@ -78,6 +78,8 @@ class WorkloadStats:
     output_len: np.ndarray  # [S]
     reuse_len: np.ndarray  # [S] their prompt tokens an infinite cache would hit
     ranks: np.ndarray  # [3, S] fixed uniform ranks: queue wait, TPOT spread, arrival time
+    arrival_s: np.ndarray  # every arrival, from the first (rate_scale 1)
+    sample_index: np.ndarray  # [S] the sampled requests' positions among them
 
     @property
     def rate_per_s(self) -> float:
@@ -160,6 +162,8 @@ def workload_stats(work: wl.Workload, samples: int = 512, seed: int = 0) -> Work
         output_len=out[pick],
         reuse_len=reuse[pick],
         ranks=ranks,
+        arrival_s=arrivals - arrivals.min(),
+        sample_index=pick,
     )
 
 
@@ -534,16 +538,35 @@ def steady_state(
     # it decodes (lam tau / (1 - rho)); a Poisson count at the request's rank, each of mean
     # service E[S]
     has_tpot = outl > 1
+    # Counted in the trace itself, not as Poisson arrivals: real arrivals come in bursts (a
+    # conversation's users, a batch job), and a burst is what queues behind a request
     tau = np.maximum(outl - 1, 1)[None, :] * d[:, None]
-    behind = tail + serv
-    k_mean = np.where(disagg, 0.0, lam)[:, None] * (behind + tau / share[:, None])
-    k = _poisson_ppf(k_mean, u_tpot[None, :])
+    window = (tail + serv + tau / share[:, None]) * col("rate_scale")[:, None]  # trace seconds
+    t0 = stats.arrival_s[stats.sample_index]
+    later = np.searchsorted(stats.arrival_s, t0[None, :] + window, side="right")
+    others = np.maximum(later - stats.sample_index[None, :] - 1, 0)
+    k_mean = np.where(disagg, 0.0, 1.0 / replicas)[:, None] * others
+    # the count is already a draw of the real arrival process; spreading it to other replicas
+    # thins it (Poisson at the request's rank); one replica takes it as it is
+    k = np.where((replicas > 1)[:, None], _poisson_ppf(k_mean, u_tpot[None, :]), k_mean)
     tpot = d[:, None] + k * es[:, None] / np.maximum(outl - 1, 1)[None, :]
     tpot = np.where(has_tpot[None, :], tpot, np.nan)
     # ITL: a gap holds a prefill step with probability pi (its chunk's time added)
     steps_per_s = lam * chunks.mean(axis=1)
     pi = np.where(disagg, 0.0, np.clip(steps_per_s * d / share, 0.0, 1.0))
-    chunk_s = es / np.maximum(chunks.mean(axis=1), 1.0)
+    # the gaps that hold a prefill step hold one chunk each: their times at the quantiles above
+    # 1 - pi are the chunk-time distribution's (a request's chunks weighted by their number)
+    per_chunk = serv / np.maximum(chunks, 1.0)
+    order = np.argsort(per_chunk, axis=1)
+    sorted_chunk = np.take_along_axis(per_chunk, order, axis=1)
+    cum = np.cumsum(np.take_along_axis(chunks, order, axis=1), axis=1)
+    cum /= cum[:, -1:]
+    itl = {}
+    for stat, q in _STAT_Q.items():
+        inner = np.clip((q / 100 - (1 - pi)) / np.maximum(pi, 1e-12), 0.0, 1.0)
+        j = np.argmax(cum >= inner[:, None] - 1e-12, axis=1)
+        extra = np.where(q / 100 > 1 - pi, sorted_chunk[np.arange(n_rows), j], 0.0)
+        itl[stat] = d + extra
     frame = pd.DataFrame(
         {
             "rho_prefill": rho,
@@ -555,7 +578,7 @@ def steady_state(
             "served_per_s": served,
             "hit_tokens": hits,
             "itl_prefill_share": pi,
-            "itl_chunk_s": chunk_s,
+            **{f"itl_s_{stat}": v for stat, v in itl.items()},
         }
     )
     return frame, ttft, tpot
@@ -642,6 +665,7 @@ def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[di
                     "frontend_request_s": fe.request_s if fe else 0.0,
                     "frontend_per_token_s": fe.per_input_token_s if fe else 0.0,
                     "span_s": stats.duration_s / o.rate_scale,
+                    "rate_scale": o.rate_scale,
                     "served_replicas": n_prefill if n_decode else g.count,
                     "price_usd_per_hour": g.price_usd_per_hour * g.tp * g.count,
                 },
@@ -707,14 +731,9 @@ def screen(
             return np.where(idx >= 0, v, 0.0).sum(axis=1)
         return (v * w).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-12)
 
-    d = per_point(frame["decode_step_s"])
-    pi = per_point(frame["itl_prefill_share"])
-    chunk = per_point(frame["itl_chunk_s"])
     cols["itl_s_mean"] = cols["tpot_s_mean"]
-    for stat, q in _STAT_Q.items():
-        # a gap holds a prefill step with probability pi: its chunk's time at the quantiles
-        # above 1 - pi, scaled down smoothly below
-        cols[f"itl_s_{stat}"] = d + chunk * np.minimum(1.0, pi / (1 - q / 100))
+    for stat in _STAT_Q:
+        cols[f"itl_s_{stat}"] = per_point(frame[f"itl_s_{stat}"])
     ttft_ok, tpot_ok = request_slo
     ok = np.ones_like(t_ttft, bool)
     if ttft_ok is not None:

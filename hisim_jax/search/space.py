@@ -381,6 +381,15 @@ def _resolve(base: dict, combo: dict) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
+def _single_replica(opts: dict) -> dict:
+    """A router only matters with several replicas to route to: one replica's points collapse
+    onto one (its router, bucket bounds and seed left at their defaults)."""
+    if int(opts.get("replicas", 1)) == 1 and not opts.get("fleet") and not opts.get("pd"):
+        for k in ("router", "bucket_bounds"):
+            opts.pop(k, None)
+    return opts
+
+
 def expand(space: SearchSpace) -> list[Point]:
     """Every distinct configuration of the space, in axis order. With a GPU budget and no
     ``replicas`` axis, each point takes every replica count that fits the budget."""
@@ -405,6 +414,7 @@ def expand(space: SearchSpace) -> list[Point]:
             o = dict(opts)
             if count is not None:
                 o["replicas"] = count
+            o = _single_replica(o)
             gpus = _gpus(o)
             axes = {n: combo[n] for n in names}
             for alias, (sg, vl) in ALIASES.items():
@@ -412,7 +422,7 @@ def expand(space: SearchSpace) -> list[Point]:
                     eng = o.get("engine", "sglang")
                     axes[alias] = o.get(sg if eng == "sglang" else vl)
             for n in names:  # an option of the other engine: not applicable here
-                if n not in ALIASES and n not in o and n != "pd":
+                if n not in ALIASES and n not in o and n not in ("pd", "replicas"):
                     axes[n] = None
             if add_replicas:
                 axes["replicas"] = o.get("replicas")
