@@ -27,9 +27,11 @@ def _current_cpu() -> int | None:
         return None
 
 
-def pin_to_one_core() -> int | None:
+def pin_to_one_core(index: int | None = None) -> int | None:
     """Pin this process (every thread it has) to one of the cores it may use; returns that
     core, or None if nothing was done (not Linux, one core already, or HISIM_ONE_CORE=0).
+    ``index``: the ``index``-th core it may use (modulo their number), as a pool's workers
+    take one each; else the core it runs on now.
 
     Call it before JAX's first computation: the XLA pool's size is fixed then. Threads started
     later inherit the pinning."""
@@ -39,7 +41,10 @@ def pin_to_one_core() -> int | None:
     if len(cpus) <= 1:
         return None
     current = _current_cpu()
-    core = current if current in cpus else cpus[os.getpid() % len(cpus)]
+    if index is not None:
+        core = cpus[index % len(cpus)]
+    else:
+        core = current if current in cpus else cpus[os.getpid() % len(cpus)]
     try:
         tasks = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:

@@ -570,8 +570,10 @@ def run(
     o: SimulationOptions,
     progress=None,
     workload: wl.Workload | Iterable[wl.Request] | None = None,
+    frames: bool = True,
 ) -> SimulationRun:
     """Simulate the deployment serving the workload; ``progress(n_finished_delta, total)``.
+    ``frames=False``: the summary only (``requests`` and ``steps`` are None).
 
     ``workload`` (a Workload or a list of Requests, see ``given_workload``) replaces the
     options' trace or built-in chat; an empty one raises ``WorkloadError``."""
@@ -615,6 +617,8 @@ def run(
     }
     summ.update(_jsonable(cluster_summary(result)))
     summ["options"] = asdict(o)
+    if not frames:  # a summary is all a search needs; the step table of a long run is seconds
+        return SimulationRun(o, work, summ, None, None)
     return SimulationRun(o, work, summ, cluster_request_frame(result), cluster_step_frame(result))
 
 

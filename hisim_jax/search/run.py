@@ -306,17 +306,25 @@ def simulate_point(options: dict) -> dict:
     from hisim_jax.serving.workload import WorkloadError
     from hisim_jax.simulation import run
 
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
-        result = run(SimulationOptions.checked(options))
+        result = run(SimulationOptions.checked(options), frames=False)
     except (SpecError, WorkloadError, ValueError) as e:
         return {"error": str(e)}
-    return {"metrics": files.finite_or_none(metrics_of(result.summary))}
+    m = metrics_of(result.summary)
+    m["task_s"] = time.perf_counter() - t0  # the whole task: options to summary
+    m["task_cpu_s"] = time.process_time() - c0
+    return {"metrics": files.finite_or_none(m)}
 
 
-def _init_worker() -> None:
+def _init_worker(counter) -> None:
+    """A pool worker takes the next core (its simulations are serial; see cores.py)."""
     from hisim_jax.cores import pin_to_one_core
 
-    pin_to_one_core()
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    pin_to_one_core(index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,8 +346,9 @@ class _Pool:
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: a forked JAX runtime (threads) can deadlock
+        ctx = mp.get_context("spawn")
         self.pool = ProcessPoolExecutor(
-            jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker
+            jobs, mp_context=ctx, initializer=_init_worker, initargs=(ctx.Value("i", 0),)
         )
 
     def map(self, tasks, done):
@@ -608,11 +617,11 @@ def run_search(
         if m:
             counts["simulated_gpu_s"] += m["simulated_s"] * gpus_all[feasible[i]]
             counts["usd_gpu"] += m["simulated_s"] / 3600 * m["usd_per_hour"]
-            counts["sim_wall_s"] += m["wall_s"]
+            counts["sim_wall_s"] += m.get("task_s", m["wall_s"])
     wall = time.perf_counter() - t0
     cores = _cores_used(opts)
     cached_wall = sum(
-        (rec.get("metrics") or {}).get("wall_s", 0.0) for key, rec in sims.items()
+        (rec.get("metrics") or {}).get("task_s", 0.0) for key, rec in sims.items()
         if key in cached_keys
     )  # fmt: skip
     report = {
@@ -636,6 +645,7 @@ def run_search(
         "slo": space.slo.describe(),
         "correction_points": correction.points,
         "correction_spread": {k: v for k, v in correction.spread.items() if math.isfinite(v)},
+        "simulation_task_s": counts["sim_wall_s"],
         "simulated_gpu_hours": counts["simulated_gpu_s"] / 3600,
         "simulated_gpu_usd": counts["usd_gpu"],
         "cpu_cores": cores,
@@ -680,6 +690,8 @@ def _halving(space, opts, screened, raw_screen, rungs, simulate, sim_frame, roun
     for _round in range(8):
         cand = np.flatnonzero(could_reach(current, space, factor))
         cand = [int(i) for i in cand if int(i) not in done]
+        if not cand and not done:  # nothing can meet the SLOs: simulate the closest anyway
+            cand = np.argsort(_rank(current, space), kind="stable")[: opts.eta].tolist()
         if not cand:
             break
         order = np.argsort(_rank(current.iloc[cand], space), kind="stable")
@@ -824,6 +836,14 @@ def report_markdown(result: SearchResult) -> str:
         f"at a shorter rung (rungs of {', '.join(map(str, r['rungs_requests']))} requests); "
         f"{r['failed']} failed",
         f"- SLO-meeting points simulated on the whole workload: {r['meets_slo']}",
+    ]
+    for k, rd in enumerate(r.get("rounds") or []):
+        path = " -> ".join(f"{n} on {req} requests" for req, n, _ in rd["rungs"])
+        lines.append(
+            f"- round {k + 1}: {rd['candidates']} candidates within a factor "
+            f"{rd['margin']:.2f} of a front; simulated {path}"
+        )
+    lines += [
         "",
         "## Evaluation cost",
         "",

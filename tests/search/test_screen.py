@@ -130,3 +130,24 @@ def test_correction_learns_a_constant_factor_and_leaves_unfitted_metrics():
     np.testing.assert_allclose(out["ttft_s_p99"], sim["ttft_s_p99"], rtol=0.05)
     np.testing.assert_allclose(out["tpot_s_mean"], screened["tpot_s_mean"], rtol=1e-6)
     assert corr.spread["ttft_s_p99"] < 0.05 and math.isinf(corr.spread["e2e_s_p99"])
+
+
+def test_mixed_fleets_and_disaggregation_are_screened():
+    stats = _chat_stats()
+    f = screen(
+        [
+            {"fleet": "h100-sxm:1x2,h200-sxm:2x1", "router": "least_loaded"},
+            {"replicas": 3},
+            {"pd": "1:1", "replicas": 2},
+            {"replicas": 2},
+        ],
+        stats,
+    )
+    assert np.isfinite(f[["ttft_s_p99", "tpot_s_p99", "request_throughput_per_s"]]).all().all()
+    # a fleet is priced GPU by GPU: two H100s and one TP-2 H200
+    from hisim_jax.specs import load_hardware
+
+    h100, h200 = (load_hardware(n).price_usd_per_hour for n in ("h100-sxm", "h200-sxm"))
+    assert math.isclose(f["usd_per_hour"].iloc[0], 2 * h100 + 2 * h200)
+    # a decode replica's steps carry no prefill: its TPOT spread is the decode step's alone
+    assert f["tpot_s_p99"].iloc[2] <= f["tpot_s_p99"].iloc[3] + 1e-12
