@@ -260,3 +260,13 @@ def test_mem_fraction_static_is_sglangs_name_for_l1_fraction(tmp_path):
         assert r.exit_code == 0, r.output
         out[flag] = json.loads((d / "summary.json").read_text())["replica"]["l1_tokens"]
     assert out["--l1-fraction"] == out["--mem-fraction-static"]
+
+
+def test_a_run_without_frames_has_the_same_summary():
+    from hisim_jax.simulation import SimulationOptions, run
+
+    o = SimulationOptions(limit=60)
+    full, bare = run(o), run(o, frames=False)
+    assert bare.requests is None and bare.steps is None
+    drop = lambda s: {k: v for k, v in s.items() if k not in ("wall_s", "cost")}  # noqa: E731
+    assert drop(full.summary) == drop(bare.summary)
