@@ -60,6 +60,7 @@ class SearchOptions:
     max_simulations: int = 64  # full-workload simulations at most (halving, random)
     eta: int = 3  # successive halving keeps 1/eta of a rung's points
     rungs: int = 2  # shorter-trace rungs before the full workload
+    rounds: int = 4  # screen refits (each followed by simulations of its new candidates)
     min_requests: int = 200  # the shortest rung's requests
     margin: float = 1.5  # a point is kept if this factor better would reach a front
     jobs: int = 0  # worker processes (0: the CPU cores this process may use)
@@ -74,7 +75,8 @@ class SearchOptions:
             raise ValueError(
                 f"field 'strategy' must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
             )
-        for name, lo in (("max_simulations", 1), ("eta", 2), ("rungs", 0), ("min_requests", 1),
+        for name, lo in (("max_simulations", 1), ("eta", 2), ("rungs", 0), ("rounds", 1),
+                         ("min_requests", 1),
                          ("jobs", 0), ("seed", 0), ("samples", 16)):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -687,7 +689,7 @@ def _halving(space, opts, screened, raw_screen, rungs, simulate, sim_frame, roun
     factor = opts.margin
     current = screened
     budget = opts.max_simulations
-    for _round in range(8):
+    for _round in range(opts.rounds):
         cand = np.flatnonzero(could_reach(current, space, factor))
         cand = [int(i) for i in cand if int(i) not in done]
         if not cand and not done:  # nothing can meet the SLOs: simulate the closest anyway
@@ -702,7 +704,7 @@ def _halving(space, opts, screened, raw_screen, rungs, simulate, sim_frame, roun
         log = {"candidates": len(cand), "margin": factor, "rungs": []}
         rounds.append(log)
         for n_req in rungs[:-1]:
-            if len(alive) <= opts.eta:
+            if len(alive) <= 2 * opts.eta:  # too few to halve: straight to the whole workload
                 break
             simulate(alive, n_req, f"simulate {n_req} requests")
             f = sim_frame(alive, n_req)
@@ -728,8 +730,8 @@ def _halving(space, opts, screened, raw_screen, rungs, simulate, sim_frame, roun
             spreads = [
                 v for k, v in correction.spread.items() if math.isfinite(v) and k in relevant
             ]
-            if spreads:
-                factor = float(np.clip(math.exp(2 * max(spreads)), 1.1, opts.margin * 2))
+            if spreads:  # one-sided 90%: how much better than screened a point may turn out
+                factor = float(np.clip(math.exp(1.28 * max(spreads)), 1.1, opts.margin))
             current = derive(correction.apply(raw_screen), screened["gpus"].to_numpy())
     return sorted(done), correction
 
