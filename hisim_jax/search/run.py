@@ -820,6 +820,12 @@ def _yaml_text(options: dict) -> str:
     return yaml.safe_dump(dict(sorted(options.items())), sort_keys=False)
 
 
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
 def report_markdown(result: SearchResult) -> str:
     r, space = result.report, result.space
     base = space.base
@@ -883,7 +889,7 @@ def report_markdown(result: SearchResult) -> str:
             lines += [f"### {name}", "", "| " + " | ".join(cols) + " |",
                       "|" + "---|" * len(cols)]  # fmt: skip
             for _, row in group.iterrows():
-                vals = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols]
+                vals = [_cell(row[c]) for c in cols]
                 lines.append("| " + " | ".join(vals) + " |")
             lines.append("")
     reasons = result.points.loc[~result.points["feasible"], "reason"]
