@@ -375,8 +375,8 @@ def _poisson_ppf(mean: np.ndarray, u: np.ndarray, exact_below: float = 12.0) -> 
     is small, the Wilson-Hilferty cube-root approximation where it is large (within a count
     or two there)."""
     mean, u = np.broadcast_arrays(np.asarray(mean, np.float64), np.asarray(u, np.float64))
-    out = np.empty(mean.shape)
-    small = mean < exact_below
+    out = np.zeros(mean.shape)
+    small = (mean < exact_below) & (mean > 0)  # a zero mean is a zero count
     m, uu = mean[small], u[small]
     p = np.exp(-m)
     cdf = p.copy()
@@ -389,7 +389,7 @@ def _poisson_ppf(mean: np.ndarray, u: np.ndarray, exact_below: float = 12.0) -> 
         cdf = cdf + p
         k = k + need
     out[small] = k
-    big = ~small
+    big = mean >= exact_below
     if big.any():
         m, z = mean[big], _normal_ppf(u[big])
         wh = m * (1 - 1 / (9 * m) + z / (3 * np.sqrt(m))) ** 3
@@ -455,11 +455,14 @@ def steady_state(
     frontend_s = col("frontend_request_s")
     frontend_tok = col("frontend_per_token_s")
     span = col("span_s")  # the trace's duration at this rate
-    pre0 = np.stack([curves[r["curve"]].prefill0_s for r in rows]) + 0.0
-    pre1 = np.stack([curves[r["curve"]].prefill1_s for r in rows])
-    chunks = np.stack([curves[r["curve"]].chunks for r in rows]).astype(np.float64)
-    one = np.array([curves[r["curve"]].one_token_s for r in rows])
-    dgrid = np.stack([curves[r["curve"]].decode_s for r in rows])
+    names = list(curves)  # each distinct curve once, then gathered per row
+    at = {k: i for i, k in enumerate(names)}
+    which = np.array([at[r["curve"]] for r in rows])
+    pre0 = np.stack([curves[k].prefill0_s for k in names])[which]
+    pre1 = np.stack([curves[k].prefill1_s for k in names])[which]
+    chunks = np.stack([curves[k].chunks for k in names]).astype(np.float64)[which]
+    one = np.array([curves[k].one_token_s for k in names])[which]
+    dgrid = np.stack([curves[k].decode_s for k in names])[which]
     pre0 = pre0 + chunks * overhead[:, None]
     pre1 = pre1 + chunks * overhead[:, None]
     dgrid = dgrid + overhead[:, None]
@@ -493,7 +496,7 @@ def steady_state(
         lo = np.zeros(n_rows)
         hi = n_cap.copy()
         over = excess(hi) > 0
-        for _ in range(48):
+        for _ in range(30):  # to a millionth of the running cap
             mid = 0.5 * (lo + hi)
             pos = excess(mid) > 0
             lo = np.where(pos, mid, lo)
