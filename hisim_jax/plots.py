@@ -106,6 +106,12 @@ def _log_if_wide(values: np.ndarray) -> str:
     return "log" if v.size and v.min() > 0 and v.max() > 100 * v.min() else "linear"
 
 
+def _note(ax, text: str) -> None:
+    """A grey line of text in the middle of an empty panel."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+            color="0.3")  # fmt: skip
+
+
 def plot_search_fronts(
     points,
     fronts: list[tuple[str, str, bool, bool]],
@@ -160,16 +166,7 @@ def plot_search_fronts(
                         ids[i], (x[i], y[i]), xytext=(3, 3), textcoords="offset points", fontsize=6
                     )
         else:
-            ax.text(
-                0.5,
-                0.5,
-                "no configuration meets the SLOs",
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                fontsize=9,
-                color="0.3",
-            )
+            _note(ax, "no configuration meets the SLOs")
         if shown.any():
             ax.set_xscale(_log_if_wide(x[shown]))
             ax.set_yscale(_log_if_wide(y[shown]))
@@ -220,16 +217,7 @@ def plot_slo_attainment(points, path: str | Path, top: int = 40) -> Path:
         if np.isfinite(targets).any():
             ax.legend(fontsize=7, loc="lower right")
     if not len(rows):
-        ax.text(
-            0.5,
-            0.5,
-            "no configuration was simulated",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            fontsize=9,
-            color="0.3",
-        )
+        _note(ax, "no configuration was simulated")
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("slo_attainment (fraction of requests within the SLOs)")
     ax.grid(True, axis="x", alpha=0.2)

@@ -93,46 +93,35 @@ class WorkloadStats:
 
 def _stack_distances(requests) -> tuple[np.ndarray, np.ndarray]:
     """(distance in blocks of every re-access of a prompt block, that request's index), in
-    access order. A block is a node of the prefix trie (its id chain), so equal ids after
-    different prefixes stay apart, as in the KV cache. Fenwick tree over access positions: the
-    distinct blocks touched since the previous access are the last-access marks after it."""
-    trie: dict[tuple[int, int], int] = {}
-    last: dict[int, int] = {}
-    total = sum(len(r.block_ids) for r in requests)
+    access order. Blocks are the prefix trie's nodes (``workload.prefix_node_stream``).
+    Fenwick tree over access positions: the distinct blocks touched since the previous access
+    are the last-access marks after it."""
+    nodes, owners = wl.prefix_node_stream(requests)
+    total = len(nodes)
     tree = [0] * (total + 1)
+    last: dict[int, int] = {}
     dist, owner = [], []
-    pos = 0
     marks = 0  # marks currently set (= distinct blocks seen)
-    for i, r in enumerate(requests):
-        node = 0
-        for b in r.block_ids:
-            key = (node, b)
-            nxt = trie.get(key)
-            if nxt is None:
-                nxt = len(trie) + 1
-                trie[key] = nxt
-            node = nxt
-            pos += 1
-            prev = last.get(node)
-            if prev is not None:
-                # marks at positions <= prev
-                s, j = 0, prev
-                while j > 0:
-                    s += tree[j]
-                    j -= j & -j
-                dist.append(marks - s)  # marks after prev: distinct blocks since
-                owner.append(i)
-                j = prev
-                while j <= total:  # clear the old mark
-                    tree[j] -= 1
-                    j += j & -j
-                marks -= 1
-            last[node] = pos
-            j = pos
-            while j <= total:
-                tree[j] += 1
+    for pos, (node, i) in enumerate(zip(nodes.tolist(), owners.tolist(), strict=True), 1):
+        prev = last.get(node)
+        if prev is not None:
+            s, j = 0, prev  # marks at positions <= prev
+            while j > 0:
+                s += tree[j]
+                j -= j & -j
+            dist.append(marks - s)  # marks after prev: distinct blocks since
+            owner.append(i)
+            j = prev
+            while j <= total:  # clear the old mark
+                tree[j] -= 1
                 j += j & -j
-            marks += 1
+            marks -= 1
+        last[node] = pos
+        j = pos
+        while j <= total:
+            tree[j] += 1
+            j += j & -j
+        marks += 1
     return np.asarray(dist, np.int64), np.asarray(owner, np.int64)
 
 

@@ -155,10 +155,20 @@ def prefix_reuse_ratio(requests: Iterable[Request]) -> float:
     trace this gives 0.3664, and so does the looser "this id appeared earlier anywhere" count:
     the trace's ids are content hashes of whole prefixes, so the two coincide there.
     """
+    nodes, _ = prefix_node_stream(requests)
+    # a node is numbered when first seen: every later access of it is a hit
+    return (len(nodes) - len(np.unique(nodes))) / len(nodes) if len(nodes) else 0.0
+
+
+def prefix_node_stream(requests: Iterable[Request]) -> tuple[np.ndarray, np.ndarray]:
+    """Every prompt block access in arrival order as a node of the prefix trie (its whole id
+    chain: equal ids after different prefixes are different nodes, as in the KV cache), and
+    the index of the request that made it. Nodes are numbered 1, 2, ... as first seen."""
     # A trie of (parent node, block id) -> node; one dict lookup per block, no tuple prefixes.
     trie: dict[tuple[int, int], int] = {}
-    hits = total = 0
-    for r in requests:
+    nodes: list[int] = []
+    owner: list[int] = []
+    for i, r in enumerate(requests):
         node = 0
         for b in r.block_ids:
             key = (node, b)
@@ -166,11 +176,10 @@ def prefix_reuse_ratio(requests: Iterable[Request]) -> float:
             if nxt is None:
                 nxt = len(trie) + 1
                 trie[key] = nxt
-            else:
-                hits += 1
             node = nxt
-        total += len(r.block_ids)
-    return hits / total if total else 0.0
+            nodes.append(node)
+        owner.extend([i] * len(r.block_ids))
+    return np.asarray(nodes, np.int64), np.asarray(owner, np.int64)
 
 
 _Row = tuple[float, int, int, tuple[int, ...], int, int]  # arrival, in, out, ids, session, turn
