@@ -216,16 +216,16 @@ def _slo(doc, where: str) -> SLOSpec:
         parts = k.split("_")
         if len(parts) == 3 and parts[0] in LATENCIES and parts[1] in STATS and parts[2] == "ms":
             limits.append((f"{parts[0]}_s_{parts[1]}", float(v) / 1e3))
-        elif len(parts) == 2 and parts[0] in ("ttft", "tpot", "e2e") and parts[1] == "ms":
+        elif len(parts) == 2 and parts[0] in ("ttft", "tpot") and parts[1] == "ms":
             request[f"request_{parts[0]}_s"] = float(v) / 1e3
         else:
             raise _err(
                 where,
                 f"slo.{k}: expected <metric>_<stat>_ms (metric {'/'.join(LATENCIES)}, stat "
-                f"{'/'.join(STATS)}), ttft_ms/tpot_ms/e2e_ms (per request) or attainment",
+                f"{'/'.join(STATS)}), ttft_ms/tpot_ms (per request) or attainment",
             )
     if attainment is not None and not request:
-        raise _err(where, "slo.attainment needs a per-request limit (ttft_ms, tpot_ms or e2e_ms)")
+        raise _err(where, "slo.attainment needs a per-request limit (ttft_ms or tpot_ms)")
     return SLOSpec(tuple(limits), attainment=attainment, **request)
 
 
@@ -335,6 +335,20 @@ def _check_values(space: SearchSpace) -> None:
         SimulationOptions.checked(space.base, where=space.where)
     except SpecError as e:
         raise _err(space.where, str(e).split(": ", 1)[-1]) from None
+    from hisim_jax.specs import load_hardware, load_model
+
+    for key, load in (("model", load_model), ("hardware", load_hardware)):
+        if key in space.base:  # a name that is no file fails here, not as infeasible points
+            try:
+                load(space.base[key])
+            except SpecError as e:
+                raise _err(space.where, f"field '{key}': {e}") from None
+        for name, values in space.axes:
+            for i, v in enumerate(values if name == key else ()):
+                try:
+                    load(v)
+                except SpecError as e:
+                    raise _err(space.where, f"axes.{name}[{i}]: {e}") from None
     engine = space.base.get("engine", "sglang")
     for name, values in space.axes:
         for i, v in enumerate(values):

@@ -35,6 +35,7 @@ def test_ranges_linear_log_and_step():
         ({"warp_speed": [1]}, "axes.warp_speed is not an option"),
         ({"token_budget": [2048], "chunked_prefill_size": [4096]}, "keep one"),
         ({"engine": ["tgi"]}, "axes.engine[0]"),
+        ({"hardware": ["h100-sxm", "h999"]}, "axes.hardware[1]: h999: no such file"),
     ],
 )
 def test_bad_axes_name_the_axis(axes, words):
@@ -94,6 +95,10 @@ def test_unknown_fields_and_objectives():
         _space(objectives=["speed"])
     with pytest.raises(SpecError, match="gpus"):
         _space(gpus=0)
+    with pytest.raises(SpecError, match="field 'model': llama-99b: no such file"):
+        _space(model="llama-99b")
+    with pytest.raises(SpecError, match="slo.e2e_ms: expected"):
+        _space(slo={"e2e_ms": 100})
 
 
 def test_point_ids_are_stable():
