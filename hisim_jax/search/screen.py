@@ -31,6 +31,7 @@ workload.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -460,18 +461,28 @@ def steady_state(
     n_cap = np.minimum(max_running, kv_cap)
     o1 = max(float(outl.mean()) - 1.0, 0.0)
 
+    # the loop needs only each row's first two moments of its prefill service time, a
+    # quadratic in the hit fraction phi and in g (1: a mixed step's chunk shares the weight
+    # read the decodes pay anyway): moments of the curves once, not [P, S] arrays per pass
+    c1 = chunks * one[:, None]
+    mom = {
+        "p0": pre0.mean(axis=1), "p1": pre1.mean(axis=1), "c": c1.mean(axis=1),
+        "p00": (pre0 * pre0).mean(axis=1), "p11": (pre1 * pre1).mean(axis=1),
+        "p01": (pre0 * pre1).mean(axis=1), "p0c": (pre0 * c1).mean(axis=1),
+        "p1c": (pre1 * c1).mean(axis=1), "cc": (c1 * c1).mean(axis=1),
+    }  # fmt: skip
     n_run = np.zeros(n_rows)
     for _ in range(2):  # hits depend on the running requests' KV, which depends on the load
         free = np.maximum(cache_tokens - n_run * ctx, 0.0)
         hits = hit_tokens(stats, free, replicas, affine)
         phi = hits / stats.reuse_tokens_inf if stats.reuse_tokens_inf else np.zeros(n_rows)
-        serv = pre0 * (1 - phi[:, None]) + pre1 * phi[:, None]  # [P, S] prefill seconds
-        # a mixed step's chunk shares the weight read the decodes pay anyway
-        serv = np.where(
-            (mixed & (n_run >= 1))[:, None], np.maximum(serv - chunks * one[:, None], 0), serv
-        )
-        es = serv.mean(axis=1)
-        es2 = (serv * serv).mean(axis=1)
+        g = (mixed & (n_run >= 1)).astype(np.float64)
+        a, b = 1 - phi, phi
+        es = a * mom["p0"] + b * mom["p1"] - g * mom["c"]
+        es2 = (
+            a * a * mom["p00"] + b * b * mom["p11"] + 2 * a * b * mom["p01"]
+            + g * g * mom["cc"] - 2 * g * (a * mom["p0c"] + b * mom["p1c"])
+        )  # fmt: skip
         rho = np.minimum(lam * es, RHO_MAX)
         served_pre = np.minimum(lam, RHO_MAX / np.maximum(es, 1e-12))
         # decode: N = lam (O - 1) d(N) / (1 - rho_decode_share), bisection on [0, n_cap]
@@ -491,6 +502,8 @@ def steady_state(
             lo = np.where(pos, mid, lo)
             hi = np.where(pos, hi, mid)
         n_run = np.where(over, n_cap, hi)
+    serv = pre0 * (1 - phi[:, None]) + pre1 * phi[:, None]  # [P, S] prefill seconds
+    serv = np.where(g[:, None] > 0, np.maximum(serv - c1, 0.0), serv)
     d = _interp_rows(_N_GRID, dgrid, np.maximum(n_run, 1.0))
     tpot_mean = d / share
     served_dec = np.where(
@@ -576,7 +589,9 @@ def steady_state(
     return frame, ttft, tpot
 
 
-def _stats_columns(name: str, samples: np.ndarray, weights: np.ndarray) -> dict:
+def _stats_columns(
+    name: str, samples: np.ndarray, weights: np.ndarray, uniform: bool = False
+) -> dict:
     """Weighted mean and p50/p90/p99 of each row's samples (NaNs ignored): one sort per
     metric, the three quantiles read off the cumulative weights."""
     w = np.where(np.isnan(samples), 0.0, weights)
@@ -584,6 +599,15 @@ def _stats_columns(name: str, samples: np.ndarray, weights: np.ndarray) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(tot > 0, np.nansum(samples * w, axis=1) / tot, np.nan)
     cols = {f"{name}_s_mean": mean}
+    if uniform:  # equal weights: the sorted samples alone (the same quantiles, one pass less)
+        s = np.sort(samples, axis=1)  # NaNs last
+        n = (~np.isnan(samples)).sum(axis=1)
+        rows = np.arange(len(s))
+        for stat, q in _STAT_Q.items():
+            j = np.maximum(np.ceil(q / 100.0 * n - 1e-9).astype(np.int64) - 1, 0)
+            cols[f"{name}_s_{stat}"] = np.where(n > 0, s[rows, np.minimum(j, s.shape[1] - 1)],
+                                                np.nan)  # fmt: skip
+        return cols
     order = np.argsort(samples, axis=1)  # NaNs last, with no weight
     s = np.take_along_axis(samples, order, axis=1)
     cw = np.cumsum(np.take_along_axis(w, order, axis=1), axis=1)
@@ -610,17 +634,20 @@ _SIZING = (
 _GROUPS: dict[tuple, ReplicaPlan] = {}
 
 
-def _groups(o: SimulationOptions, prices: dict) -> list[ReplicaPlan]:
-    """``replica_groups``, computed once per distinct sizing: a homogeneous point's one group
-    is that of one replica, with the point's count."""
+_SIZING_OF = operator.attrgetter(*_SIZING)
+
+
+def _groups(o: SimulationOptions, prices: dict) -> list[tuple[ReplicaPlan, int]]:
+    """``replica_groups`` as (plan, replicas) pairs, computed once per distinct sizing: a
+    homogeneous point's one group is that of one replica, with the point's count."""
     if o.fleet:
-        return replica_groups(o, prices)
-    key = (*(getattr(o, f) for f in _SIZING), tuple(sorted(prices.items())))
+        return [(g, g.count) for g in replica_groups(o, prices)]
+    key = (_SIZING_OF(o), tuple(sorted(prices.items())) if prices else ())
     g = _GROUPS.get(key)
     if g is None:
         (g,) = replica_groups(replace(o, replicas=1, pd=None), prices)
         _GROUPS[key] = g
-    return [g if g.count == o.replicas else replace(g, count=o.replicas)]
+    return [(g, o.replicas)]
 
 
 def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[dict, float]]:
@@ -631,12 +658,12 @@ def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[di
         else SimulationOptions.checked(point_options)
     )
     groups = _groups(o, prices)
-    total = sum(g.count for g in groups)
+    total = sum(count for _, count in groups)
     n_prefill, n_decode = parse_pd(o.pd) if o.pd else (total, 0)
     lam_total = stats.rate_per_s * o.rate_scale
     fe = FRONTENDS[o.engine] if o.frontend == "on" else None
     out = []
-    for g in groups:
+    for g, count in groups:
         lam = lam_total / n_prefill
         out.append(
             (
@@ -658,10 +685,10 @@ def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[di
                     "frontend_per_token_s": fe.per_input_token_s if fe else 0.0,
                     "span_s": stats.duration_s / o.rate_scale,
                     "rate_scale": o.rate_scale,
-                    "served_replicas": n_prefill if n_decode else g.count,
-                    "price_usd_per_hour": g.price_usd_per_hour * g.tp * g.count,
+                    "served_replicas": n_prefill if n_decode else count,
+                    "price_usd_per_hour": g.price_usd_per_hour * g.tp * count,
                 },
-                g.count / total if not n_decode else 1.0,
+                count / total if not n_decode else 1.0,
             )
         )
     return out
@@ -715,7 +742,7 @@ def screen(
     t_e2e = t_ttft + np.nan_to_num(t_tpot) * np.tile(np.maximum(outl - 1, 0), G)[None, :]
     cols: dict = {}
     for name, samp in (("ttft", t_ttft), ("tpot", t_tpot), ("e2e", t_e2e)):
-        cols.update(_stats_columns(name, samp, sw))
+        cols.update(_stats_columns(name, samp, sw, uniform=G == 1))
 
     def per_point(values, how="mean"):
         v = np.asarray(values, np.float64)[np.maximum(idx, 0)]

@@ -151,3 +151,17 @@ def test_mixed_fleets_and_disaggregation_are_screened():
     assert math.isclose(f["usd_per_hour"].iloc[0], 2 * h100 + 2 * h200)
     # a decode replica's steps carry no prefill: its TPOT spread is the decode step's alone
     assert f["tpot_s_p99"].iloc[2] <= f["tpot_s_p99"].iloc[3] + 1e-12
+
+
+def test_equal_weight_quantiles_match_the_weighted_ones():
+    from hisim_jax.search.screen import _stats_columns
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (50, 256))
+    x[rng.uniform(size=x.shape) < 0.1] = np.nan
+    x[3] = np.nan  # a row with no sample
+    w = np.full(x.shape, 1 / 256)
+    weighted, plain = _stats_columns("t", x, w), _stats_columns("t", x, w, uniform=True)
+    for k in weighted:
+        np.testing.assert_allclose(weighted[k], plain[k], equal_nan=True)
+    assert np.isnan(plain["t_s_p99"][3]) and np.isfinite(plain["t_s_p99"][0])
