@@ -378,6 +378,35 @@ add(
 add("files", "validate-e2e:bad-csv", ["validate", "e2e",
     w("bad-run.csv", "arrival_s,input_len,output_len,ttft_ms,e2e_ms\n0,-3,8,10,20\n"),
     "--out", "rep"])  # fmt: skip
+# hisim search: a bad space file or flag, one line naming the key, nothing written
+for name, text in (
+    ("not-a-mapping", "[1, 2]\n"),
+    ("axes-not-a-mapping", "axes: [1, 2]\n"),
+    ("bad-yaml", "model: [\n"),
+    ("duplicate-key", "gpus: 2\ngpus: 3\n"),
+    ("unknown-key", "colour: red\n"),
+    ("unknown-model", "model: llama-99b\n"),
+    ("unknown-gpu-in-axis", "axes: {hardware: [h100-sxm, h999]}\n"),
+    ("negative-axis-value", "axes: {l2_gb: [0, -1]}\n"),
+    ("inf-slo", "slo: {ttft_p99_ms: .inf}\n"),
+    ("unknown-slo", "slo: {ttft_p95_ms: 100}\n"),
+    ("range-without-step", "axes: {l2_gb: {min: 0, max: 10}}\n"),
+    ("log-range-from-zero", "axes: {l2_gb: {min: 0, max: 10, num: 3, scale: log}}\n"),
+    ("workload-axis", "axes: {trace: [a.jsonl]}\n"),
+    ("budget-zero", "gpus: 0\n"),
+    ("out-in-space", "out: somewhere\n"),
+):
+    add("search", f"search:{name}",
+        ["search", "--space", w(f"space-{name}.yaml", text), "--out", "s", "--no-cache"])  # fmt: skip
+add("search", "search:missing-space", ["search", "--space", "nope.yaml", "--out", "s"])
+add("search", "search:space-is-a-folder", ["search", "--space", "old", "--out", "s"])
+add("search", "search:out-is-a-file", ["search", "--out", "afile", "--no-cache"])
+add("search", "search:bad-strategy", ["search", "--strategy", "best", "--out", "s"])
+add("search", "search:bad-slo-flag", ["search", "--slo", "ttft=3", "--out", "s"])
+add("search", "search:bad-tp-flag", ["search", "--tp", "1,x", "--out", "s"])
+add("search", "search:zero-max-simulations", ["search", "--max-simulations", "0", "--out", "s"])
+add("search", "search:nan-margin", ["search", "--margin", "nan", "--out", "s"])
+add("search", "search:zero-cpu-price", ["search", "--cpu-price", "0", "--out", "s"])
 add("usage", "calibrate:aiconfigurator-no-system",
     ["calibrate", "--source", "aiconfigurator", "--out", "c.json"])  # fmt: skip
 add("usage", "calibrate:unknown-source", ["calibrate", "--source", "magic", "--out", "c.json"])
