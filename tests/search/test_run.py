@@ -160,3 +160,13 @@ def test_ray_runs_the_same_search():
     # the tests run JAX in float64 (conftest); Ray's workers start with its float32 default,
     # as every process of a real search does
     pd.testing.assert_frame_equal(serial.points[cols], remote.points[cols], rtol=1e-4)
+
+
+def test_a_process_pool_runs_the_same_search():
+    small = {**SPACE, "axes": {"engine": ["sglang", "vllm"]}, "gpus": 1}
+    serial = hisim_jax.search(small, cache_dir="", jobs=1, max_simulations=2)
+    pooled = hisim_jax.search(small, cache_dir="", jobs=2, max_simulations=2)
+    cols = ["id", "stage", "ttft_s_p99", "tpot_s_p99", "tokens_per_s_per_gpu"]
+    # spawned workers start with JAX's float32 default; the tests run float64 (conftest)
+    pd.testing.assert_frame_equal(serial.points[cols], pooled.points[cols], rtol=1e-4)
+    assert pooled.report["simulations"] == serial.report["simulations"] == 2
