@@ -310,13 +310,33 @@ def simulate_point(options: dict) -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        result = run(SimulationOptions.checked(options), frames=False)
-    except (SpecError, WorkloadError, ValueError) as e:
+        o = SimulationOptions.checked(options)
+        result = run(o, workload=_workload(o), frames=False)
+    except (SpecError, WorkloadError, ValueError, OSError) as e:
         return {"error": str(e)}
     m = metrics_of(result.summary)
     m["task_s"] = time.perf_counter() - t0  # the whole task: options to summary
     m["task_cpu_s"] = time.process_time() - c0
     return {"metrics": files.finite_or_none(m)}
+
+
+_WORKLOADS: dict = {}  # a worker's parsed workloads: every point of a rung shares one
+
+
+def _workload(o: SimulationOptions):
+    """``build_workload(o)``, parsed once per worker for each (file, selection): a Workload is
+    frozen, so the points of a search share it."""
+    from hisim_jax.simulation import build_workload
+
+    stat = os.stat(o.trace) if o.trace else None
+    key = (o.trace, stat and (stat.st_size, stat.st_mtime_ns), o.trace_format, o.limit,
+           o.rate_scale, o.start_s, o.end_s, o.skip_bad_lines, o.block_tokens, o.seed)  # fmt: skip
+    work = _WORKLOADS.get(key)
+    if work is None:
+        if len(_WORKLOADS) >= 8:
+            _WORKLOADS.clear()
+        work = _WORKLOADS[key] = build_workload(o)
+    return work
 
 
 def _init_worker(counter) -> None:
