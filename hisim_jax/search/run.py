@@ -561,6 +561,8 @@ def run_search(
             m = rec.get("metrics")
             rows.append({c: (m or {}).get(c, math.nan) for c in BASE_COLUMNS})
         f = pd.DataFrame(rows, columns=BASE_COLUMNS).astype(float)
+        # priced as the screen prices it: the space's prices over the specs', GPU by GPU
+        f["usd_per_hour"] = raw_screen["usd_per_hour"].to_numpy()[indices]
         return derive(f, gpus_all[[feasible[i] for i in indices]])
 
     rungs = _rung_sizes(n_full, opts)
@@ -638,7 +640,7 @@ def run_search(
         m = rec.get("metrics")
         if m:
             counts["simulated_gpu_s"] += m["simulated_s"] * gpus_all[feasible[i]]
-            counts["usd_gpu"] += m["simulated_s"] / 3600 * m["usd_per_hour"]
+            counts["usd_gpu"] += m["simulated_s"] / 3600 * raw_screen["usd_per_hour"].iloc[i]
             counts["sim_wall_s"] += m.get("task_s", m["wall_s"])
     wall = time.perf_counter() - t0
     cores = _cores_used(opts)

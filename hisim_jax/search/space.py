@@ -417,6 +417,7 @@ def expand(space: SearchSpace) -> list[Point]:
         and "fleet" not in space.base
     )
     seen: dict[str, Point] = {}
+    prices = dict(space.prices)
     for combo_values in itertools.product(*grids):
         combo = dict(zip(names, combo_values, strict=True))
         opts = _resolve(space.base, combo)
@@ -429,6 +430,9 @@ def expand(space: SearchSpace) -> list[Point]:
             if count is not None:
                 o["replicas"] = count
             o = _single_replica(o)
+            price = prices.get(str(o.get("hardware", "h100-sxm")))
+            if price is not None and "gpu_price_usd_per_hour" not in o and not o.get("fleet"):
+                o["gpu_price_usd_per_hour"] = price  # so its config replays at that price
             gpus = _gpus(o)
             axes = {n: combo[n] for n in names}
             for alias, (sg, vl) in ALIASES.items():

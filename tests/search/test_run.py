@@ -170,3 +170,13 @@ def test_a_process_pool_runs_the_same_search():
     # spawned workers start with JAX's float32 default; the tests run float64 (conftest)
     pd.testing.assert_frame_equal(serial.points[cols], pooled.points[cols], rtol=1e-4)
     assert pooled.report["simulations"] == serial.report["simulations"] == 2
+
+
+def test_the_space_prices_price_simulated_points_and_their_configs(tmp_path):
+    small = {**SPACE, "axes": {"engine": ["sglang"]}, "gpus": 1, "prices": {"h100-sxm": 1.0}}
+    res = hisim_jax.search(small, cache_dir="", jobs=1, max_simulations=1)
+    row = res.points.iloc[0]
+    assert row["stage"] == "full" and math.isclose(row["usd_per_hour"], 1.0)
+    per_token = 1.0 / 3600 / row["throughput_output_tok_s"] * 1e6
+    assert math.isclose(row["usd_per_mtok"], per_token)
+    assert res.options[row["id"]]["gpu_price_usd_per_hour"] == 1.0
