@@ -9,6 +9,7 @@ and renamed, so nothing already written is corrupted.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -34,6 +35,16 @@ def _click_exceptions():
     import click
 
     return click.exceptions
+
+
+def _aborts(exc) -> tuple:
+    """Click's Abort: in its exceptions module before typer vendored click, in
+    ``typer.exceptions`` since."""
+    found = (
+        getattr(exc, "Abort", None),
+        getattr(getattr(typer, "exceptions", None), "Abort", None),
+    )
+    return tuple(a for a in found if a is not None)
 
 
 def _given_value(param, args) -> str:
@@ -67,10 +78,13 @@ class OneLineUsageErrors(typer.core.TyperGroup):
             msg = _one_line(e.format_message()).rstrip(".") + got
             typer.echo(f"error: options: {msg}{hint}", err=True)
             sys.exit(2)
-        except exc.Abort:
+        except _aborts(exc):
             if not standalone_mode:
                 raise
             typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         if not standalone_mode:
             return rv
@@ -79,6 +93,8 @@ class OneLineUsageErrors(typer.core.TyperGroup):
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
+    # help texts print as written: a default in brackets, "[lru]", is not a rich markup tag
+    rich_markup_mode=None,
     add_completion=False,
     no_args_is_help=False,
     help="hisim-jax: simulate LLM serving on CPUs: step latency, engine, KV-cache tiers.",

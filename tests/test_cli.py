@@ -427,3 +427,14 @@ def test_estimate_with_engine_uses_each_gpus_production_calibration(tmp_path):
         assert got[hw] == pytest.approx(want, rel=1e-9)
     bad = runner.invoke(app, ["estimate", "--engine", "vllm", "--calibration", "x.json"])
     assert bad.exit_code == 2 and "--engine" in bad.output
+
+
+def test_help_shows_the_defaults_in_brackets():
+    from typer.testing import CliRunner
+
+    from hisim_jax.cli import app
+
+    out = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}).output
+    assert "[llama-3.1-8b]" in out and "[lru]" in out and "[h100-sxm]" in out
+    out = CliRunner().invoke(app, ["search", "--help"], env={"COLUMNS": "200"}).output
+    assert "replicas x tp <= GPUS" in out
