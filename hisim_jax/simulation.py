@@ -332,13 +332,21 @@ def build_workload(o: SimulationOptions) -> wl.Workload:
 def parse_fleet(o: SimulationOptions) -> list[tuple[str, int]]:
     """(hardware, tp) per replica: ``fleet`` groups, else ``replicas`` copies (``P + D`` of
     them with ``pd``)."""
-    if o.fleet:
+    return replica_kinds(o.fleet, o.hardware, o.tp, o.replicas, o.pd)
+
+
+def replica_kinds(
+    fleet: str | None, hardware: str, tp: int, replicas: int, pd: str | None
+) -> list[tuple[str, int]]:
+    """``parse_fleet`` of these option values (the configuration search counts a point's
+    GPUs with it before the point is checked as a whole)."""
+    if fleet:
         out = []
-        for group in o.fleet.split(","):
+        for group in fleet.split(","):
             spec, _, count = group.strip().rpartition("x")
-            hw, _, tp = spec.partition(":")
+            hw, _, tp_text = spec.partition(":")
             try:
-                n, tp_n = int(count), int(tp or o.tp)
+                n, tp_n = int(count), int(tp_text or tp)
                 if not hw or n < 1 or tp_n < 1:
                     raise ValueError
             except ValueError:
@@ -350,18 +358,18 @@ def parse_fleet(o: SimulationOptions) -> list[tuple[str, int]]:
             if len(out) > MAX_REPLICAS:
                 raise SpecError(
                     f"options: field 'fleet' must have at most {MAX_REPLICAS} replicas, "
-                    f"got {o.fleet!r}"
+                    f"got {fleet!r}"
                 )
         return out
-    n = o.replicas
-    if o.pd:
-        p, d = parse_pd(o.pd)
+    n = replicas
+    if pd:
+        p, d = parse_pd(pd)
         if n not in (1, p + d):
-            raise SpecError(f"options: --pd {o.pd} needs {p + d} replicas, got replicas={n}")
+            raise SpecError(f"options: --pd {pd} needs {p + d} replicas, got replicas={n}")
         n = p + d
     if n < 1:
         raise SpecError(f"options: field 'replicas' must be >= 1, got {n}")
-    return [(o.hardware, o.tp)] * n
+    return [(hardware, tp)] * n
 
 
 def parse_pd(text: str) -> tuple[int, int]:
@@ -438,6 +446,24 @@ def memory_share(o: SimulationOptions, model, tp: int, sched: SchedulerConfig):
     return (o.l1_fraction or MEM_FRACTION_STATIC), 0.0
 
 
+def step_estimator(o: SimulationOptions, hardware: str, tp: int) -> StepCost:
+    """The step-latency estimator the options name, for one kind of replica (the configuration
+    search's screen prices its steady states with the same one)."""
+    try:
+        if o.estimator == "roofline":  # without a calibration: the engine's for the GPU
+            return Estimator(o.model, hardware, tp, o.weight_dtype, o.kv_dtype, o.calibration,
+                             engine=o.engine)  # fmt: skip
+        return make_estimator(
+            o.estimator, o.model, hardware, tp, o.weight_dtype, o.kv_dtype,
+            calibration=o.calibration, table=o.estimator_table, extrapolate=o.extrapolate,
+            engine=o.engine,
+        )  # fmt: skip
+    except SpecError:
+        raise
+    except ValueError as e:  # a combination of options (tp, dtypes) the model refuses
+        raise SpecError(f"options: {e}") from None
+
+
 def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     """Replicas (one estimator per distinct GPU and TP degree), router and KV link."""
     fleet = parse_fleet(o)
@@ -457,21 +483,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     for i, (hw, tp) in enumerate(fleet):
         est = estimators.get((hw, tp))
         if est is None:
-            try:
-                if o.estimator == "roofline":  # without a calibration: the engine's for the GPU
-                    est = Estimator(o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration,
-                                    engine=o.engine)  # fmt: skip
-                else:
-                    est = make_estimator(
-                        o.estimator, o.model, hw, tp, o.weight_dtype, o.kv_dtype,
-                        calibration=o.calibration, table=o.estimator_table,
-                        extrapolate=o.extrapolate, engine=o.engine,
-                    )  # fmt: skip
-            except SpecError:
-                raise
-            except ValueError as e:  # a combination of options (tp, dtypes) the model refuses
-                raise SpecError(f"options: {e}") from None
-            estimators[hw, tp] = est
+            est = estimators[hw, tp] = step_estimator(o, hw, tp)
         gpu = est.hardware[0]
         sched = scheduler_config(o, gpu)
         try:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from hisim_jax import files
 from hisim_jax.search import pareto
-from hisim_jax.search.screen import Correction, replica_groups, screen, workload_stats
+from hisim_jax.search.screen import Correction, replica_plans, screen, workload_stats
 from hisim_jax.search.space import (
     LATENCIES,
     METRICS,
@@ -50,7 +50,6 @@ BASE_COLUMNS = [
     "goodput_req_s",
     "slo_attainment",
     "hit_rate",
-    "usd_per_hour",
 ]
 
 
@@ -298,8 +297,6 @@ def metrics_of(summary: dict) -> dict:
     out["requests_total"] = summary["requests_total"]
     out["simulated_s"] = summary["simulated_s"]
     out["wall_s"] = summary["wall_s"]
-    gpus = summary["cluster"]["gpus"]
-    out["usd_per_hour"] = summary["cost"]["gpu_price_usd_per_hour"] * gpus
     return out
 
 
@@ -444,21 +441,15 @@ def _check(points: list[Point], stats, prices: dict) -> list[Point]:
     for p in points:
         reason = p.reason
         if not reason:
-            try:
+            try:  # (parse_fleet refuses a pd split without prefill or decode replicas)
                 o = SimulationOptions.checked(p.options)
-                for g in replica_groups(o, prices):
+                for g, _count in replica_plans(o, prices):
                     if g.l1_tokens < stats.longest:
                         reason = (
                             f"KV cache of {g.l1_tokens} tokens per replica is smaller than the "
                             f"longest request ({stats.longest} tokens)"
                         )
                         break
-                if o.pd and not reason:
-                    from hisim_jax.simulation import parse_pd
-
-                    n_p, n_d = parse_pd(o.pd)
-                    if n_p < 1 or n_d < 1:
-                        reason = f"pd {o.pd} needs at least one prefill and one decode replica"
             except (SpecError, ValueError) as e:
                 reason = str(e).removeprefix("options: ")
         out.append(Point(p.id, p.options, p.axes, p.gpus, reason, {} if reason else {"o": o}))
@@ -561,7 +552,8 @@ def run_search(
             m = rec.get("metrics")
             rows.append({c: (m or {}).get(c, math.nan) for c in BASE_COLUMNS})
         f = pd.DataFrame(rows, columns=BASE_COLUMNS).astype(float)
-        # priced as the screen prices it: the space's prices over the specs', GPU by GPU
+        # priced as the screen prices it (the space's prices over the specs', GPU by GPU), not
+        # at the single price per GPU a simulate summary carries
         f["usd_per_hour"] = raw_screen["usd_per_hour"].to_numpy()[indices]
         return derive(f, gpus_all[[feasible[i] for i in indices]])
 
@@ -641,13 +633,12 @@ def run_search(
         if m:
             counts["simulated_gpu_s"] += m["simulated_s"] * gpus_all[feasible[i]]
             counts["usd_gpu"] += m["simulated_s"] / 3600 * raw_screen["usd_per_hour"].iloc[i]
-            counts["sim_wall_s"] += m.get("task_s", m["wall_s"])
+            counts["sim_wall_s"] += m["task_s"]
     wall = time.perf_counter() - t0
     cores = _cores_used(opts)
     cached_wall = sum(
-        (rec.get("metrics") or {}).get("task_s", 0.0) for key, rec in sims.items()
-        if key in cached_keys
-    )  # fmt: skip
+        sims[key]["metrics"]["task_s"] for key in cached_keys if "metrics" in sims[key]
+    )
     report = {
         "wall_s": wall,
         "screen_s": screen_s,

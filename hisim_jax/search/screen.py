@@ -38,6 +38,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+from hisim_jax.estimator.batch import bucket_size
 from hisim_jax.estimator.ops import DTYPE_BYTES
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.frontend import FRONTENDS
@@ -48,6 +49,7 @@ from hisim_jax.simulation import (
     parse_fleet,
     parse_pd,
     scheduler_config,
+    step_estimator,
 )
 from hisim_jax.specs import load_hardware, load_model
 
@@ -233,24 +235,14 @@ def replica_groups(o: SimulationOptions, prices: dict) -> list[ReplicaPlan]:
 # estimator calls: a few per (model, GPU, TP, engine), all budgets at once
 
 
-_ESTIMATORS: dict[tuple, object] = {}
+_ESTIMATORS: dict[tuple, object] = {}  # one per estimator key, for every search of a process
 
 
-def _estimator(key: tuple):
+def _estimator(key: tuple, o: SimulationOptions):
+    """The simulator's own estimator for this key (``simulation.step_estimator``), built once."""
     est = _ESTIMATORS.get(key)
     if est is None:
-        from hisim_jax.estimator.backends import make_estimator
-        from hisim_jax.estimator.roofline import Estimator
-
-        model, hw, tp, wdt, kvdt, calib, engine, backend, table, extrapolate = key
-        if backend == "roofline":
-            est = Estimator(model, hw, tp, wdt, kvdt, calib, engine=engine)
-        else:
-            est = make_estimator(
-                backend, model, hw, tp, wdt, kvdt, calibration=calib, table=table,
-                extrapolate=extrapolate, engine=engine,
-            )  # fmt: skip
-        _ESTIMATORS[key] = est
+        est = _ESTIMATORS[key] = step_estimator(o, key[1], key[2])
     return est
 
 
@@ -291,23 +283,21 @@ def decode_contexts(stats: WorkloadStats, n: int) -> np.ndarray:
     return (stats.input_len[pick] + np.floor(at * outl[pick])).astype(np.int64)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def compute_curves(stats: WorkloadStats, wanted: dict[tuple, set[tuple[int, int]]]) -> dict:
+def compute_curves(
+    stats: WorkloadStats, wanted: dict[tuple, set[tuple[int, int]]], sources: dict
+) -> dict:
     """Curves for every (estimator key, budget) wanted, each ``(budget, largest running
-    set)``: two estimator calls per estimator key, each of one padded shape (every prefill
-    chunk of every budget as a row; every decode-grid size as a row of the largest's width),
-    so a search compiles two programs per (model, GPU, TP, engine), not one per bucket."""
-    from hisim_jax.estimator.batch import bucket_size
+    set)``: two estimator calls per estimator key (built from the options ``sources[key]``),
+    each of one padded shape (every prefill chunk of every budget as a row; every decode-grid
+    size as a row of the largest's width), so a search compiles two programs per (model, GPU,
+    TP, engine), not one per bucket."""
 
     out = {}
     inp = stats.input_len
     reuse = stats.reuse_len
     contexts: dict[int, np.ndarray] = {}  # the same running sets for every estimator
     for key, budgets in wanted.items():
-        est = _estimator(key)
+        est = _estimator(key, sources[key])
         top = max(1, max(m for _, m in budgets))
         grid = _N_GRID[_N_GRID <= top]
         if grid[-1] < top:
@@ -322,13 +312,13 @@ def compute_curves(stats: WorkloadStats, wanted: dict[tuple, set[tuple[int, int]
                 parts.append((start, start + len(c), owner, k))
                 start += len(c)
             spans.append((budget, parts))
-        planes = np.zeros((3, _pow2(start), 8))  # one request per row
+        planes = np.zeros((3, bucket_size(start, 1), 8))  # one request per row
         planes[0, :start, 0] = np.concatenate(cl)
         planes[1, :start, 0] = np.concatenate(nl)
         planes[2, :start, 0] = 1.0
         prefill = est.padded_latency_s(planes, prompt=True)[:start, 0].astype(np.float64)
         width = bucket_size(int(top))
-        dec = np.zeros((3, _pow2(len(grid)), width))
+        dec = np.zeros((3, bucket_size(len(grid), 1), width))
         for row, n in enumerate(grid.astype(np.int64)):
             if n not in contexts:
                 contexts[n] = decode_contexts(stats, int(n))
@@ -637,7 +627,7 @@ _GROUPS: dict[tuple, ReplicaPlan] = {}
 _SIZING_OF = operator.attrgetter(*_SIZING)
 
 
-def _groups(o: SimulationOptions, prices: dict) -> list[tuple[ReplicaPlan, int]]:
+def replica_plans(o: SimulationOptions, prices: dict) -> list[tuple[ReplicaPlan, int]]:
     """``replica_groups`` as (plan, replicas) pairs, computed once per distinct sizing: a
     homogeneous point's one group is that of one replica, with the point's count."""
     if o.fleet:
@@ -657,7 +647,7 @@ def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[di
         if isinstance(point_options, SimulationOptions)
         else SimulationOptions.checked(point_options)
     )
-    groups = _groups(o, prices)
+    groups = replica_plans(o, prices)
     total = sum(count for _, count in groups)
     n_prefill, n_decode = parse_pd(o.pd) if o.pd else (total, 0)
     lam_total = stats.rate_per_s * o.rate_scale
@@ -669,6 +659,7 @@ def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[di
             (
                 {
                     "curve": (g.estimator_key, g.budget),
+                    "options": o,
                     "max_running": g.max_running,
                     "lam": lam,
                     "lam_decode": lam_total / n_decode if n_decode else lam,
@@ -714,12 +705,14 @@ def screen(
     if not rows:
         return pd.DataFrame()
     wanted: dict[tuple, set] = {}
+    sources: dict[tuple, SimulationOptions] = {}
     ctx = max(stats.context_tokens, 1.0)
     for r in rows:
         key, budget = r["curve"]
         n_cap = min(int(r["max_running"]), max(1, int(r["l1_tokens"] // ctx)))
         wanted.setdefault(key, set()).add((budget, n_cap))
-    curves = compute_curves(stats, wanted)
+        sources.setdefault(key, r["options"])
+    curves = compute_curves(stats, wanted, sources)
     frame, ttft, tpot = steady_state(stats, rows, curves)
     owner = np.asarray(owner)
     weight = np.asarray(weight)
