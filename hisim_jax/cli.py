@@ -1003,32 +1003,24 @@ def search(
     """Search deployments for the cheapest that meet the SLOs: Pareto fronts of throughput per
     GPU vs per user and of cost vs p99 TTFT, screened analytically, confirmed by simulation."""
     from hisim_jax.search.run import SearchOptions, run_search, write_outputs
-    from hisim_jax.search.space import PATH_KEYS, space_from_dict
-    from hisim_jax.specs import SpecError
+    from hisim_jax.search.space import read_space_doc, space_from_dict
 
     where = str(space) if space else "options"
-    doc = files.read_yaml(space, "search space (YAML)", SpecError) if space else {}
-    if not isinstance(doc, dict):
-        raise SpecError(f"{where}: expected a mapping (model, workload, axes, slo, ...)")
-    doc = dict(doc)
-    for key in PATH_KEYS:  # relative to the space file, as read_space takes them
-        v = doc.get(key)
-        if space and isinstance(v, str) and not Path(v).is_absolute():
-            doc[key] = str((space.parent / v).resolve())
-    axes = dict(doc.get("axes") or {}) if isinstance(doc.get("axes") or {}, dict) else doc["axes"]
+    doc = read_space_doc(space) if space else {}
     for key, value in (("model", model), ("trace", trace), ("trace_format", trace_format),
                        ("limit", limit), ("gpus", gpus)):  # fmt: skip
         if value is not None:
             doc[key] = str(value) if isinstance(value, Path) else value
-    for key, value in (("hardware", hardware), ("tp", tp), ("replicas", replicas),
-                       ("engine", engine), ("router", router), ("token_budget", token_budget),
-                       ("max_running", max_running), ("l2_gb", l2_gb),
-                       ("rate_scale", rate_scale)):  # fmt: skip
-        if value is not None:
-            doc.pop(key, None)
-            axes[key] = _axis_list(value)
-    if isinstance(axes, dict):
-        doc["axes"] = axes
+    axes = doc.get("axes") or {}
+    if isinstance(axes, dict):  # else space_from_dict names the bad value
+        axes = doc["axes"] = dict(axes)
+        for key, value in (("hardware", hardware), ("tp", tp), ("replicas", replicas),
+                           ("engine", engine), ("router", router), ("token_budget", token_budget),
+                           ("max_running", max_running), ("l2_gb", l2_gb),
+                           ("rate_scale", rate_scale)):  # fmt: skip
+            if value is not None:
+                doc.pop(key, None)
+                axes[key] = _axis_list(value)
     if slo is not None:
         doc["slo"] = _slo_flag(slo)
     sp = space_from_dict(doc, where)

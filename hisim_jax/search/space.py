@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from hisim_jax import files
-from hisim_jax.simulation import ENGINE_ONLY, SimulationOptions, parse_pd
+from hisim_jax.simulation import ENGINE_ONLY, SimulationOptions, parse_pd, replica_kinds
 from hisim_jax.specs import SpecError
 
 # engine-neutral axis names -> (SGLang option, vLLM option)
@@ -50,7 +50,7 @@ ALIASES = {
 WORKLOAD_KEYS = (
     "trace", "trace_format", "limit", "start_s", "end_s", "skip_bad_lines", "block_tokens", "seed",
 )  # fmt: skip
-SPACE_KEYS = ("gpus", "slo", "objectives", "fronts", "prices", "axes", "attainment_target")
+SPACE_KEYS = ("gpus", "slo", "objectives", "fronts", "prices", "axes")
 
 # metrics a search reports per point, and whether larger is better
 METRICS = {
@@ -135,17 +135,26 @@ PATH_KEYS = ("trace", "calibration", "estimator_table")
 
 
 def read_space(path: str | Path) -> SearchSpace:
-    """A space file; its relative paths (trace, calibration, estimator_table) are taken from
-    the file's folder and made absolute, so the configs it writes replay from anywhere."""
+    """A space file (``read_space_doc``) as a ``SearchSpace``."""
+    return space_from_dict(read_space_doc(path), str(path))
+
+
+def read_space_doc(path: str | Path) -> dict:
+    """A space file's mapping, its relative paths (trace, calibration, estimator_table) taken
+    from the file's folder and made absolute, so the configs it writes replay from anywhere."""
     path = Path(path)
-    doc = files.read_yaml(path, "search space (YAML)", SpecError)
-    if isinstance(doc, dict):
-        doc = dict(doc)
-        for key in PATH_KEYS:
-            v = doc.get(key)
-            if isinstance(v, str) and not Path(v).is_absolute():
-                doc[key] = str((path.parent / v).resolve())
-    return space_from_dict(doc, str(path))
+    doc = _mapping(files.read_yaml(path, "search space (YAML)", SpecError), str(path))
+    for key in PATH_KEYS:
+        v = doc.get(key)
+        if isinstance(v, str) and not Path(v).is_absolute():
+            doc[key] = str((path.parent / v).resolve())
+    return doc
+
+
+def _mapping(doc, where: str) -> dict:
+    if not isinstance(doc, dict):
+        raise _err(where, f"expected a mapping (model, workload, axes, slo, ...), got {doc!r}")
+    return dict(doc)
 
 
 def _range_values(name: str, spec: dict, where: str) -> tuple:
@@ -258,8 +267,7 @@ def _fronts(doc, where: str) -> tuple:
 
 def space_from_dict(doc, where: str = "space") -> SearchSpace:
     """A ``SearchSpace`` from the mapping a space file holds; one-line errors name the key."""
-    if not isinstance(doc, dict):
-        raise _err(where, f"expected a mapping (model, workload, axes, slo, ...), got {doc!r}")
+    doc = _mapping(doc, where)
     known = {f.name for f in fields(SimulationOptions)}
     base, axes = {}, []
     for key, value in doc.items():
@@ -433,7 +441,7 @@ def expand(space: SearchSpace) -> list[Point]:
             price = prices.get(str(o.get("hardware", "h100-sxm")))
             if price is not None and "gpu_price_usd_per_hour" not in o and not o.get("fleet"):
                 o["gpu_price_usd_per_hour"] = price  # so its config replays at that price
-            gpus = _gpus(o)
+            gpus = _gpus(o, space.where)
             axes = {n: combo[n] for n in names}
             for alias, (sg, vl) in ALIASES.items():
                 if alias in axes:
@@ -454,15 +462,11 @@ def expand(space: SearchSpace) -> list[Point]:
     return list(seen.values())
 
 
-def _gpus(o: dict) -> int:
-    if o.get("fleet"):
-        total = 0
-        for group in str(o["fleet"]).split(","):
-            hw_tp, _, count = group.strip().rpartition("x")
-            tp = hw_tp.split(":")[1] if ":" in hw_tp else o.get("tp", 1)
-            try:
-                total += int(tp) * int(count)
-            except ValueError:
-                raise SpecError(f"fleet {o['fleet']!r}: cannot read group {group!r}") from None
-        return total
-    return int(o.get("replicas", 1)) * int(o.get("tp", 1))
+def _gpus(o: dict, where: str) -> int:
+    """GPUs of a point's options: its replicas' TP degrees summed (``replica_kinds``)."""
+    try:
+        kinds = replica_kinds(o.get("fleet"), o.get("hardware", ""), int(o.get("tp", 1)),
+                              int(o.get("replicas", 1)), o.get("pd"))  # fmt: skip
+    except SpecError as e:
+        raise _err(where, str(e).removeprefix("options: ")) from None
+    return sum(tp for _, tp in kinds)
