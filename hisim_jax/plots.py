@@ -9,6 +9,17 @@ import numpy as np
 from hisim_jax.files import write_atomic
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` through a temporary file and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        return write_atomic(path, fig.savefig)
+    finally:
+        plt.close(fig)
+
+
 def predicted_vs_measured(
     measured_ms: np.ndarray,
     predicted_ms: np.ndarray,
@@ -43,11 +54,7 @@ def predicted_vs_measured(
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    try:
-        return write_atomic(path, fig.savefig)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def cdf_comparison(
@@ -57,8 +64,7 @@ def cdf_comparison(
     xlabel: str = "ms",
 ) -> Path:
     """Cumulative distributions, measured (solid) against predicted (dashed), one colour per
-    stage: ``(label, x, fraction, "measured"|"predicted")`` each. Writes ``path`` directly (the
-    caller moves it into place, e.g. through ``files.write_files_atomic``)."""
+    stage: ``(label, x, fraction, "measured"|"predicted")`` each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,12 +91,7 @@ def cdf_comparison(
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-        return path
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def _bool_column(points, name: str) -> np.ndarray:
@@ -176,11 +177,7 @@ def plot_search_fronts(
         ax.grid(True, which="both", alpha=0.2)
     for ax in list(axes.flat)[len(fronts) :]:
         ax.set_axis_off()
-    fig.tight_layout()
-    try:
-        return write_atomic(path, fig.savefig)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_slo_attainment(points, path: str | Path, top: int = 40) -> Path:
@@ -221,8 +218,4 @@ def plot_slo_attainment(points, path: str | Path, top: int = 40) -> Path:
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("slo_attainment (fraction of requests within the SLOs)")
     ax.grid(True, axis="x", alpha=0.2)
-    fig.tight_layout()
-    try:
-        return write_atomic(path, fig.savefig)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
