@@ -412,6 +412,9 @@ def _single_replica(opts: dict) -> dict:
     return opts
 
 
+_DEFAULT_HARDWARE = next(f.default for f in fields(SimulationOptions) if f.name == "hardware")
+
+
 def expand(space: SearchSpace) -> list[Point]:
     """Every distinct configuration of the space, in axis order. With a GPU budget and no
     ``replicas`` axis, each point takes every replica count that fits the budget."""
@@ -438,7 +441,7 @@ def expand(space: SearchSpace) -> list[Point]:
             if count is not None:
                 o["replicas"] = count
             o = _single_replica(o)
-            price = prices.get(str(o.get("hardware", "h100-sxm")))
+            price = prices.get(str(o.get("hardware", _DEFAULT_HARDWARE)))
             if price is not None and "gpu_price_usd_per_hour" not in o and not o.get("fleet"):
                 o["gpu_price_usd_per_hour"] = price  # so its config replays at that price
             gpus = _gpus(o, space.where)
