@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from hisim_jax import files
+from hisim_jax import files, specs
 from hisim_jax.estimator.backends import BACKENDS, make_estimator
 from hisim_jax.estimator.ops import DTYPE_BYTES
 from hisim_jax.estimator.roofline import Estimator
@@ -41,7 +42,8 @@ from hisim_jax.serving.metrics import (
 from hisim_jax.serving.router import Router, RouterConfig
 from hisim_jax.serving.scheduler.base import SchedulerConfig
 from hisim_jax.serving.scheduler.vllm import VLLM_BLOCK_SIZE, vllm_defaults, vllm_max_capture_size
-from hisim_jax.specs import SpecError
+from hisim_jax.serving.speculative import MAX_NUM_STEPS, SpeculativeConfig
+from hisim_jax.specs import ModelSpec, SpecError
 
 # Numeric options and the range each must lie in: (lowest, whether lowest itself is allowed,
 # highest or None). Checked up front so a bad value is named with its field, not found deep in a
@@ -83,7 +85,10 @@ _RANGES = {
     "kv_link_latency_us": (0, True, 1e9),
     "l3_shared_gb": (0, True, 1e9),
     "l3_shared_gb_s": _LINK_GB_S,
+    "speculative_num_steps": (0, True, MAX_NUM_STEPS),
+    "speculative_draft_layers": (1, True, 1024),
 }
+DEFAULT_ACCEPT_RATE = 0.7  # per draft position, when speculating without a rate given
 
 
 # options that belong to one engine's scheduler or memory accounting, and their counterparts
@@ -100,6 +105,29 @@ _COUNTERPART = {
     "max_running_requests": "max_num_seqs",
     "max_num_seqs": "max_running_requests",
 }
+
+
+def parse_accept_rates(v, where: str = "options") -> float | tuple[float, ...]:
+    """``speculative_accept_rate`` as given: one rate (a number or ``"0.7"``) or one per
+    draft position (a list, or ``"0.8,0.6,0.4"``). Ranges are checked by the options."""
+    bad = SpecError(
+        f"{where}: field 'speculative_accept_rate' has an invalid value {v!r} "
+        "(expected a rate in [0, 1] or one per draft step, e.g. 0.8,0.6,0.4)"
+    )
+    if isinstance(v, str):
+        parts = [x.strip() for x in v.split(",")]
+        try:
+            rates = tuple(float(x) for x in parts)
+        except ValueError:
+            raise bad from None
+        return rates[0] if len(rates) == 1 else rates
+    if isinstance(v, (list, tuple)):
+        if not v or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+            raise bad
+        return tuple(float(x) for x in v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad
+    return float(v)
 
 
 def range_error(name: str, v, lo, closed: bool = True, hi=None) -> str | None:
@@ -183,12 +211,20 @@ class SimulationOptions:
     kv_link_latency_us: float = 20.0
     l3_shared_gb: float = 0.0  # a KV store shared by all replicas (instead of a local L3)
     l3_shared_gb_s: float = 25.0  # its aggregate read and write bandwidth
+    # speculative decoding (serving/speculative.py): draft tokens per verify step (0: off;
+    # SGLang's --speculative-num-steps), the probability each draft token is accepted given
+    # the ones before it were (one rate, or one per draft step) [0.7], and the draft model's
+    # decoder layers [the model's MTP layers, else 1]
+    speculative_num_steps: int = 0
+    speculative_accept_rate: float | tuple[float, ...] | None = None
+    speculative_draft_layers: int | None = None
 
     def __post_init__(self):
         for name, (lo, closed, hi) in _RANGES.items():
             v = getattr(self, name)
             if v is not None and (why := range_error(name, v, lo, closed, hi)):
                 raise ValueError(why)
+        self._check_speculative()
         if self.engine not in ENGINE_ONLY:
             raise ValueError(
                 f"field 'engine' must be one of {', '.join(ENGINE_ONLY)}, got {self.engine!r}"
@@ -217,6 +253,44 @@ class SimulationOptions:
             ):
                 if value != only:
                     raise ValueError(f"field '{name}' {value!r}: vLLM V1 supports {only!r} only")
+
+    def _check_speculative(self) -> None:
+        name, rate, k = (
+            "speculative_accept_rate",
+            self.speculative_accept_rate,
+            self.speculative_num_steps,
+        )
+        if isinstance(rate, list):  # from Python: kept as a tuple (options are frozen)
+            rate = tuple(rate)
+            object.__setattr__(self, name, rate)
+        for other, v in ((name, rate), ("speculative_draft_layers", self.speculative_draft_layers)):
+            if v is not None and k == 0:
+                raise ValueError(f"field '{other}' needs speculative_num_steps >= 1, got 0")
+        if rate is None:
+            return
+        rates = rate if isinstance(rate, tuple) else (rate,)
+        for v in rates:
+            if why := range_error(name, v, 0, True, 1):
+                raise ValueError(why)
+        if isinstance(rate, tuple) and len(rate) != k:
+            raise ValueError(
+                f"field '{name}' needs one rate or {k} (one per draft step of "
+                f"speculative_num_steps {k}), got {len(rate)}: {','.join(map(str, rate))}"
+            )
+
+    def speculative(self, model: ModelSpec) -> SpeculativeConfig | None:
+        """The speculative decoding a replica of ``model`` runs, or None (off)."""
+        k = self.speculative_num_steps
+        if not k:
+            return None
+        rate = (
+            DEFAULT_ACCEPT_RATE
+            if self.speculative_accept_rate is None
+            else self.speculative_accept_rate
+        )
+        return SpeculativeConfig.of(
+            k, rate, draft_spec(model, self.speculative_draft_layers).num_layers
+        )
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict) -> SimulationOptions:
@@ -250,6 +324,8 @@ class SimulationOptions:
             try:
                 if v is None and "None" in kind:
                     out[f.name] = None
+                elif f.name == "speculative_accept_rate":
+                    out[f.name] = parse_accept_rates(v, where)
                 elif kind.startswith("int"):
                     if isinstance(v, bool) or float(v) != int(float(v)):
                         raise ValueError
@@ -464,6 +540,31 @@ def step_estimator(o: SimulationOptions, hardware: str, tp: int) -> StepCost:
         raise SpecError(f"options: {e}") from None
 
 
+def draft_spec(model: ModelSpec, layers: int | None = None) -> ModelSpec:
+    """The draft model of speculative decoding: ``layers`` decoder layers of the target's
+    shape with its embedding and LM head (default: the model's MTP layers, else 1)."""
+    make = getattr(specs, "draft_model", None)  # specs.draft_model, where it exists
+    if make is not None:
+        return make(model, layers)
+    n = layers if layers is not None else (getattr(model, "mtp_layers", 0) or 1)
+    return dataclasses.replace(
+        model, name=f"{model.name}-draft", num_layers=n,
+        num_moe_layers=min(model.num_moe_layers, n),
+    )  # fmt: skip
+
+
+def draft_estimator(o: SimulationOptions, target: StepCost, hardware: str, tp: int) -> StepCost:
+    """The draft model's step cost beside the target's: always the roofline (a lookup table
+    or aiconfigurator has no draft model), with the engine's calibration for the GPU."""
+    spec = draft_spec(target.model, o.speculative_draft_layers)
+    calibration = o.calibration if o.estimator == "roofline" else None
+    try:
+        return Estimator(spec, hardware, tp, o.weight_dtype, o.kv_dtype, calibration,
+                         engine=o.engine)  # fmt: skip
+    except ValueError as e:
+        raise SpecError(f"options: draft model: {e}") from None
+
+
 def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
     """Replicas (one estimator per distinct GPU and TP degree), router and KV link."""
     fleet = parse_fleet(o)
@@ -478,12 +579,19 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
             "l2_gb would stay empty (give l2_gb > 0, or use write_through)"
         )
     estimators: dict[tuple[str, int], StepCost] = {}
+    drafts: dict[tuple[str, int], StepCost] = {}
     replicas = []
     store = None
     for i, (hw, tp) in enumerate(fleet):
         est = estimators.get((hw, tp))
         if est is None:
             est = estimators[hw, tp] = step_estimator(o, hw, tp)
+        spec = o.speculative(est.model)
+        draft = None
+        if spec is not None:
+            draft = drafts.get((hw, tp))
+            if draft is None:
+                draft = drafts[hw, tp] = draft_estimator(o, est, hw, tp)
         gpu = est.hardware[0]
         sched = scheduler_config(o, gpu)
         try:
@@ -529,12 +637,13 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                 frontend=FRONTENDS[o.engine]
                 if o.frontend == "on" and role != "decode"
                 else Frontend(),
+                speculative=spec,
             )
         except ValueError as e:  # a page size, eviction or write policy it refuses
             raise SpecError(f"options: {e}") from None
         replicas.append(
             Replica(
-                Engine(cfg, est, store if role != "decode" else None),
+                Engine(cfg, est, store if role != "decode" else None, draft),
                 f"{gpu.name}/tp{tp}",
                 tp,
                 sizing.kv_bytes_per_token,
@@ -627,6 +736,14 @@ def run(
         "scheduler": asdict(first.engine.sched),
         "page_size": first.engine.cache.cfg.page_size,
     }
+    summ["speculative_num_steps"] = o.speculative_num_steps
+    spec = o.speculative(first.engine.step_cost.model)
+    if spec is not None:
+        summ["speculative"] = {
+            "accept_rates": list(spec.accept_rates),
+            "expected_accept_length": spec.tokens_per_step,
+            "draft_layers": spec.draft_layers,
+        }
     summ.update(_jsonable(cluster_summary(result)))
     summ["options"] = asdict(o)
     if not frames:  # a summary is all a search needs; the step table of a long run is seconds

@@ -97,6 +97,8 @@ class ClusterResult:
             _Stats(stats),
             sum(r.preemptions for r in self.results),
             self.simulated_s,
+            sum(r.spec_verify_steps for r in self.results),
+            sum(r.spec_tokens for r in self.results),
         )
 
 

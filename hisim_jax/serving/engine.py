@@ -36,6 +36,11 @@ from hisim_jax.serving.scheduler.base import (
     SchedulerConfig,
     graph_padded_size,
 )
+from hisim_jax.serving.speculative import (
+    SpeculativeConfig,
+    prefill_draft_seconds,
+    stretch_seconds,
+)
 
 FAST_FORWARD_STEPS = 256
 MAX_PREEMPTIONS = 50  # a request retracted more often than this is rejected
@@ -106,6 +111,8 @@ class EngineConfig:
     role: str = "unified"
     policy: str = "sglang"  # the scheduler's rules (scheduler.POLICIES)
     frontend: Frontend = Frontend()  # what requests pass through before the engine sees them
+    # speculative decoding (speculative.py): each decode step a draft pass and a verify step
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -159,16 +166,34 @@ class EngineResult:
     cache: KVCache
     preemptions: int
     simulated_s: float
+    # speculative decoding: request-steps of verify, and the tokens they emitted
+    spec_verify_steps: int = 0
+    spec_tokens: int = 0
 
 
 class Engine:
     """A single replica. ``run(requests)`` simulates a whole workload; a cluster instead
     ``submit``s requests as they are routed and ``advance``s every replica on one clock."""
 
-    def __init__(self, cfg: EngineConfig, step_cost: StepCost, shared_l3: KVStore | None = None):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        step_cost: StepCost,
+        shared_l3: KVStore | None = None,
+        draft_cost: StepCost | None = None,
+    ):
         self.cfg = cfg
         self.sched = cfg.scheduler
         self.step_cost = step_cost
+        # speculative decoding: the draft model's step cost, and counters of the verify steps
+        self.spec = cfg.speculative
+        if self.spec is not None and draft_cost is None:
+            raise ValueError("speculative decoding needs the draft model's step cost")
+        self.draft_cost = draft_cost
+        self.decode_slots = 1 if self.spec is None else self.spec.slots  # KV per decode
+        self._spec_step = 0  # verify steps run: the phase of the acceptance pattern
+        self._spec_verify_steps = 0  # request-steps of verify
+        self._spec_tokens = 0  # tokens they emitted
         self.cache = KVCache(cfg.cache, shared_l3)
         self.policy = POLICIES[cfg.policy](cfg.scheduler, prefill_only=cfg.role == "prefill")
         self.graph_sizes = np.array(self.policy.cuda_graph_sizes(self.sched.cuda_graph_max_bs))
@@ -187,9 +212,10 @@ class Engine:
         self._remaining_clipped = 0  # sum over running of min(remaining output, clip)
         self._joins = 0
         # The running batch's per-request counters live in arrays parallel to ``running``
-        # while it runs, offset by ``_tick`` (decode steps every request that stayed in the
-        # batch has taken): a decode stretch then bumps one integer instead of updating each
-        # request. ``_materialize`` writes them back to the ReqState when it leaves.
+        # while it runs, offset by ``_tick`` (tokens every request that stayed in the batch
+        # has decoded: one per decode step, or a speculative step's accepted tokens, the same
+        # for all): a decode stretch then bumps one integer instead of updating each request.
+        # ``_materialize`` writes them back to the ReqState when it leaves.
         self._tick = 0
         # rows: generated - output_len - tick (ascending: the sort key), input_len +
         # generated - 1 - tick (the context), private - tick
@@ -375,11 +401,16 @@ class Engine:
         decodes = []
         # the policy admitted the chunks leaving L1 room for the decodes' tokens; should it
         # not be there, the decodes sit this step out and the next decode step preempts
-        if self.policy.mixes_decodes and 0 < len(self.running) <= self.cache.l1_available():
+        slots = self.decode_slots
+        if self.policy.mixes_decodes and 0 < len(self.running) * slots <= self.cache.l1_available():
             # each decode reads the KV of its prompt and every token but the newest
             ctx = self._r_int.view[1] + self._tick
-            decodes = [(c, 1) for c in ctx.tolist()]
+            decodes = [(c, slots) for c in ctx.tolist()]
         compute_s = float(self.step_cost.step_latency_s([decodes + pairs])[0])
+        if self.spec is not None:  # the draft model runs over the prompts and drafts
+            compute_s += prefill_draft_seconds(
+                self.draft_cost, self.spec, pairs, [c for c, _ in decodes]
+            )
         compute_s += self.sched.step_overhead_s
         # KV arriving from L2/L3 is consumed layer by layer as the forward pass reaches it
         ready = max(st.ready_s for st, _ in batch)
@@ -390,7 +421,7 @@ class Engine:
             end - now,
             "mixed" if n_dec else "prefill",
             n_dec + len(batch),
-            n_dec + sum(c for _, c in batch),
+            n_dec * slots + sum(c for _, c in batch),
             sum(a + b for a, b in decodes) + sum(a + b for a, b in pairs),
             len(self.waiting),
             len(self.running),
@@ -399,7 +430,11 @@ class Engine:
         if n_dec:
             # before the prompts that finish here join: they get their first token, not two
             step = np.array([end - now])
-            if not self._decode_tokens(now, step, step + now, np.array([n_dec]), log=False):
+            if self.spec is None:
+                fits = self._decode_tokens(now, step, step + now, np.array([n_dec]), log=False)
+            else:
+                fits = self._spec_tokens_of(now, step, step + now, 1, log=False)
+            if not fits:
                 raise RuntimeError("internal: L1 room for the decodes vanished within a step")
         for st, c in batch:
             st.computed += c
@@ -440,6 +475,8 @@ class Engine:
         With nobody waiting, requests that finish mid-stretch leave without ending it (their
         batch simply shrinks); with requests waiting, the first finish ends it, since the freed
         KV may admit one of them."""
+        if self.spec is not None:
+            return self._spec_stretch(now, next_event)
         tick = self._tick  # running: longest remaining output first
         key, ctx0, _ = self._r_int.view
         remaining = -(key + tick)
@@ -489,6 +526,137 @@ class Engine:
         if self._async:
             self._formed_s = float(ends[-1] - dur[-1])  # the stretch's last step started then
         return float(ends[-1])
+
+    def _graph_padded(self, active: np.ndarray) -> np.ndarray:
+        pad_of = self._graph_pad
+        if active[0] < len(pad_of):
+            return pad_of[active]
+        return graph_padded_size(active, self.graph_sizes)
+
+    # ------------------------------------------------------------------------------------
+    # speculative decoding (speculative.py): every request of the running batch advances by
+    # the same tokens per verify step, so ``_tick`` counts tokens and a stretch stays a few
+    # array operations, as without it
+
+    def _spec_plan(self, steps: int):
+        """The next ``steps`` verify steps of the running batch: tokens per request of each
+        (``adv``), tokens before it (``before``) and after it (``incl``), requests still
+        decoding at it (``active``, the head of the batch) and the L1 tokens the stretch holds
+        at its verify (``peak``: what earlier steps kept, plus k + 1 slots per request)."""
+        remaining = -(self._r_int.view[0] + self._tick)  # descending
+        adv = self.spec.advance(self._spec_step, steps)
+        incl = np.cumsum(adv)
+        before = incl - adv
+        active = np.searchsorted(-remaining, -before, side="left")  # remaining > before
+        left = np.zeros(len(remaining) + 1, np.int64)  # left[i]: the output of requests i..
+        left[:-1] = np.cumsum(remaining[::-1])[::-1]
+        peak = active * before + left[active] + self.decode_slots * active
+        return adv, before, incl, active, peak
+
+    def _spec_stretch(self, now: float, next_event: float) -> float:
+        """``_decode_stretch`` with speculative steps: each a draft pass and a verify step."""
+        tick = self._tick
+        key, ctx0, _ = self._r_int.view
+        remaining = -(key + tick)
+        through = not (self.waiting or self.swapped or self.chunked)
+        _, before, incl, active, peak = self._spec_plan(FAST_FORWARD_STEPS)
+        goal = remaining[0] if through else remaining[-1]
+        k = min(int(np.searchsorted(incl, goal, side="left")) + 1, FAST_FORWARD_STEPS)
+        if math.isfinite(next_event) and self._last_decode_s > 0:
+            k = max(1, min(k, int((next_event - now) / self._last_decode_s * 1.25) + 2))
+        # stop before the first verify whose KV slots L1 cannot hold (evictable pages count)
+        over = np.flatnonzero(peak[:k] > self.cache.l1_available())
+        if len(over):
+            k = int(over[0])
+        if k < 1:
+            self._preempt(now)
+            return now
+        active = active[:k]
+        spare = self._spare
+        if spare is not None and spare[0] == (self._batch_version, tick) and len(spare[1]) >= k:
+            dur = spare[1][:k]
+        else:
+            dur = stretch_seconds(
+                self.step_cost, self.draft_cost, self.spec, ctx0 + tick, before[:k], active,
+                self._graph_padded(active),
+            )  # fmt: skip
+            dur = dur + self.sched.step_overhead_s
+        ends = now + np.cumsum(dur)
+        over = int(np.searchsorted(ends, next_event))
+        costed = dur
+        k = over + 1 if over < k else k
+        dur, ends = dur[:k], ends[:k]
+        self._last_decode_s = float(dur[-1])
+        if not self._spec_tokens_of(now, dur, ends, k, log=True):
+            self._preempt(now)
+            return now
+        self._spare = ((self._batch_version, self._tick), costed[k:]) if k < len(costed) else None
+        if self._async:
+            self._formed_s = float(ends[-1] - dur[-1])
+        return float(ends[-1])
+
+    def _spec_tokens_of(self, now: float, dur, ends, steps: int, log: bool) -> bool:
+        """``_decode_tokens`` for ``steps`` speculative steps: every request still decoding
+        takes the step's accepted tokens + 1 (clipped to its output); the KV of rejected
+        drafts is freed at the step's end, so each request keeps what it accepted. False:
+        L1 cannot hold a verify's slots (nothing changed)."""
+        run = self.running
+        tick = self._tick
+        key, ctx0, priv0 = self._r_int.view
+        last = self._r_last.view[0]
+        remaining = -(key + tick)
+        adv, before, incl, active, peak = self._spec_plan(steps)
+        if not self.cache.make_room(L1, int(peak.max()), now):
+            return False
+        total = int(incl[-1])
+        got = np.minimum(remaining, total)  # tokens each request takes in these steps
+        tokens = int(got.sum())
+        self.cache.alloc_private(tokens)
+        # ITL: a step's tokens arrive at once, its gap shared among them as SGLang's
+        # bench_serving does (chunk gap / new tokens, once per token); a request's first gap
+        # also spans any prefill steps since its last token
+        pairs = int(active.sum())
+        step = np.repeat(np.arange(steps), active)
+        slot = np.arange(pairs) - np.repeat(np.cumsum(active) - active, active)
+        tok = np.minimum(adv[step], remaining[slot] - before[step])
+        gap = np.where(step == 0, ends[0] - last[slot], dur[step])
+        self._itl.append(np.repeat(gap / tok, tok))
+        self._spec_verify_steps += pairs
+        self._spec_tokens += tokens
+        self._remaining_clipped -= int(
+            np.minimum(remaining, CLIP_MAX_NEW_TOKENS).sum()
+            - np.minimum(remaining - got, CLIP_MAX_NEW_TOKENS).sum()
+        )
+        n_done = int(np.count_nonzero(remaining <= total))  # the tail of the sorted batch
+        keep = len(run) - n_done
+        if n_done:
+            done = np.searchsorted(incl, remaining[keep:], side="left")  # its last step
+            for s, r, t, p in zip(
+                run[keep:], remaining[keep:].tolist(), ends[done].tolist(),
+                (priv0[keep:] + tick).tolist(), strict=True,
+            ):  # fmt: skip
+                s.private = p + r
+                s.generated = s.req.output_len
+                s.last_token_s = t
+        self._tick = tick + total
+        self._spec_step += steps
+        last[:keep] = ends[-1]
+        if log:
+            # KV read at step j: the first active[j] contexts, each before[j] longer
+            kv = np.cumsum(ctx0 + tick)[active - 1] + active * before
+            self.steps.add_many(
+                ends - dur, dur, "decode", active, active * self.decode_slots, kv,
+                len(self.waiting), active,
+            )  # fmt: skip
+        self.policy.after_decode(steps)
+        if n_done:
+            finished = run[keep:]
+            self.running = run[:keep]
+            self._batch_version += 1
+            self._r_int.n = self._r_last.n = keep
+            for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
+                self._finish(s, s.last_token_s, still_running=False)
+        return True
 
     def _decode_tokens(self, now: float, dur, ends, active, log: bool) -> bool:
         """Every running request decodes in the steps of ``dur`` (ending at ``ends``) while it
@@ -617,7 +785,7 @@ class Engine:
         cannot take it, it is recomputed from its prompt later."""
         self._sync_running()
         order = self.policy.retract_order(self.running)
-        while self.running and self.cache.l1_available() < len(self.running):
+        while self.running and self.cache.l1_available() < len(self.running) * self.decode_slots:
             victim = order.pop(0)
             self._leave(victim)
             self.preemptions += 1
@@ -827,4 +995,7 @@ class Engine:
     def result(self, states: list) -> EngineResult:
         self._sync_running()
         itl = np.concatenate(self._itl) if self._itl else np.zeros(0)
-        return EngineResult(states, self.steps, itl, self.cache, self.preemptions, self.now)
+        return EngineResult(
+            states, self.steps, itl, self.cache, self.preemptions, self.now,
+            self._spec_verify_steps, self._spec_tokens,
+        )  # fmt: skip

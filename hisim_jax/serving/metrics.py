@@ -145,6 +145,11 @@ def summary(
             "bytes_moved": {k: float(v) for k, v in stats.bytes_moved.items()},
         },
         "preemptions": int(result.preemptions),
+        # speculative decoding: tokens a request took per verify step, bonus token included
+        # (SGLang's spec_accept_length, less the prefill's token it counts in)
+        "spec_accept_length": (
+            result.spec_tokens / result.spec_verify_steps if result.spec_verify_steps else None
+        ),
     }
     if slo is not None:
         ok = np.ones(len(done), bool)

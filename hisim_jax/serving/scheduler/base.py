@@ -127,6 +127,7 @@ class EngineView(Protocol):
     running: list[ReqState]  # decoding
     swapped: deque[ReqState]  # preempted to L2
     chunked: ReqState | None  # the prompt being prefilled chunk by chunk; a policy sets it
+    decode_slots: int  # KV slots (and tokens computed) per running request in a decode step
 
     def pages(self, tokens: int) -> int: ...  # KV pages (in tokens) that many tokens take
 

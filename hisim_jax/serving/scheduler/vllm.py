@@ -95,7 +95,8 @@ class VLLMPolicy:
         a decode-only step (the engine then runs decode steps until the next event)."""
         if not (eng.waiting or eng.chunked):
             return []
-        decodes = len(eng.running)
+        # a decode's tokens: its newest, plus its drafts under speculative decoding
+        decodes = len(eng.running) * eng.decode_slots
         # the decodes' next tokens are allocated first; if even they do not fit, the decode
         # step preempts and nothing new is admitted (vLLM: no admission after a preemption)
         room = eng.l1_available() - decodes
@@ -116,7 +117,7 @@ class VLLMPolicy:
             if chunk == st.prompt_left:
                 eng.chunked = None  # its last chunk: the rest of the budget goes to new prompts
         while eng.waiting and budget > 0 and eng.chunked is None:
-            if decodes + len(batch) >= self.cfg.max_running_requests:
+            if len(eng.running) + len(batch) >= self.cfg.max_running_requests:
                 break
             st = eng.waiting[0]
             hit, prompt = eng.match_prefix(st, now)

@@ -34,6 +34,7 @@ class FakeView:
     swapped: deque = field(default_factory=deque)
     chunked: ReqState | None = None
     reserved: float = 0.0
+    decode_slots: int = 1  # KV per running request in a decode step (more when speculating)
 
     def pages(self, tokens):
         return tokens
