@@ -841,6 +841,17 @@ def simulate(
         None, help="KV store shared by all replicas, GB (replaces --l3-gb) [0: off]."
     ),
     l3_shared_gb_s: float = typer.Option(None, help="Shared store bandwidth, GB/s [25]."),
+    speculative_num_steps: int = typer.Option(
+        None, help="Speculative decoding: draft tokens per verify step (SGLang's) [0: off]."
+    ),
+    speculative_accept_rate: str = typer.Option(
+        None,
+        help="Chance a draft token is accepted given the ones before it were: one rate, or "
+        "one per draft step (0.8,0.6,0.4) [0.7].",
+    ),
+    speculative_draft_layers: int = typer.Option(
+        None, help="Decoder layers of the draft model [the model's MTP layers, else 1]."
+    ),
     out: Path = typer.Option(
         None, help="Folder for requests.csv, steps.csv, summary.json [hisim-out]."
     ),
@@ -901,6 +912,13 @@ def simulate(
         ["cache hit rate", f"{s['cache']['hit_rate']:.1%}"],
         ["preemptions", str(s["preemptions"])],
     ]
+    if s["spec_accept_length"] is not None:
+        rows.append(
+            [
+                f"tokens per verify step (k={s['speculative_num_steps']})",
+                f"{s['spec_accept_length']:.2f}",
+            ]
+        )
     if s["requests_rejected"]:
         rows.append(["rejected", "; ".join(f"{n} {why}" for why, n in s["rejections"].items())])
     if s["skipped_lines"]:

@@ -320,12 +320,13 @@ class SimulationOptions:
             if f.name not in values:
                 continue
             v = values[f.name]
+            if f.name == "speculative_accept_rate" and v is not None:
+                out[f.name] = parse_accept_rates(v, where)  # a rate or a list of them
+                continue
             kind = str(f.type)
             try:
                 if v is None and "None" in kind:
                     out[f.name] = None
-                elif f.name == "speculative_accept_rate":
-                    out[f.name] = parse_accept_rates(v, where)
                 elif kind.startswith("int"):
                     if isinstance(v, bool) or float(v) != int(float(v)):
                         raise ValueError

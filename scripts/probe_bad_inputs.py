@@ -371,6 +371,22 @@ for name, args in (
     ("vllm-max-num-batched-tokens-0", ["--engine", "vllm", "--max-num-batched-tokens", "0"]),
 ):
     add("numbers", f"simulate:{name}", ["simulate", "--limit", "4", *args, "--out", "o"])
+# speculative decoding: its depth, acceptance (one rate or one per draft step), draft depth
+SPEC = ["--speculative-num-steps", "3"]
+for name, args in (
+    ("spec-steps-negative", ["--speculative-num-steps", "-1"]),
+    ("spec-steps-huge", ["--speculative-num-steps", "1000000"]),
+    ("spec-rate-above-one", [*SPEC, "--speculative-accept-rate", "1.5"]),
+    ("spec-rate-nan", [*SPEC, "--speculative-accept-rate", "nan"]),
+    ("spec-rate-list-too-short", [*SPEC, "--speculative-accept-rate", "0.8,0.6"]),
+    ("spec-rate-not-a-number", [*SPEC, "--speculative-accept-rate", "0.8,x,0.4"]),
+    ("spec-rate-without-steps", ["--speculative-accept-rate", "0.7"]),
+    ("spec-draft-layers-zero", [*SPEC, "--speculative-draft-layers", "0"]),
+):
+    add("numbers", f"simulate:{name}", ["simulate", "--limit", "4", *args, "--out", "o"])
+add("numbers", "config:speculative_accept_rate=[0.8, true, 0.4]",
+    ["simulate", "--config", w("c.yaml", "speculative_num_steps: 3\n"
+     "speculative_accept_rate: [0.8, true, 0.4]\n"), "--out", "o"])  # fmt: skip
 add("files", "validate-e2e:missing-run", ["validate", "e2e", "nope.json", "--out", "rep"])
 add(
     "files", "validate-e2e:empty-json", ["validate", "e2e", w("bad-run.json", "{}"), "--out", "rep"]
