@@ -242,7 +242,8 @@ class Engine:
         r = st.req
         if self.cfg.max_context and r.input_len + r.output_len > self.cfg.max_context:
             return f"longer than the context window ({r.input_len + r.output_len} > {self.cfg.max_context})"
-        need = self.cache.pages(r.input_len + r.output_len)
+        # at its last decode step it holds all but its last token, and a verify writes k + 1
+        need = self.cache.pages(r.input_len + r.output_len + self.decode_slots - 1)
         if need > self.cache.capacity[L1]:
             page = self.cache.cfg.page_size
             held = f"{need} in pages of {page}" if page > 1 else str(need)
