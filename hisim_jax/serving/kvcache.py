@@ -21,6 +21,43 @@ starts inside a page its parent opened costs only the pages it adds). Two prompt
 inside a page share that page's charge here, where SGLang's paged radix cache, which matches
 whole pages, would hold the page twice. Everything here is plain Python: it runs once per
 request event, never per decode step.
+
+Hybrid models (``KVCacheConfig.state_checkpoints``: Qwen3.5's Gated DeltaNet layers, Nemotron-H's
+Mamba-2 layers) keep a fixed recurrent state per request for their linear layers instead of a
+growing KV, and the attention layers' KV of a cached prefix cannot resume those layers: a prefix
+is reusable only up to a point where the state was saved. The rule is SGLang's (read in sglang
+0.5.23, ``srt/mem_cache/unified_cache/components/mamba.py``: the Mamba component of the
+``UnifiedRadixCache`` that replaced ``mamba_radix_cache.py``, same rule): caching a request's
+tokens saves its state on the node where the insert ends, and a prefix match returns only the
+deepest matched node that holds a state. The engine inserts a prompt once its prefill is done,
+so a state is saved where that insert ends: by default (``state_grid_tokens`` 0, SGLang's
+``no_buffer`` mode) at the prompt's end, its last block, partial or not; with a grid of N tokens
+(SGLang's ``extra_buffer`` mode, its default under overlap scheduling, tracks states on
+lcm(64, page) and truncates the insert there) at the last block ending at or before the last
+multiple of N. Either way only at a page boundary (a paged tree names only whole pages). A match
+is the longest resident prefix that ends at a saved state before the prompt's last token (always
+computed, as without states): cached KV past the last saved state is computed again and its
+tokens count as misses, not hits.
+
+vLLM (0.33.0: ``MambaManager`` in ``vllm/v1/core/single_type_kv_cache_manager.py`` under
+``mamba_cache_mode="align"``, ``_mamba_block_aligned_split`` in ``v1/core/sched/scheduler.py``)
+differs: it keeps a state only where a scheduler step ends on a multiple of its hybrid block
+size (raised so one attention page weighs one state: hundreds of tokens; prefill chunks are cut
+to end there) and never at a partial tail, and finds its hit by searching blocks right to left
+for the last one with a state, so its hits are whole hybrid blocks. SGLang keeps the state at
+the exact end of what it caches. ``state_grid_tokens`` set to vLLM's block size approximates
+vLLM's rule to the block below; SGLang's ``extra_buffer`` also saves a state at the branching
+point of a KV hit longer than its state hit, which is not modelled.
+
+A state mark lives on its node and goes wherever the node's KV goes: an L1 eviction that writes
+the node down to L2 or L3 keeps it (SGLang HiCache backs a node's state up to the host with its
+KV), and a block placed again after its KV left every tier (and the shared store) comes back
+without it. States take no tier capacity here and are never evicted on their own (SGLang's
+separate Mamba pool can drop a state while its KV stays); pins need no change (a request holds
+its own running state). Nodes never split (a node is a block; a prompt that extends a partial
+block gets a node of its own, without the partial block's state). The shared store
+(kvstore.py) records KV only: a block found there without a node of this replica's that
+still holds a state is no state point, so hybrids reuse little from the store.
 """
 
 from __future__ import annotations
@@ -60,6 +97,10 @@ class KVCacheConfig:
     eviction: str = "lru"
     write_policy: str = "write_through"
     ranks: int = 1  # TP ranks: a shared store moves every rank's share of a token
+    # the model has recurrent-state layers: a prefix is reusable only where a state was saved
+    state_checkpoints: bool = False
+    # where an insert saves its state: 0 at the prompt's end, N at the last multiple of N
+    state_grid_tokens: int = 0
 
     def __post_init__(self):
         if self.l1_tokens <= 0:
@@ -76,6 +117,8 @@ class KVCacheConfig:
             )
         if min(self.l2_tokens, self.l3_tokens) < 0:
             raise ValueError("tier capacities must be >= 0")
+        if self.state_grid_tokens < 0:
+            raise ValueError(f"state_grid_tokens must be >= 0, got {self.state_grid_tokens}")
 
 
 class _Node:
@@ -95,6 +138,7 @@ class _Node:
         "key",
         "l2_ready_s",
         "via_l3",
+        "state",
     )
 
     def __init__(self, node_id: int, parent: _Node | None, tokens: int, pages: int):
@@ -112,6 +156,7 @@ class _Node:
         self.uses = 0
         self.l2_ready_s = 0.0  # when its L2 copy has landed (reads before then wait or miss)
         self.via_l3 = False  # in L2 because it was prefetched from L3: its hits count as L3
+        self.state = False  # a recurrent state saved at its end is held (state_checkpoints)
 
 
 def _served_from(node: _Node, tier: int) -> int:
@@ -171,6 +216,7 @@ class KVCache:
         self.stats = CacheStats()
         self._eviction_key = EVICTION_KEYS[cfg.eviction]
         self._lru = cfg.eviction == "lru"  # the common case, without a call per key
+        self._states = cfg.state_checkpoints
         # Nodes an operation in progress relies on: no tier may evict them meanwhile (an L1
         # eviction can cascade into L2 and L3 evictions through write-back).
         self._guard: set[int] = set()
@@ -286,8 +332,11 @@ class KVCache:
         as SGLang's ``best_effort`` and ``timeout`` prefetch policies do. Blocks in L2 because
         they were prefetched from L3 count as L3 hits: that is where they were served from.
 
-        ``whole``: every resident block counts, with no page cut or last-token rule (a swapped
-        request taking back the blocks it already held)."""
+        With ``state_checkpoints`` (a hybrid model) the hit ends at the deepest block of that
+        prefix holding a saved state and ending before the prompt's last token (``_state_cut``).
+
+        ``whole``: every resident block counts, with no page cut, last-token or state rule (a
+        swapped request taking back the blocks it already held, with its own running state)."""
         hit = PrefixHit()
         nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
         node = self.root
@@ -333,7 +382,9 @@ class KVCache:
         hit.lower_pages, hit.lower_nodes, hit.unpinned_l1_pages = lower, lower_nodes, unpinned
         if whole:
             return hit
-        if self.cfg.page_size > 1:
+        if self._states:
+            self._state_cut(hit, covered, input_len)
+        elif self.cfg.page_size > 1:
             self._page_align(hit, covered, input_len)
         elif covered >= input_len and hit.nodes:
             hit.tokens[src] -= covered - input_len + 1
@@ -346,18 +397,33 @@ class KVCache:
         page = self.cfg.page_size
         usable = min(covered, input_len - 1)
         usable -= usable % page
-        nodes, tier_of, tokens = hit.nodes, hit.tier_of, hit.tokens
+        nodes = hit.nodes
         while nodes and covered - nodes[-1].tokens >= usable:
-            n, t = nodes.pop(), tier_of.pop()
-            covered -= n.tokens
-            tokens[_served_from(n, t)] -= n.tokens
-            if t != L1:
-                hit.lower_pages -= n.pages
-                hit.lower_nodes -= 1
-            elif not n.pins:
-                hit.unpinned_l1_pages -= n.pages
+            covered -= self._drop_last(hit)
         if nodes:
-            tokens[_served_from(nodes[-1], tier_of[-1])] -= covered - usable
+            hit.tokens[_served_from(nodes[-1], hit.tier_of[-1])] -= covered - usable
+
+    def _state_cut(self, hit: PrefixHit, covered: int, input_len: int) -> None:
+        """Hybrid models: the linear layers resume only from a saved state, so the hit ends at
+        the deepest of its blocks that holds one and ends before the prompt's last token. Its
+        blocks past that are computed again (their KV stays held); their tokens are misses. A
+        state is saved only at a page boundary (``insert``), so the cut needs no page rule."""
+        nodes = hit.nodes
+        last = input_len - 1
+        while nodes and (covered > last or not nodes[-1].state):
+            covered -= self._drop_last(hit)
+
+    @staticmethod
+    def _drop_last(hit: PrefixHit) -> int:
+        """Take a hit's last block out of it; returns its tokens."""
+        n, t = hit.nodes.pop(), hit.tier_of.pop()
+        hit.tokens[_served_from(n, t)] -= n.tokens
+        if t != L1:
+            hit.lower_pages -= n.pages
+            hit.lower_nodes -= 1
+        elif not n.pins:
+            hit.unpinned_l1_pages -= n.pages
+        return n.tokens
 
     def record_lookup(self, hit_tokens, input_len: int, sign: int = 1) -> None:
         """Count a prompt's hit tokens per tier and its misses (``sign`` -1 takes back a count:
@@ -371,7 +437,11 @@ class KVCache:
         pages. Returns the path of nodes, which the caller pins and later releases (that
         release is the use counted for LRU/LFU), and the pages newly placed in L1, which the
         caller frees from its private allocation. With write-through, new blocks are copied to
-        L2 and L3 as well (as far as they fit)."""
+        L2 and L3 as well (as far as they fit).
+
+        With ``state_checkpoints``, the request's recurrent state is saved on a block of the
+        path (``_save_state``). A block placed again after its KV had left every tier and the
+        shared store loses the state it may have held."""
         bt = self.cfg.block_tokens
         # ``prefix``: the request's matched blocks, still pinned in L1, need no second walk
         path = list(prefix)
@@ -390,6 +460,10 @@ class KVCache:
                 break  # a partial block that another prompt extends: not the same KV
             fresh = not child.tiers[L1]
             if fresh:
+                if child.state and not (
+                    any(child.tiers) or (self.shared is not None and child.key in self.shared)
+                ):
+                    child.state = False  # its KV (and the state with it) was gone everywhere
                 child.last_use = now  # before it is queued for eviction with this key
                 # only the path's last block can be an L1 leaf (the heap's candidates); the
                 # others are queued when their child leaves L1 (_set_resident, inlined: the
@@ -406,6 +480,8 @@ class KVCache:
             node = child
         self.used[L1] += new_l1_pages
         self.resident_nodes[L1] += new_nodes
+        if self._states and path:
+            self._save_state(path, input_len)
         if fresh:
             self._push(node, L1)  # a new leaf (old ones are queued already or at release)
         if self.cfg.write_policy == "write_through":
@@ -415,6 +491,24 @@ class KVCache:
             if self.shared is not None:
                 self._write_shared(path, now)
         return path, new_l1_pages
+
+    def _save_state(self, path: list, input_len: int) -> None:
+        """Mark the block where an inserted prompt's state is kept. Without a grid: its last
+        block, if the insert reached the prompt's end (a partial block another prompt extends
+        stops it). With a grid of N: the deepest block ending at or before the last multiple of
+        N in the prompt. Only a block ending on a page boundary can hold one."""
+        bt, page, grid = self.cfg.block_tokens, self.cfg.page_size, self.cfg.state_grid_tokens
+        if not grid:
+            end = (len(path) - 1) * bt + path[-1].tokens  # only the last block can be partial
+            if end == input_len and end % page == 0:
+                path[-1].state = True
+            return
+        target = input_len // grid * grid
+        for k in range(min(len(path), target // bt + 1) - 1, -1, -1):
+            end = k * bt + path[k].tokens
+            if end <= target and end % page == 0:
+                path[k].state = True
+                return
 
     def pin(self, nodes) -> None:
         for n in nodes:
@@ -728,13 +822,16 @@ class KVCache:
     # checks
 
     def check_invariants(self) -> None:
-        """Capacities respected, counts consistent, residency prefix-closed (for tests)."""
+        """Capacities respected, counts consistent, residency prefix-closed, states only where
+        they can be saved (for tests)."""
         used = [0, 0, 0]
-        stack = [self.root]
+        stack = [(self.root, 0)]
         while stack:
-            n = stack.pop()
+            n, start = stack.pop()
             counts = [0, 0, 0]
             for c in n.children.values():
+                if c.state and (not self._states or (start + c.tokens) % self.cfg.page_size):
+                    raise AssertionError(f"block {c.id} holds a state it cannot have")
                 for t in range(3):
                     if c.tiers[t]:
                         counts[t] += 1
@@ -747,7 +844,7 @@ class KVCache:
                     raise AssertionError("negative pin count")
                 if c.pins > 0 and not c.tiers[L1]:
                     raise AssertionError(f"pinned block {c.id} not in L1")
-                stack.append(c)
+                stack.append((c, start + c.tokens))
             if counts != n.child_res:
                 raise AssertionError(f"child residency counts of block {n.id} out of date")
         if used != self.used:
