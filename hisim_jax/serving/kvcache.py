@@ -25,15 +25,16 @@ request event, never per decode step.
 Hybrid models (``KVCacheConfig.state_checkpoints``: Qwen3.5's Gated DeltaNet layers, Nemotron-H's
 Mamba-2 layers) keep a fixed recurrent state per request for their linear layers instead of a
 growing KV, and the attention layers' KV of a cached prefix cannot resume those layers: a prefix
-is reusable only up to a point where the state was saved. The rule is SGLang's (read in sglang
-0.5.23, ``srt/mem_cache/unified_cache/components/mamba.py``: the Mamba component of the
-``UnifiedRadixCache`` that replaced ``mamba_radix_cache.py``, same rule): caching a request's
-tokens saves its state on the node where the insert ends, and a prefix match returns only the
-deepest matched node that holds a state. The engine inserts a prompt once its prefill is done,
-so a state is saved where that insert ends: by default (``state_grid_tokens`` 0, SGLang's
-``no_buffer`` mode) at the prompt's end, its last block, partial or not; with a grid of N tokens
-(SGLang's ``extra_buffer`` mode, its default under overlap scheduling, tracks states on
-lcm(64, page) and truncates the insert there) at the last block ending at or before the last
+is reusable only up to a point where the state was saved. The rule is SGLang's (read in
+``srt/mem_cache/mamba_radix_cache.py``, ``cache_unfinished_req``/``cache_finished_req`` and
+``_match_prefix_helper``, and in sglang 0.5.23's ``srt/mem_cache/unified_cache/components/
+mamba.py``, the Mamba component of the ``UnifiedRadixCache`` that replaced it): caching a
+request's tokens saves its state on the node where the insert ends, and a prefix match returns
+only the deepest matched node that holds a state. The engine inserts a prompt once its
+prefill is done, so a state is saved where that insert ends: by default (``state_grid_tokens``
+0, SGLang's ``no_buffer`` mode) at the prompt's end, its last block, partial or not; with a grid
+of N tokens (SGLang's ``extra_buffer`` mode, its default under overlap scheduling, tracks states
+on lcm(64, page) and truncates the insert there) at the last block ending at or before the last
 multiple of N. Either way only at a page boundary (a paged tree names only whole pages). A match
 is the longest resident prefix that ends at a saved state before the prompt's last token (always
 computed, as without states): cached KV past the last saved state is computed again and its
