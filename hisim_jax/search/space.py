@@ -265,6 +265,14 @@ def _fronts(doc, where: str) -> tuple:
     return tuple(out)
 
 
+def _refuse_unscreened(name: str, key, where: str) -> None:
+    """Options the screen's steady-state model does not know yet: a search over them would
+    rank points by a screen that ignores them."""
+    if name.startswith("speculative_"):
+        raise _err(where, f"field '{key}': the search's screen does not model speculative "
+                          "decoding yet (simulate such a deployment with hisim simulate)")  # fmt: skip
+
+
 def space_from_dict(doc, where: str = "space") -> SearchSpace:
     """A ``SearchSpace`` from the mapping a space file holds; one-line errors name the key."""
     doc = _mapping(doc, where)
@@ -278,6 +286,7 @@ def space_from_dict(doc, where: str = "space") -> SearchSpace:
             raise _err(where, "field 'out': give the output folder as hisim search --out")
         if name not in known:
             raise _err(where, f"field '{key}' is not an option of simulate nor of search")
+        _refuse_unscreened(name, key, where)
         base[name] = value
     raw_axes = doc.get("axes") or {}
     if not isinstance(raw_axes, dict):
@@ -287,6 +296,7 @@ def space_from_dict(doc, where: str = "space") -> SearchSpace:
         if name not in known and name not in ALIASES:
             raise _err(where, f"axes.{key} is not an option of simulate "
                               f"(nor one of {', '.join(ALIASES)})")  # fmt: skip
+        _refuse_unscreened(name, f"axes.{key}", where)
         if name in WORKLOAD_KEYS:
             raise _err(where, f"axes.{key}: the workload is fixed for a search (run one search "
                               "per workload; rate_scale may vary)")  # fmt: skip

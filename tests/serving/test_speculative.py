@@ -273,3 +273,11 @@ def test_cli_flags_end_to_end(tmp_path):
         assert r.exit_code == 2, (bad, r.output)
         assert len(r.output.strip().splitlines()) == 1 and "speculative" in r.output, r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_search_space_refuses_speculative_options():
+    from hisim_jax.search.space import space_from_dict
+
+    for doc in ({"speculative_num_steps": 2}, {"axes": {"speculative_accept_rate": [0.5, 0.8]}}):
+        with pytest.raises(SpecError, match="does not model speculative decoding"):
+            space_from_dict(doc)
