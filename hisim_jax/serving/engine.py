@@ -11,6 +11,11 @@ Decode-only stretches are predictable — each running request's context grows b
 step — so the engine costs up to ``FAST_FORWARD_STEPS`` future steps in one vectorized estimator
 call and jumps the clock to the next event (an arrival, a request finishing, a prefetch landing,
 or the KV cache running out), never one JAX call per step.
+
+With speculative decoding (``EngineConfig.speculative``, speculative.py) a decode step is a
+draft pass and a verify step over k + 1 tokens per request, costed by the target's and the
+draft model's estimators; every running request advances by the same accepted tokens, so the
+stretches stay vectorized the same way.
 """
 
 from __future__ import annotations
