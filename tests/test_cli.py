@@ -156,9 +156,12 @@ def test_unknown_hardware():
     assert "h100-sxm" in line
 
 
-def test_unsupported_architecture():
+def test_unsupported_architecture(tmp_path):
+    cfg = json.loads((data_dir("models") / "llama-3.1-8b.json").read_text())
+    path = tmp_path / "bert.json"
+    path.write_text(json.dumps({**cfg, "architectures": ["BertForMaskedLM"]}))
     assert_one_line_error(
-        invoke("estimate", "--model", "deepseek-v3"), "architectures", "DeepseekV3ForCausalLM"
+        invoke("estimate", "--model", str(path)), "architectures", "BertForMaskedLM"
     )
 
 

@@ -14,7 +14,16 @@ import numpy as np
 
 from hisim_jax.specs import HardwareSpec, ModelSpec
 
-DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp4": 0.5}
+# Bytes per element as kernels stream them; 4-bit formats carry their block scales (MXFP4:
+# an e8m0 per 32, int4: a bf16 per group of 32), which the weight stream reads too.
+DTYPE_BYTES = {
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "fp4": 0.5,
+    "mxfp4": 0.5 + 1.0 / 32,
+    "int4": 0.5 + 2.0 / 32,
+}
 
 
 def _float(x) -> jnp.ndarray:
@@ -23,7 +32,11 @@ def _float(x) -> jnp.ndarray:
 
 
 class ModelDims(eqx.Module):
-    """A model's dimensions per TP rank, plus dtypes, as float leaves (vmappable over models)."""
+    """A model's dimensions per TP rank, plus dtypes, as float leaves (vmappable over models).
+
+    ``q_heads``/``kv_heads``/``head_dim`` are the softmax-attention layers' (sliding and
+    chunked ones, and full ones unless ``g_*`` say otherwise); ``n_<kind>`` count the layers
+    of each token mixer (specs.ATTENTION_KINDS), ``dense_layers``/``moe_layers`` the MLPs."""
 
     hidden: jnp.ndarray
     layers: jnp.ndarray
@@ -45,52 +58,228 @@ class ModelDims(eqx.Module):
     act_bytes: jnp.ndarray  # bytes per activation element between kernels
     gemm_in_bytes: jnp.ndarray  # bytes per GEMM input activation (1 when activations are fp8)
     kv_bytes: jnp.ndarray  # bytes per KV-cache element
+    # layer counts by token mixer
+    n_full: jnp.ndarray = 0.0
+    n_sliding: jnp.ndarray = 0.0
+    n_chunked: jnp.ndarray = 0.0
+    n_mla: jnp.ndarray = 0.0
+    n_gdn: jnp.ndarray = 0.0
+    n_mamba: jnp.ndarray = 0.0
+    chunk: jnp.ndarray = 0.0  # chunked layers' chunk in tokens
+    q_out: jnp.ndarray = 1.0  # q_proj outputs per head dim (2: Qwen3.5's output gate)
+    g_kv_heads: jnp.ndarray = 0.0  # full layers' KV heads per rank (Gemma 4; else kv_heads)
+    g_head_dim: jnp.ndarray = 0.0
+    g_kv_copies: jnp.ndarray = 2.0  # K and V kept apart (2) or one tensor for both (1)
+    mlp_mats: jnp.ndarray = 3.0  # gate+up+down (3) or up+down (2)
+    shared_inter: jnp.ndarray = 0.0  # always-on experts' width per rank
+    experts_local: jnp.ndarray = 0.0  # routed experts on one rank (experts / ep)
+    ep: jnp.ndarray = 1.0  # expert-parallel ranks
+    dp: jnp.ndarray = 1.0  # attention data-parallel ranks (SGLang --dp with dp attention)
+    expert_weight_bytes: jnp.ndarray = 2.0
+    # MLA (per rank: heads)
+    mla_heads: jnp.ndarray = 0.0
+    q_lora: jnp.ndarray = 0.0
+    kv_lora: jnp.ndarray = 0.0
+    qk_nope: jnp.ndarray = 0.0
+    qk_rope: jnp.ndarray = 0.0
+    v_dim: jnp.ndarray = 0.0
+    index_topk: jnp.ndarray = 0.0
+    index_heads: jnp.ndarray = 0.0
+    index_dim: jnp.ndarray = 0.0
+    # Gated DeltaNet (heads per rank)
+    gdn_k_heads: jnp.ndarray = 0.0
+    gdn_v_heads: jnp.ndarray = 0.0
+    gdn_k_dim: jnp.ndarray = 0.0
+    gdn_v_dim: jnp.ndarray = 0.0
+    # Mamba-2 (heads and groups per rank)
+    m_heads: jnp.ndarray = 0.0
+    m_head_dim: jnp.ndarray = 0.0
+    m_state: jnp.ndarray = 0.0
+    m_groups: jnp.ndarray = 0.0
+    conv_kernel: jnp.ndarray = 0.0
+    state_bytes: jnp.ndarray = 2.0  # recurrent-state element bytes
+
+
+def attention_kinds(spec: ModelSpec) -> tuple[str, ...]:
+    """The softmax and recurrent token mixers this model has, in a fixed order: the static
+    part of a cost graph (a kind the model lacks is not traced)."""
+    order = ("full", "sliding", "chunked", "mla", "gdn", "mamba2")
+    return tuple(k for k in order if spec.layers(k))
 
 
 def model_dims(
     spec: ModelSpec,
     tp: int = 1,
-    weight_dtype: str = "bf16",
+    weight_dtype: str | None = None,
     kv_dtype: str = "bf16",
     act_dtype: str | None = None,
+    ep: int = 1,
+    dp: int = 1,
 ) -> ModelDims:
-    """``act_dtype`` is the GEMM input precision; by default fp8/fp4 weights mean W8A8 GEMMs
-    (SGLang's fp8 path on Hopper quantizes activations per token), bf16 weights mean bf16.
-    Pass ``act_dtype="bf16"`` with fp8 weights for weight-only quantization (bf16 compute)."""
-    if tp < 1 or spec.num_heads % tp:
-        raise ValueError(f"tp={tp} must divide num_attention_heads={spec.num_heads} of {spec.name}")
+    """``weight_dtype``: every linear layer's format; None: the checkpoint's own (its
+    quantization_config: fp8 DeepSeek, MXFP4 gpt-oss experts). ``act_dtype`` is the GEMM
+    input precision; by default fp8/fp4 weights mean W8A8 GEMMs (SGLang's fp8 path on Hopper
+    quantizes activations per token), bf16 weights (or 4-bit experts beside bf16 layers,
+    weight-only) mean bf16. ``ep``: ranks the routed experts are spread over (each holds
+    experts/ep of them, split tp/ep ways); ``dp``: attention data-parallel ranks (each runs
+    attention for 1/dp of the batch with tp/dp-way heads)."""
+    if tp < 1 or (why := spec.tp_error(tp)):
+        raise ValueError(why or f"tp={tp} must be >= 1")
+    for what, n in (("ep", ep), ("dp", dp)):
+        if n < 1 or tp % n:
+            raise ValueError(f"{what}={n} must divide tp={tp}")
+    if ep > 1 and (not spec.is_moe or spec.num_experts % ep):
+        raise ValueError(
+            f"ep={ep} must divide the {spec.num_experts} routed experts of {spec.name}"
+            if spec.is_moe
+            else f"ep={ep}: {spec.name} has no experts to spread"
+        )
+    dense_dtype = weight_dtype or spec.weight_dtype
+    expert_dtype = weight_dtype or spec.expert_weight_dtype
     if act_dtype is None:
-        act_dtype = "fp8" if DTYPE_BYTES.get(weight_dtype, 2.0) < 2.0 else "bf16"
+        act_dtype = "fp8" if DTYPE_BYTES.get(dense_dtype, 2.0) < 2.0 else "bf16"
     for what, dt in (
-        ("weight dtype", weight_dtype),
+        ("weight dtype", dense_dtype),
+        ("expert weight dtype", expert_dtype),
         ("kv dtype", kv_dtype),
         ("act dtype", act_dtype),
     ):
         if dt not in DTYPE_BYTES:
             raise ValueError(f"{what} {dt!r} unknown (choose from {', '.join(DTYPE_BYTES)})")
     f = _float
+    atp = tp // dp  # attention's tensor parallelism
+    moe_tp = tp // ep  # ranks one expert is split over
+    n = spec.layers
+    g_kv = spec.global_kv_heads or spec.num_kv_heads
     return ModelDims(
         hidden=f(spec.hidden_size),
         layers=f(spec.num_layers),
-        q_heads=f(spec.num_heads // tp),
-        kv_heads=f(max(1, spec.num_kv_heads // tp)),
+        q_heads=f(spec.num_heads // atp),
+        kv_heads=f(max(1, spec.num_kv_heads // atp)),
         head_dim=f(spec.head_dim),
         inter=f(spec.intermediate_size / tp),
-        dense_layers=f(spec.num_layers - spec.num_moe_layers),
-        moe_layers=f(spec.num_moe_layers),
+        dense_layers=f(n(mlp="dense")),
+        moe_layers=f(n(mlp="moe")),
         experts=f(spec.num_experts),
         top_k=f(spec.experts_per_token),
-        moe_inter=f(spec.moe_intermediate_size / tp),
+        moe_inter=f(spec.moe_intermediate_size / moe_tp),
         vocab=f(spec.vocab_size / tp),
         window=f(spec.sliding_window or 0),
         qkv_bias=f(float(spec.qkv_bias)),
         qk_norm=f(float(spec.qk_norm)),
         tp=f(tp),
-        weight_bytes=f(DTYPE_BYTES[weight_dtype]),
+        weight_bytes=f(DTYPE_BYTES[dense_dtype]),
         act_bytes=f(2.0),
         gemm_in_bytes=f(DTYPE_BYTES[act_dtype]),
         kv_bytes=f(DTYPE_BYTES[kv_dtype]),
+        n_full=f(n("full")),
+        n_sliding=f(n("sliding")),
+        n_chunked=f(n("chunked")),
+        n_mla=f(n("mla")),
+        n_gdn=f(n("gdn")),
+        n_mamba=f(n("mamba2")),
+        chunk=f(spec.attention_chunk or 0),
+        q_out=f(2.0 if spec.attn_output_gate else 1.0),
+        g_kv_heads=f(max(1, g_kv // atp)),
+        g_head_dim=f(spec.global_head_dim or spec.head_dim),
+        g_kv_copies=f(1.0 if spec.global_kv_shared else 2.0),
+        mlp_mats=f(3.0 if spec.mlp_gated else 2.0),
+        shared_inter=f(spec.shared_expert_intermediate_size / tp),
+        experts_local=f(spec.num_experts / ep),
+        ep=f(ep),
+        dp=f(dp),
+        expert_weight_bytes=f(DTYPE_BYTES[expert_dtype]),
+        mla_heads=f(spec.num_heads // atp if spec.layers("mla") else 0),
+        q_lora=f(spec.q_lora_rank),
+        kv_lora=f(spec.kv_lora_rank),
+        qk_nope=f(spec.qk_nope_head_dim),
+        qk_rope=f(spec.qk_rope_head_dim),
+        v_dim=f(spec.v_head_dim),
+        index_topk=f(spec.index_topk),
+        index_heads=f(spec.index_n_heads),
+        index_dim=f(spec.index_head_dim),
+        gdn_k_heads=f(spec.linear_num_key_heads // tp),
+        gdn_v_heads=f(spec.linear_num_value_heads // tp),
+        gdn_k_dim=f(spec.linear_key_head_dim),
+        gdn_v_dim=f(spec.linear_value_head_dim),
+        m_heads=f(spec.mamba_num_heads // tp),
+        m_head_dim=f(spec.mamba_head_dim),
+        m_state=f(spec.ssm_state_size),
+        m_groups=f(spec.mamba_groups // tp),
+        conv_kernel=f(spec.conv_kernel),
+        state_bytes=f(spec.state_dtype_bytes),
     )
+
+
+class AttnDims(eqx.Module):
+    """One attention kernel's shape per rank: query heads, KV heads, the q·k and value
+    dims, elements read per key per KV head (2·head_dim for K and V; MLA's latent is one
+    shared 576-element vector), keys visible per query (window; 0 = all) and KV bytes."""
+
+    q_heads: jnp.ndarray
+    kv_heads: jnp.ndarray
+    head_dim: jnp.ndarray  # q·k dim
+    v_dim: jnp.ndarray
+    kv_elems: jnp.ndarray
+    window: jnp.ndarray
+    kv_bytes: jnp.ndarray
+
+
+def gqa_attention(dims: ModelDims, kind: str) -> AttnDims:
+    """The GQA kernel of full (``g_*`` dims, no window), sliding (the window) or chunked
+    layers (the chunk, over the position within it: see ``roofline.step_features``)."""
+    if kind == "full":
+        return AttnDims(
+            dims.q_heads,
+            dims.g_kv_heads,
+            dims.g_head_dim,
+            dims.g_head_dim,
+            dims.g_kv_copies * dims.g_head_dim,
+            0.0 * dims.window,
+            dims.kv_bytes,
+        )
+    window = dims.window if kind == "sliding" else dims.chunk
+    d = dims.head_dim
+    return AttnDims(dims.q_heads, dims.kv_heads, d, d, 2.0 * d, window, dims.kv_bytes)
+
+
+def mla_decode_attention(dims: ModelDims) -> AttnDims:
+    """MLA absorbed (FlashMLA-style): every query head attends the one shared latent + rope
+    key (576 = 512 + 64 for DeepSeek-V3) and reads the latent as its value; sparse models
+    attend only their indexer's top-k keys."""
+    latent = dims.kv_lora + dims.qk_rope
+    return AttnDims(
+        dims.mla_heads, 1.0 + 0.0 * dims.kv_lora, latent, dims.kv_lora, latent,
+        dims.index_topk, dims.kv_bytes,
+    )  # fmt: skip
+
+
+def mla_prefill_attention(dims: ModelDims) -> AttnDims:
+    """MLA prefill as multi-head attention over keys and values up-projected from the latent
+    (bf16, per head: nope + rope key dims, v value dims)."""
+    qk = dims.qk_nope + dims.qk_rope
+    return AttnDims(
+        dims.mla_heads, dims.mla_heads, qk, dims.v_dim, qk + dims.v_dim, dims.index_topk,
+        dims.act_bytes,
+    )  # fmt: skip
+
+
+def indexer_attention(dims: ModelDims) -> AttnDims:
+    """DeepSeek sparse attention's lightning indexer: index heads score every cached key (one
+    fp8 key head, no values) to pick each query's top-k."""
+    return AttnDims(
+        dims.index_heads, 1.0 + 0.0 * dims.index_dim, dims.index_dim, 0.0 * dims.index_dim,
+        dims.index_dim, 0.0 * dims.index_dim, 1.0 + 0.0 * dims.index_dim,
+    )  # fmt: skip
+
+
+def as_attention(dims) -> AttnDims:
+    """``AttnDims`` as given, or the GQA kernel of a ``ModelDims`` with its own window (the
+    kernel-level fits in calibrate.py and aiconfigurator.py pass ModelDims rows)."""
+    if isinstance(dims, AttnDims):
+        return dims
+    d = dims.head_dim
+    return AttnDims(dims.q_heads, dims.kv_heads, d, d, 2.0 * d, dims.window, dims.kv_bytes)
 
 
 class HwArrays(eqx.Module):
@@ -168,14 +357,32 @@ def moe_padded_rows(tokens, experts, top_k, block_m, xp=jnp):
 # elementwise work that no GEMM or attention kernel absorbs
 
 
+def mixer_width(dims: ModelDims):
+    """The token mixer's projected width per token, averaged over the layers (q/k/v for GQA;
+    queries, latent and values for MLA; q/k/v/z for GDN; z/x/B/C for Mamba-2)."""
+    gqa = (dims.q_heads * dims.q_out + 2.0 * dims.kv_heads) * dims.head_dim
+    full = (dims.q_heads * dims.q_out + dims.g_kv_copies * dims.g_kv_heads) * dims.g_head_dim
+    mla = dims.mla_heads * (dims.qk_nope + dims.qk_rope + dims.v_dim) + dims.kv_lora
+    gdn = 2.0 * (dims.gdn_k_heads * dims.gdn_k_dim + dims.gdn_v_heads * dims.gdn_v_dim)
+    mamba = 2.0 * (dims.m_heads * dims.m_head_dim + dims.m_groups * dims.m_state)
+    total = (
+        dims.n_full * full
+        + (dims.n_sliding + dims.n_chunked) * gqa
+        + dims.n_mla * mla
+        + dims.n_gdn * gdn
+        + dims.n_mamba * mamba
+    )
+    return total / dims.layers
+
+
 def elementwise_elems_per_token(dims: ModelDims, coeff_hidden, coeff_inter, coeff_qkv):
     """Activation elements read+written per token per layer by unfused ops (norms, residual
     adds, rotary, KV write, SiLU·mul, QK-norm). The coefficients are fitted: they count passes
     over a vector of that width, which depends on how far the engine fuses its kernels."""
-    qkv_width = (dims.q_heads + 2.0 * dims.kv_heads) * dims.head_dim
-    mlp_width = dims.inter * dims.dense_layers / dims.layers + dims.top_k * dims.moe_inter * (
-        dims.moe_layers / dims.layers
-    )
+    qkv_width = mixer_width(dims)
+    mlp_width = dims.inter * dims.dense_layers / dims.layers + (
+        dims.top_k / dims.ep * dims.moe_inter + dims.shared_inter
+    ) * (dims.moe_layers / dims.layers)
     # QK-norm is one more RMSNorm pass over q and k; bias adds are fused into the GEMM epilogue.
     qk_norm = dims.qk_norm * 0.25 * coeff_hidden * (dims.q_heads + dims.kv_heads) * dims.head_dim
     return coeff_hidden * dims.hidden + coeff_inter * mlp_width + coeff_qkv * qkv_width + qk_norm

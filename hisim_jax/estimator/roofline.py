@@ -79,6 +79,8 @@ class Needs:
     moe: bool = True
     comm: bool = True
     attention: str = "any"  # "any" | "decode" (folded GQA decode) | "prefill" (standard grid)
+    # the model's token mixers (ops.attention_kinds): only these are traced
+    kinds: tuple[str, ...] = ("full",)
 
 
 ALL = Needs()
@@ -116,6 +118,7 @@ def features(
     All per-request quantities are stacked and reduced in one sum and one max: on CPUs each
     separate reduction is a kernel launch, which would dominate a single-batch call.
     """
+    dims = ops.as_attention(dims)
     c, n, m = batch.cache_len, batch.new_len, batch.mask
     if backend.name in ("fa3", "flashinfer"):  # one grid per batch (fa3.py, flashinfer.py)
         nm = n * m
@@ -169,23 +172,29 @@ def _attention_s(
     saturate an SM). In the standard kernel every query head's block reads its KV head's keys,
     so the ``groups`` heads sharing a KV head hit L2 instead of HBM.
     """
-    d = dims.head_dim
+    dims = ops.as_attention(dims)
+    # q·k and p·v flops per key and query row: 2 (d_qk + d_v), 4 d for plain attention
+    row_flops = 2.0 * (dims.head_dim + dims.v_dim)
+    d = dims.v_dim  # partial outputs of the split kernels carry the value dim
     groups = dims.q_heads / dims.kv_heads
     sm_flops = hw.bf16_flops_per_s / hw.sm_count
     sm_bytes = hw.hbm_bytes_per_s / hw.sm_count
-    kv_bytes_per_key = 2.0 * d * dims.kv_bytes
+    kv_bytes_per_key = dims.kv_elems * dims.kv_bytes
 
     def kernel_s(work, chain, blocks, rows, heads_per_kv, mem_work=None):
         # seconds per key column: across the whole GPU, and for one block alone on an SM;
         # ``mem_work``: the key columns actually read, where tiles past the end move no bytes
-        key_flops_s = 4.0 * rows * d / (hw.bf16_flops_per_s * p.attn_flops_eff)
+        key_flops_s = rows * row_flops / (hw.bf16_flops_per_s * p.attn_flops_eff)
         key_bytes_s = kv_bytes_per_key / heads_per_kv / (hw.hbm_bytes_per_s * p.attn_bytes_eff)
         # The heaviest block is bound by its own tile math, which slows the busier the GPU is
         # (a co-resident CTA shares its SM), or by the few K/V tiles one 4-warp CTA keeps in
         # flight, about its SM's share of HBM whether or not other SMs stream beside it.
         crowd = xp.minimum(blocks, hw.sm_count) / hw.sm_count
         key_lone_s = xp.maximum(
-            4.0 * rows * d / (sm_flops * p.attn_chain_flops_eff) * (1.0 + p.attn_crowding * crowd),
+            rows
+            * row_flops
+            / (sm_flops * p.attn_chain_flops_eff)
+            * (1.0 + p.attn_crowding * crowd),
             kv_bytes_per_key / (sm_bytes * p.attn_chain_bytes_eff),
         )
         if mem_work is None:
@@ -277,6 +286,88 @@ def _attention_s(
     return xp.where(swapped, decode, prefill)
 
 
+# Chunk lengths of the recurrent layers' prefill scans: Gated DeltaNet's chunked kernel
+# (fla's chunk_gated_delta_rule, 64) and Mamba-2's SSD (the configs' chunk_size, 128-256).
+GDN_CHUNK = 64.0
+MAMBA_CHUNK = 256.0
+
+
+def step_features(dims: ModelDims, batch: Batch, be: attn.AttentionBackend, xp=jnp, needs=ALL):
+    """Everything a step's cost needs from one padded batch, per token mixer the model has
+    (``needs.kinds``): the attention grid's features for full, sliding and chunked layers
+    (chunked ones over the position within the chunk: Llama 4's local attention is a batch of
+    virtual requests, one per chunk, as vLLM builds it), MLA's absorbed decode and its prefill
+    as multi-head attention (requests split by whether they decode), and the sums the
+    recurrent layers and MLA's up-projections read."""
+    c, n, m = batch.cache_len, batch.new_len, batch.mask
+    out = {}
+    if "full" in needs.kinds:
+        out["full"] = features(ops.gqa_attention(dims, "full"), batch, be, xp, needs)
+    if "sliding" in needs.kinds:
+        out["sliding"] = features(ops.gqa_attention(dims, "sliding"), batch, be, xp, needs)
+    if "chunked" in needs.kinds:
+        local = Batch(xp.mod(c, xp.maximum(dims.chunk, 1.0)), n, m)
+        out["chunked"] = features(ops.gqa_attention(dims, "chunked"), local, be, xp, needs)
+    dec = xp.where(n <= 1.0, m, 0.0)
+    pf = m - dec
+    sums = xp.sum(xp.stack([n * m, m, dec, pf, (c + n) * pf, n * pf]), axis=-1)
+    out.update(
+        tokens=sums[0], n_req=sums[1], n_dec=sums[2], n_pf=sums[3], pf_keys=sums[4],
+        pf_tokens=sums[5],
+    )  # fmt: skip
+    if "mla" in needs.kinds:
+        any_needs = Needs(needs.moe, needs.comm, "any", needs.kinds)
+        pf_needs = Needs(needs.moe, needs.comm, "prefill", needs.kinds)
+        out["mla_dec"] = features(
+            ops.mla_decode_attention(dims), Batch(c, n, dec), be, xp, any_needs
+        )
+        out["mla_pf"] = features(ops.mla_prefill_attention(dims), Batch(c, n, pf), be, xp, pf_needs)
+        # the indexer's decode kernel folds its heads into rows as the absorbed MLA does
+        out["index_dec"] = features(
+            ops.indexer_attention(dims), Batch(c, n, dec), be, xp, any_needs
+        )
+        out["index_pf"] = features(ops.indexer_attention(dims), Batch(c, n, pf), be, xp, pf_needs)
+    if "gdn" in needs.kinds or "mamba2" in needs.kinds:
+        chunks = xp.stack([xp.ceil(n / GDN_CHUNK) * pf, xp.ceil(n / MAMBA_CHUNK) * pf])
+        csum = xp.sum(chunks, axis=-1)
+        out.update(gdn_chunks=csum[0], mamba_chunks=csum[1])
+    return out
+
+
+def _recurrent_s(p: Params, dims: ModelDims, f, hw: HwArrays, kind: str, xp):
+    """One Gated DeltaNet or Mamba-2 layer's scan: every request reads and writes its whole
+    state once per step (a decode step is nothing but that and a few matrix-vector products
+    per head), a prefill scans its tokens in chunks, each chunk's state written out (fla's and
+    mamba_ssm's chunked kernels). Flops per token and head: GDN ~6 dk dv (state update and
+    read-out) + 2 C (dk + dv) within a chunk of C; Mamba-2 ~6 p N + 2 C (p + N)."""
+    if kind == "gdn":
+        heads, a, b, chunk = dims.gdn_v_heads, dims.gdn_k_dim, dims.gdn_v_dim, GDN_CHUNK
+        conv = 2.0 * dims.gdn_k_heads * dims.gdn_k_dim + heads * dims.gdn_v_dim
+        chunks = f["gdn_chunks"]
+    else:
+        heads, a, b, chunk = dims.m_heads, dims.m_head_dim, dims.m_state, MAMBA_CHUNK
+        conv = heads * dims.m_head_dim + 2.0 * dims.m_groups * dims.m_state
+        chunks = f["mamba_chunks"]
+    state_bytes = heads * a * b * dims.state_bytes
+    t = f["tokens"]
+    flops = heads * (6.0 * a * b * t + 2.0 * chunk * (a + b) * f["pf_tokens"])
+    # every request: its state in and out, its conv window in and out; prefills: one state
+    # per chunk written, and the conv inputs of its tokens
+    bytes_ = (
+        2.0 * f["n_req"] * (state_bytes + conv * (dims.conv_kernel - 1.0) * dims.act_bytes)
+        + chunks * state_bytes
+        + 2.0 * t * conv * dims.act_bytes
+    )
+    return _roofline_s(
+        flops,
+        bytes_,
+        hw.bf16_flops_per_s * p.attn_flops_eff,
+        hw.hbm_bytes_per_s * p.attn_bytes_eff,
+        p.gemm_blend,
+        xp,
+    )
+
+
 def costs(
     p: Params,
     dims: ModelDims,
@@ -286,7 +377,10 @@ def costs(
     xp=jnp,
     needs=ALL,
 ):
-    """Seconds per operator group for one step on one GPU (per TP rank; ranks run in lockstep)."""
+    """Seconds per operator group for one step on one GPU (per TP rank; ranks run in lockstep).
+
+    With attention data parallelism (``dims.dp`` > 1) each rank runs the token mixers for
+    1/dp of the batch (requests spread evenly), the MLPs for all of it."""
     t, r = f["tokens"], f["n_req"]
     low_precision = xp.maximum(dims.weight_bytes, dims.gemm_in_bytes) < 1.5
     peak = ops.gemm_peak_flops(dims, hw, xp) * xp.where(
@@ -306,15 +400,52 @@ def costs(
         )
 
     out = {}
-    shapes = ops.layer_gemm_shapes(dims)
-    out["qkv_proj"] = dims.layers * gemm_s(t, shapes[0][1], shapes[0][2])
-    out["o_proj"] = dims.layers * gemm_s(t, shapes[1][1], shapes[1][2])
+    kinds = needs.kinds
+    ta = t / dims.dp  # tokens of one rank's token mixers
+    h, hd = dims.hidden, dims.head_dim
+    qkv_s = o_s = 0.0 * t
+    attn_s = 0.0 * t
+    if "full" in kinds:
+        ghd = dims.g_head_dim
+        width = (dims.q_heads * dims.q_out + dims.g_kv_copies * dims.g_kv_heads) * ghd
+        qkv_s += dims.n_full * gemm_s(ta, h, width)
+        o_s += dims.n_full * gemm_s(ta, dims.q_heads * ghd, h)
+        a = ops.gqa_attention(dims, "full")
+        attn_s += dims.n_full * _attention_s(p, a, f["full"], hw, be, xp, needs)
+    for kind, count in (("sliding", dims.n_sliding), ("chunked", dims.n_chunked)):
+        if kind in kinds:
+            width = (dims.q_heads * dims.q_out + 2.0 * dims.kv_heads) * hd
+            qkv_s += count * gemm_s(ta, h, width)
+            o_s += count * gemm_s(ta, dims.q_heads * hd, h)
+            a = ops.gqa_attention(dims, kind)
+            attn_s += count * _attention_s(p, a, f[kind], hw, be, xp, needs)
+    if "mla" in kinds:
+        qs, ls = _mla_s(p, dims, f, hw, be, xp, needs, gemm_s, peak, bw)
+        qkv_s += dims.n_mla * qs
+        o_s += dims.n_mla * gemm_s(ta, dims.mla_heads * dims.v_dim, h)
+        attn_s += dims.n_mla * ls
+    for kind, count in (("gdn", dims.n_gdn), ("mamba2", dims.n_mamba)):
+        if kind in kinds:
+            if kind == "gdn":
+                kd = dims.gdn_k_heads * dims.gdn_k_dim
+                vd = dims.gdn_v_heads * dims.gdn_v_dim
+                width, inner = 2.0 * kd + 2.0 * vd + 2.0 * dims.gdn_v_heads, vd
+            else:
+                inner = dims.m_heads * dims.m_head_dim
+                width = 2.0 * inner + 2.0 * dims.m_groups * dims.m_state + dims.m_heads
+            qkv_s += count * gemm_s(ta, h, width)
+            o_s += count * gemm_s(ta, inner, h)
+            attn_s += count * _recurrent_s(p, dims, f, hw, kind, xp)
+    out["qkv_proj"] = qkv_s
+    out["o_proj"] = o_s
+    mats = dims.mlp_mats
     out["mlp"] = dims.dense_layers * (
-        gemm_s(t, shapes[2][1], shapes[2][2]) + gemm_s(t, shapes[3][1], shapes[3][2])
+        gemm_s(t, h, (mats - 1.0) * dims.inter) + gemm_s(t, dims.inter, h)
     )
-    h = dims.hidden
-    out["moe"] = _moe_s(p, dims, t, peak, bw, gemm_s, xp) if needs.moe else 0.0 * t
-    out["attention"] = dims.layers * _attention_s(p, dims, f, hw, be, xp, needs)
+    out["moe"] = _moe_s(p, dims, t, peak, bw, gemm_s, xp, hw) if needs.moe else 0.0 * t
+    # each rank's share of the mixers' batch; the longest block chain does not shrink, but a
+    # closed form of the split is beyond this model (the ranks' batches differ anyway)
+    out["attention"] = attn_s / dims.dp
     elems = ops.elementwise_elems_per_token(dims, p.elem_hidden, p.elem_inter, p.elem_qkv)
     copy_bw = hw.hbm_bytes_per_s * COPY_BW_FRACTION
     out["elementwise"] = dims.layers * t * elems * ab / copy_bw
@@ -332,38 +463,117 @@ def costs(
     return out
 
 
-def _moe_s(p, dims, t, peak, bw, gemm_s, xp):
-    """Router GEMM, then the fused expert GEMMs over the touched experts' weights."""
-    h, e, k, im = dims.hidden, dims.experts, dims.top_k, dims.moe_inter
+def _mla_s(p, dims, f, hw, be, xp, needs, gemm_s, peak, bw):
+    """One MLA layer: (projections into the latent and the queries, attention).
+
+    Projections: q_a/kv_a (one fused GEMM into the q and kv latents, replicated on every
+    rank), q_b into the heads' queries; decodes absorb kv_b into their queries and outputs
+    (two batched GEMMs over the heads, the weights read once), prefills up-project the
+    latent of every key they attend (kv_b over the cached and new tokens). Attention: the
+    absorbed MQA kernel over the latent for decodes, multi-head attention for prefills, and
+    for sparse models the indexer over every cached key."""
+    ta = f["tokens"] / dims.dp
+    h, heads = dims.hidden, dims.mla_heads
+    latent_out = dims.q_lora + dims.kv_lora + dims.qk_rope
+    q_in = xp.where(dims.q_lora > 0, dims.q_lora, h)
+    q_s = gemm_s(ta, h, latent_out) + gemm_s(ta, q_in, heads * (dims.qk_nope + dims.qk_rope))
     wb, ab = dims.weight_bytes, dims.act_bytes
-    rows = ops.moe_padded_rows(t, e, k, _MOE_BLOCK_M, xp)
-    touched = ops.moe_experts_touched(t, e, k, xp)
-    moe_flops = 2.0 * rows * 3.0 * h * im
-    # weights of the touched experts; per routed token: read h and I (inputs), write 2I and h
-    moe_bytes = touched * 3.0 * h * im * wb + t * k * (
-        (h + im) * dims.gemm_in_bytes + (2.0 * im + h) * ab
+    n_dec = f["n_dec"] / dims.dp
+    absorb_elems = heads * dims.kv_lora * (dims.qk_nope + dims.v_dim)
+    absorb_s = _roofline_s(
+        2.0 * n_dec * absorb_elems,
+        absorb_elems * wb + n_dec * heads * (dims.qk_nope + dims.kv_lora + dims.v_dim) * 2.0 * ab,
+        peak,
+        bw,
+        p.gemm_blend,
+        xp,
     )
+    absorb_s = xp.where(n_dec > 0.0, absorb_s, 0.0)
+    up_s = gemm_s(f["pf_keys"] / dims.dp, dims.kv_lora, heads * (dims.qk_nope + dims.v_dim))
+    up_s = xp.where(f["n_pf"] > 0.0, up_s, 0.0)
+    any_needs = Needs(needs.moe, needs.comm, "any", needs.kinds)
+    pf_needs = Needs(needs.moe, needs.comm, "prefill", needs.kinds)
+    dec_attn = _attention_s(p, ops.mla_decode_attention(dims), f["mla_dec"], hw, be, xp, any_needs)
+    pf_attn = _attention_s(p, ops.mla_prefill_attention(dims), f["mla_pf"], hw, be, xp, pf_needs)
+    attn = xp.where(f["n_dec"] > 0.0, dec_attn, 0.0) + xp.where(f["n_pf"] > 0.0, pf_attn, 0.0)
+    ix = ops.indexer_attention(dims)
+    index = xp.where(
+        f["n_dec"] > 0.0, _attention_s(p, ix, f["index_dec"], hw, be, xp, any_needs), 0.0
+    ) + xp.where(f["n_pf"] > 0.0, _attention_s(p, ix, f["index_pf"], hw, be, xp, pf_needs), 0.0)
+    attn = attn + xp.where(dims.index_topk > 0.0, index, 0.0)
+    return q_s + absorb_s + up_s, attn
+
+
+def _moe_s(p, dims, t, peak, bw, gemm_s, xp, hw=None):
+    """Router GEMM, then the fused expert GEMMs over this rank's touched experts' weights
+    (with expert parallelism: experts/ep of them and t·k/ep routed rows, balanced), then the
+    shared (always-on) experts as plain GEMMs over every token."""
+    h, e, k, im = dims.hidden, dims.experts, dims.top_k, dims.moe_inter
+    ab, ewb = dims.act_bytes, dims.expert_weight_bytes
+    mats = dims.mlp_mats
+    rows_total = ops.moe_padded_rows(t, e, k, _MOE_BLOCK_M, xp)
+    touched = ops.moe_experts_touched(t, e, k, xp) / dims.ep
+    rows = rows_total / dims.ep
+    moe_flops = 2.0 * rows * mats * h * im
+    # weights of the touched experts; per routed token: read h and I (inputs), write
+    # (mats-1) I and h
+    moe_bytes = touched * mats * h * im * ewb + t * k / dims.ep * (
+        (h + im) * dims.gemm_in_bytes + ((mats - 1.0) * im + h) * ab
+    )
+    expert_peak = peak
+    if hw is not None:  # 4-bit experts beside bf16 layers: the wider operand sets the peak
+        expert_peak = ops.gemm_peak_flops(
+            eqx.tree_at(lambda d: d.weight_bytes, dims, dims.expert_weight_bytes), hw, xp
+        ) * xp.where(
+            xp.maximum(ewb, dims.gemm_in_bytes) < 1.5, p.gemm_fp8_flops_eff, p.gemm_flops_eff
+        )
+    si = dims.shared_inter
+    shared = xp.where(si > 0.0, gemm_s(t, h, (mats - 1.0) * si) + gemm_s(t, si, h), 0.0)
     return dims.moe_layers * (
-        gemm_s(t, h, e) + _roofline_s(moe_flops, moe_bytes, peak, bw, p.gemm_blend, xp)
+        gemm_s(t, h, e)
+        + _roofline_s(moe_flops, moe_bytes, expert_peak, bw, p.gemm_blend, xp)
+        + shared
     )
 
 
 def _communication_s(p, dims, t, r, hw, xp):
-    """Two all-reduces per layer (after attention and after the MLP) and a logits all-gather."""
+    """All-reduces after every token mixer (over the tp/dp ranks that split its heads) and
+    every MLP (over all tp ranks), and a logits all-gather. With attention data parallelism
+    and expert parallelism, MoE layers dispatch each token's hidden state to its experts'
+    ranks and combine the results back (two all-to-alls, DeepEP's normal mode) instead."""
     ab = dims.act_bytes
-    tp_on = xp.where(dims.tp > 1.0, 1.0, 0.0)
     ic = hw.interconnect_bytes_per_s * p.comm_eff
-    ar_s = ops.allreduce_bytes_per_rank(t * dims.hidden, dims) / ic + p.comm_latency_s
-    gather_s = (dims.tp - 1.0) * r * dims.vocab * ab / ic + p.comm_latency_s
-    return tp_on * (2.0 * dims.layers * ar_s + gather_s)
+    atp = dims.tp / dims.dp
+    mixers = dims.n_full + dims.n_sliding + dims.n_chunked + dims.n_mla + dims.n_gdn
+    mixers = mixers + dims.n_mamba
+
+    def ar_s(ranks, tokens):
+        ring = 2.0 * (ranks - 1.0) / ranks * (tokens * dims.hidden) * ab
+        return xp.where(ranks > 1.0, ring / ic + p.comm_latency_s, 0.0)
+
+    a2a = (dims.ep > 1.0) & (dims.dp > 1.0)
+    a2a_bytes = 2.0 * (t / dims.dp) * dims.top_k * (dims.ep - 1.0) / dims.ep * dims.hidden * ab
+    a2a_s = a2a_bytes / ic + 2.0 * p.comm_latency_s
+    moe_s = xp.where(a2a, a2a_s, ar_s(dims.tp, t))
+    # with attention DP each rank's tokens are gathered for the dense MLPs and scattered back
+    mlp_s = ar_s(dims.tp, t)
+    gather_s = xp.where(
+        dims.tp > 1.0, (dims.tp - 1.0) * r * dims.vocab * ab / ic + p.comm_latency_s, 0.0
+    )
+    return (
+        mixers * ar_s(atp, t / dims.dp)
+        + dims.dense_layers * mlp_s
+        + dims.moe_layers * moe_s
+        + gather_s
+    )
 
 
-def breakdown_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp):
-    return costs(p, dims, features(dims, batch, be, xp), hw, be, xp)
+def breakdown_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp, needs=ALL):
+    return costs(p, dims, step_features(dims, batch, be, xp, needs), hw, be, xp, needs)
 
 
-def step_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp):
-    parts = breakdown_s(p, dims, batch, hw, be, xp)
+def step_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp, needs=ALL):
+    parts = breakdown_s(p, dims, batch, hw, be, xp, needs)
     return sum(parts.values())
 
 
@@ -371,10 +581,10 @@ def step_s(p, dims, batch, hw, be: attn.AttentionBackend = attn.FA2, xp=jnp):
 # jitted public entry points (module level: compiled once per shape)
 
 
-@partial(jax.jit, static_argnames="be")
-def breakdown_one(p: Params, dims: ModelDims, batch: Batch, hw: HwArrays, be=attn.FA2):
+@partial(jax.jit, static_argnames=("be", "needs"))
+def breakdown_one(p: Params, dims: ModelDims, batch: Batch, hw: HwArrays, be=attn.FA2, needs=ALL):
     """Per-operator seconds of one batch ``[R]`` on one GPU."""
-    return breakdown_s(p, dims, batch, hw, be)
+    return breakdown_s(p, dims, batch, hw, be, jnp, needs)
 
 
 @partial(jax.jit, static_argnames=("be", "needs"))
@@ -384,7 +594,7 @@ def step_seconds_grid(
     """Seconds for batches ``[N, R]`` × GPUs ``[H]`` → ``[N, H]``; features once per batch."""
 
     def one_batch(b):
-        f = features(dims, b, be, jnp, needs)
+        f = step_features(dims, b, be, jnp, needs)
         return jax.vmap(lambda hw: sum(costs(p, dims, f, hw, be, jnp, needs).values()))(hws)
 
     return jax.vmap(one_batch)(batches)
@@ -420,10 +630,13 @@ def decode_seconds_flat(theta, ctx, active, padded, treedef, shapes, be=attn.FA2
     return step_seconds_flat(theta, jnp.stack([c, nm, nm]), treedef, shapes, be, needs)
 
 
-@partial(jax.jit, static_argnames="be")
-def step_seconds_rows(p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, be=attn.FA2):
-    """Seconds for rows that each carry their own model: dims ``[N]``, batches ``[N, R]``."""
-    return jax.vmap(lambda d, b: step_s(p, d, b, hw, be))(dims, batches)
+@partial(jax.jit, static_argnames=("be", "needs"))
+def step_seconds_rows(
+    p: Params, dims: ModelDims, batches: Batch, hw: HwArrays, be=attn.FA2, needs=ALL
+):
+    """Seconds for rows that each carry their own model: dims ``[N]``, batches ``[N, R]``
+    (``needs.kinds``: every token mixer any row's model has)."""
+    return jax.vmap(lambda d, b: step_s(p, d, b, hw, be, jnp, needs))(dims, batches)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -555,12 +768,14 @@ class Estimator:
         model: str | Path | ModelSpec,
         hardware: str | Path | HardwareSpec | Sequence[str | Path | HardwareSpec],
         tp: int = 1,
-        weight_dtype: str = "bf16",
+        weight_dtype: str | None = None,
         kv_dtype: str = "bf16",
         calibration: str | Path | Params | None = None,
         backend: str | None = None,
         act_dtype: str | None = None,
         engine: str | None = None,
+        ep: int = 1,
+        dp: int = 1,
     ):
         compile_cache.enable()  # before the first compile of this process (see compile_cache)
         self.model = model if isinstance(model, ModelSpec) else load_model(model)
@@ -579,11 +794,12 @@ class Estimator:
                 f"attention backend {backend!r} unknown (choose from {', '.join(ATTENTION_BACKENDS)})"
             )
         self.backend = ATTENTION_BACKENDS[backend]
-        self.tp = tp
-        self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype)
+        self.tp, self.ep, self.dp = tp, ep, dp
+        self.dims = ops.model_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype, ep, dp)
         # FA2 folds the GQA heads of a pure-decode batch into rows (its decode path) only when
         # several query heads share a KV head on this rank
-        folds = self.model.num_heads // tp > max(1, self.model.num_kv_heads // tp)
+        atp = tp // dp  # attention heads are split over tp/dp ranks
+        folds = self.model.num_heads // atp > max(1, self.model.num_kv_heads // atp)
         self._decode_attention = (
             "decode" if folds and self.backend.decode_swaps_groups else "prefill"
         )
@@ -594,7 +810,10 @@ class Estimator:
         self._shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
         # numpy, not jnp: a jnp concatenate would compile two tiny programs on every start
         self._theta = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in leaves])
-        self._needs = {a: Needs(self.model.is_moe, tp > 1, a) for a in ("any", "decode", "prefill")}
+        kinds = ops.attention_kinds(self.model)
+        self._needs = {
+            a: Needs(self.model.is_moe, tp > 1, a, kinds) for a in ("any", "decode", "prefill")
+        }
         self._programs: dict = {}  # (kind, attention, shapes) -> compiled program
 
     def _program(self, kind: str, attention: str, shape: tuple[int, ...]):
@@ -742,7 +961,7 @@ class Estimator:
         cnm = pack_ragged(rb)[0][1][:, 0]  # [3, R] of the one batch
         b = Batch(*(ops._float(x) for x in cnm))
         hw = jax.tree.map(lambda x: x[hardware_index], self.hws)
-        parts = breakdown_one(self.params, self.dims, b, hw, self.backend)
+        parts = breakdown_one(self.params, self.dims, b, hw, self.backend, self._needs["any"])
         return {k: float(v) for k, v in parts.items()}
 
 
