@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -544,14 +543,7 @@ def step_estimator(o: SimulationOptions, hardware: str, tp: int) -> StepCost:
 def draft_spec(model: ModelSpec, layers: int | None = None) -> ModelSpec:
     """The draft model of speculative decoding: ``layers`` decoder layers of the target's
     shape with its embedding and LM head (default: the model's MTP layers, else 1)."""
-    make = getattr(specs, "draft_model", None)  # specs.draft_model, where it exists
-    if make is not None:
-        return make(model, layers)
-    n = layers if layers is not None else (getattr(model, "mtp_layers", 0) or 1)
-    return dataclasses.replace(
-        model, name=f"{model.name}-draft", num_layers=n,
-        num_moe_layers=min(model.num_moe_layers, n),
-    )  # fmt: skip
+    return specs.draft_model(model, layers)
 
 
 def draft_estimator(o: SimulationOptions, target: StepCost, hardware: str, tp: int) -> StepCost:
