@@ -218,18 +218,25 @@ def _progress():
     )
 
 
-def _table(title: str, columns: list[str], rows: list[list]) -> None:
+def _table(title: str, columns: list[str], rows: list[list], width: int | None = None) -> None:
+    """A rich table; ``width``: at least that many columns even off a terminal (rich's
+    default there is 80, which truncates a wide table's cells)."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title)
     for c in columns:
         t.add_column(
-            c, justify="right" if c not in ("name", "op", "scope", "model", "kind") else "left"
+            c,
+            justify="right" if c not in ("name", "op", "scope", "model", "kind") else "left",
+            no_wrap=c in ("model", "name"),
         )
     for r in rows:
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
-    Console().print(t)
+    console = Console()
+    if width and console.width < width:
+        console = Console(width=width)
+    console.print(t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -747,13 +754,25 @@ def simulate(
     model: str = typer.Option(None, help="Model name or config.json [llama-3.1-8b]."),
     hardware: str = typer.Option(None, help="GPU name or YAML [h100-sxm]."),
     tp: int = typer.Option(None, help="Tensor-parallel degree [1]."),
+    ep: int = typer.Option(
+        None, help="Expert-parallel degree: ranks the routed experts are spread over [1]."
+    ),
+    dp_attention: int = typer.Option(
+        None,
+        help="Attention data-parallel degree (SGLang --enable-dp-attention --dp N): ranks "
+        "that each attend their own requests; divides --tp [1].",
+    ),
     engine: str = typer.Option(
         None, help="Engine whose scheduler and defaults are simulated: sglang or vllm [sglang]."
     ),
     frontend: str = typer.Option(
         None, help="on: latencies as a client sees them (HTTP, tokenization); off: engine only."
     ),
-    weight_dtype: str = typer.Option(None, help="bf16, fp8 or fp4 [bf16]."),
+    weight_dtype: str = typer.Option(
+        None,
+        help="Every linear layer in bf16, fp8, fp4, mxfp4 or int4 [the checkpoint's formats: "
+        "its quantization_config].",
+    ),
     kv_dtype: str = typer.Option(None, help="bf16 or fp8 [bf16]."),
     calibration: Path = typer.Option(
         None, help="Calibration JSON [the GPU's production-kernel fit, <gpu>.<engine>.json]."
@@ -1089,12 +1108,68 @@ def search(
 
 
 @app.command("list")
-def list_cmd():
-    """Models and GPUs known by name."""
-    from hisim_jax.specs import available_hardware, available_models
+def list_cmd(
+    fmt: Format = typer.Option(Format.table, "--format", help="How to print the lists."),
+):
+    """Models and GPUs known by name: each model's family, parameters, active parameters and
+    cache bytes (bf16, TP 1: per token that grows with context, the most a request's
+    windowed layers hold, the recurrent state per request); each GPU's peaks and price."""
+    from hisim_jax.specs import available_hardware, available_models, load_hardware, load_model
 
-    typer.echo("models:   " + ", ".join(available_models()))
-    typer.echo("hardware: " + ", ".join(available_hardware()))
+    models = {}
+    for name in available_models():
+        m = load_model(name)
+        models[name] = {
+            "family": m.family,
+            "params": m.weight_params(),
+            "active_params": m.active_params(),
+            "kv_bytes_per_token": m.kv_bytes_per_token(),
+            "windowed_kv_bytes": m.windowed_kv_bytes(),
+            "state_bytes_per_request": m.state_bytes_per_request(),
+            "weight_dtype": m.weight_dtype
+            if m.weight_dtype == m.expert_weight_dtype
+            else f"{m.weight_dtype}/{m.expert_weight_dtype}",
+            "layers": "+".join(f"{g.count}x{g.attention}/{g.mlp}" for g in m.layer_groups),
+        }
+    gpus = {}
+    for name in available_hardware():
+        h = load_hardware(name)
+        gpus[name] = {
+            "bf16_tflops": h.bf16_flops_per_s / 1e12,
+            "hbm_gb": h.hbm_bytes / 1e9,
+            "hbm_tb_s": h.hbm_bytes_per_s / 1e12,
+            "price_usd_per_hour": h.price_usd_per_hour,
+        }
+    if fmt == Format.json:
+        typer.echo(files.strict_json({"models": models, "hardware": gpus}, indent=2))
+        return
+    if fmt == Format.csv:
+        keys = list(next(iter(models.values())))
+        typer.echo(",".join(["model", *keys]))
+        for name, row in models.items():
+            typer.echo(",".join([name, *(str(row[k]) for k in keys)]))
+        return
+    _table(
+        "models",
+        ["model", "family", "params B", "active B", "KV B/tok", "window MB", "state MB",
+         "weights"],
+        [
+            [name, r["family"], round(r["params"] / 1e9, 1), round(r["active_params"] / 1e9, 1),
+             int(r["kv_bytes_per_token"]), round(r["windowed_kv_bytes"] / 1e6),
+             round(r["state_bytes_per_request"] / 1e6), r["weight_dtype"]]
+            for name, r in models.items()
+        ],
+        width=120,
+    )  # fmt: skip
+    _table(
+        "hardware",
+        ["name", "bf16 TFLOPS", "HBM GB", "HBM TB/s", "USD/h"],
+        [
+            [name, round(r["bf16_tflops"]), round(r["hbm_gb"]), round(r["hbm_tb_s"], 2),
+             r["price_usd_per_hour"]]
+            for name, r in gpus.items()
+        ],
+    )  # fmt: skip
 
 
 # serial commands: one core is faster for their many tiny estimator calls (see cores.py)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from hisim_jax.serving.memory import (
     VLLM_GPU_MEMORY_UTILIZATION,
     cache_config,
     size_replica,
+    state_grid,
     vllm_reserved_bytes,
 )
 from hisim_jax.serving.metrics import (
@@ -53,6 +55,8 @@ MAX_REPLICAS = 4096
 _LINK_GB_S = (1e-3, True, 1e6)
 _RANGES = {
     "tp": (1, True, 1024),
+    "ep": (1, True, 1024),
+    "dp_attention": (1, True, 1024),
     "limit": (1, True, None),
     "rate_scale": (0, False, None),  # and arrivals within wl.MAX_SPAN_S, checked by select
     "start_s": (0, True, None),
@@ -147,8 +151,15 @@ class SimulationOptions:
     model: str = "llama-3.1-8b"
     hardware: str = "h100-sxm"
     tp: int = 1
-    weight_dtype: str = "bf16"
+    # linear layers' format [the checkpoint's: its quantization_config, e.g. DeepSeek-V3's fp8,
+    # gpt-oss's MXFP4 experts]; one name quantizes them all
+    weight_dtype: str | None = None
     kv_dtype: str = "bf16"
+    # expert parallelism (SGLang --ep-size, vLLM --enable-expert-parallel): ranks the routed
+    # experts are spread over [1]; attention data parallelism (SGLang --enable-dp-attention
+    # --dp N): ranks that each run attention for their own requests [1]; both divide tp
+    ep: int = 1
+    dp_attention: int = 1
     calibration: str | None = None
     # step-latency backend (estimator/backends.py): roofline, aiconfigurator or table
     estimator: str = "roofline"
@@ -498,6 +509,18 @@ def scheduler_config(o: SimulationOptions, gpu) -> SchedulerConfig:
     )
 
 
+def cap_running(sched: SchedulerConfig, sizing) -> SchedulerConfig:
+    """At most as many running requests as the memory reserved slots for (a model with
+    windowed KV or recurrent states: serving/memory.size_replica), as SGLang caps
+    max_running_requests by its Mamba pool."""
+    cap = sizing.max_requests
+    if cap is None or cap >= sched.max_running_requests:
+        return sched
+    return dataclasses.replace(
+        sched, max_running_requests=cap, cuda_graph_max_bs=min(sched.cuda_graph_max_bs, cap)
+    )
+
+
 def max_context(o: SimulationOptions, model) -> int:
     """The context window served: ``max_model_len`` if given (at most the model's, as both
     engines refuse a longer one), else the model's ``max_position_embeddings``."""
@@ -528,7 +551,12 @@ def step_estimator(o: SimulationOptions, hardware: str, tp: int) -> StepCost:
     try:
         if o.estimator == "roofline":  # without a calibration: the engine's for the GPU
             return Estimator(o.model, hardware, tp, o.weight_dtype, o.kv_dtype, o.calibration,
-                             engine=o.engine)  # fmt: skip
+                             engine=o.engine, ep=o.ep, dp=o.dp_attention)  # fmt: skip
+        if o.ep > 1 or o.dp_attention > 1:
+            raise SpecError(
+                f"options: ep and dp_attention are modelled by the roofline estimator only, "
+                f"not {o.estimator}"
+            )
         return make_estimator(
             o.estimator, o.model, hardware, tp, o.weight_dtype, o.kv_dtype,
             calibration=o.calibration, table=o.estimator_table, extrapolate=o.extrapolate,
@@ -553,7 +581,8 @@ def draft_estimator(o: SimulationOptions, target: StepCost, hardware: str, tp: i
     calibration = o.calibration if o.estimator == "roofline" else None
     try:
         return Estimator(spec, hardware, tp, o.weight_dtype, o.kv_dtype, calibration,
-                         engine=o.engine)  # fmt: skip
+                         engine=o.engine, ep=o.ep if spec.is_moe else 1,
+                         dp=o.dp_attention)  # fmt: skip
     except ValueError as e:
         raise SpecError(f"options: draft model: {e}") from None
 
@@ -589,12 +618,14 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
         sched = scheduler_config(o, gpu)
         try:
             sizing = size_replica(
-                est.model, gpu, tp, DTYPE_BYTES[o.weight_dtype], DTYPE_BYTES[o.kv_dtype],
+                est.model, gpu, tp, o.weight_dtype, DTYPE_BYTES[o.kv_dtype],
                 *memory_share(o, est.model, tp, sched), o.l2_gb, o.l3_gb,
-                kv_tokens=o.kv_cache_tokens,
+                kv_tokens=o.kv_cache_tokens, max_requests=sched.max_running_requests,
+                dp=o.dp_attention,
             )  # fmt: skip
         except ValueError as e:
             raise SpecError(f"options: {e}") from None
+        sched = cap_running(sched, sizing)
         role = "unified" if not o.pd else "prefill" if i < n_prefill else "decode"
         context = max_context(o, est.model)
         if o.l3_shared_gb > 0 and store is None:
@@ -608,6 +639,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                 )
             except ValueError as e:
                 raise SpecError(f"options: {e}") from None
+        page = o.page_size or (VLLM_BLOCK_SIZE if o.engine == "vllm" else 1)
         try:
             cfg = EngineConfig(
                 sched,
@@ -615,12 +647,15 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                     sizing,
                     gpu,
                     block_tokens,
-                    o.page_size or (VLLM_BLOCK_SIZE if o.engine == "vllm" else 1),
+                    page,
                     o.eviction,
                     o.write_policy,
                     ranks=tp,
                     l2_bytes_per_s=o.l2_gb_s * 1e9 if o.l2_gb_s else None,
                     l3_bytes_per_s=o.l3_gb_s * 1e9 if o.l3_gb_s else None,
+                    state_grid_tokens=state_grid(
+                        est.model, o.engine, page, DTYPE_BYTES[o.kv_dtype], tp
+                    ),
                 ),  # fmt: skip
                 num_layers=est.model.num_layers,
                 max_context=context,

@@ -391,11 +391,24 @@ def test_validate_steps_table(tmp_path):
 
 def test_list():
     res = ok("list")
-    assert "llama-3.1-8b" in res.stdout
-    assert "h100-sxm" in res.stdout
-    models_line, hw_line = res.stdout.strip().splitlines()
-    assert models_line.startswith("models:") and "qwen3-30b-a3b" in models_line
-    assert hw_line.startswith("hardware:") and "a100-sxm-80gb" in hw_line
+    for name in ("llama-3.1-8b", "deepseek-v3", "h100-sxm", "a100-sxm-80gb"):
+        assert name in res.stdout
+
+
+def test_list_json_has_each_models_memory_terms():
+    doc = json.loads(ok("list", "--format", "json").stdout)
+    ds = doc["models"]["deepseek-v3"]
+    assert ds["family"] == "deepseek-v3" and ds["kv_bytes_per_token"] == 70_272
+    assert abs(ds["params"] / 671e9 - 1) < 0.01 and ds["active_params"] < 40e9
+    assert doc["models"]["gpt-oss-120b"]["windowed_kv_bytes"] > 0
+    assert doc["models"]["qwen3.5-35b-a3b"]["state_bytes_per_request"] > 0
+    required = {
+        "deepseek-v3", "deepseek-r1", "deepseek-v3.2", "kimi-k2", "glm-5", "gpt-oss-20b",
+        "gpt-oss-120b", "llama-4-scout-17b-16e", "llama-4-maverick", "qwen3.5-27b",
+        "qwen3.5-35b-a3b", "qwen3.5-397b-a17b", "nemotron-h-56b", "gemma-4-26b-a4b",
+    }  # fmt: skip
+    assert required <= set(doc["models"])
+    assert doc["hardware"]["h100-sxm"]["hbm_gb"] == pytest.approx(80, rel=0.01)
 
 
 def test_calibrate_from_aiconfigurator_writes_a_loadable_calibration(tmp_path):

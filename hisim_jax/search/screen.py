@@ -45,6 +45,7 @@ from hisim_jax.serving.frontend import FRONTENDS
 from hisim_jax.serving.memory import size_replica
 from hisim_jax.simulation import (
     SimulationOptions,
+    cap_running,
     memory_share,
     parse_fleet,
     parse_pd,
@@ -207,17 +208,22 @@ def replica_groups(o: SimulationOptions, prices: dict) -> list[ReplicaPlan]:
     plans = []
     for (hw, tp), count in groups.items():
         gpu = _gpu(hw)
-        if model.num_heads % tp:
-            raise ValueError(
-                f"tp={tp} does not divide the {model.num_heads} attention heads of {model.name}"
-            )
+        if why := model.tp_error(tp):
+            raise ValueError(why)
+        for what, n in (("ep", o.ep), ("dp_attention", o.dp_attention)):
+            if tp % n:
+                raise ValueError(f"{what}={n} does not divide tp={tp}")
+        if o.ep > 1 and (not model.is_moe or model.num_experts % o.ep):
+            raise ValueError(f"ep={o.ep} does not divide the routed experts of {model.name}")
         sched = scheduler_config(o, gpu)
         sizing = size_replica(
-            model, gpu, tp, DTYPE_BYTES[o.weight_dtype], DTYPE_BYTES[o.kv_dtype],
+            model, gpu, tp, o.weight_dtype, DTYPE_BYTES[o.kv_dtype],
             *memory_share(o, model, tp, sched), o.l2_gb, o.l3_gb, kv_tokens=o.kv_cache_tokens,
+            max_requests=sched.max_running_requests, dp=o.dp_attention,
         )  # fmt: skip
+        sched = cap_running(sched, sizing)
         key = (o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration, o.engine,
-               o.estimator, o.estimator_table, o.extrapolate)  # fmt: skip
+               o.estimator, o.estimator_table, o.extrapolate, o.ep, o.dp_attention)  # fmt: skip
         price = prices.get(gpu.name, prices.get(hw, o.gpu_price_usd_per_hour))
         plans.append(
             ReplicaPlan(
