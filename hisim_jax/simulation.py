@@ -621,7 +621,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
                 est.model, gpu, tp, o.weight_dtype, DTYPE_BYTES[o.kv_dtype],
                 *memory_share(o, est.model, tp, sched), o.l2_gb, o.l3_gb,
                 kv_tokens=o.kv_cache_tokens, max_requests=sched.max_running_requests,
-                dp=o.dp_attention,
+                dp=o.dp_attention, draft=None if draft is None else draft.model,
             )  # fmt: skip
         except ValueError as e:
             raise SpecError(f"options: {e}") from None

@@ -521,12 +521,15 @@ def _moe_s(p, dims, t, peak, bw, gemm_s, xp, hw=None):
         (h + im) * dims.gemm_in_bytes + ((mats - 1.0) * im + h) * ab
     )
     expert_peak = peak
-    if hw is not None:  # 4-bit experts beside bf16 layers: the wider operand sets the peak
-        expert_peak = ops.gemm_peak_flops(
-            eqx.tree_at(lambda d: d.weight_bytes, dims, dims.expert_weight_bytes), hw, xp
-        ) * xp.where(
-            xp.maximum(ewb, dims.gemm_in_bytes) < 1.5, p.gemm_fp8_flops_eff, p.gemm_flops_eff
-        )
+    if hw is not None:
+        # 4-bit experts: a GPU with FP4 tensor cores (Blackwell) runs them W4A8 at its fp8
+        # rate (tcgen05's f8f6f4 MMA, as vLLM's MXFP4 x MXFP8 MoE on B200); one without
+        # (Hopper, Ampere) dequantizes them to the activations' precision
+        has_fp4 = hw.fp4_flops_per_s > hw.fp8_flops_per_s
+        widest = xp.maximum(ewb, dims.gemm_in_bytes)
+        low = (ewb < 0.75) & has_fp4
+        rate = xp.where(low | (widest < 1.5), hw.fp8_flops_per_s, hw.bf16_flops_per_s)
+        expert_peak = rate * xp.where(low | (widest < 1.5), p.gemm_fp8_flops_eff, p.gemm_flops_eff)
     si = dims.shared_inter
     shared = xp.where(si > 0.0, gemm_s(t, h, (mats - 1.0) * si) + gemm_s(t, si, h), 0.0)
     return dims.moe_layers * (

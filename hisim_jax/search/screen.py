@@ -625,7 +625,7 @@ _SIZING = (
     "estimator_table", "extrapolate", "engine", "l1_fraction", "gpu_memory_utilization",
     "kv_cache_tokens", "l2_gb", "l3_gb", "chunked_prefill_size", "max_prefill_tokens",
     "max_running_requests", "max_num_batched_tokens", "max_num_seqs", "cuda_graph_max_bs",
-    "step_overhead_ms", "gpu_price_usd_per_hour",
+    "step_overhead_ms", "gpu_price_usd_per_hour", "ep", "dp_attention",
 )  # fmt: skip
 _GROUPS: dict[tuple, ReplicaPlan] = {}
 

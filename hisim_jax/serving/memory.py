@@ -72,6 +72,7 @@ def size_replica(
     kv_tokens: int | None = None,
     max_requests: int | None = None,
     dp: int = 1,
+    draft=None,
 ) -> ReplicaSizing:
     """KV capacity per tier in tokens: L1 is the HBM share minus the weights and
     ``reserved_bytes`` (SGLang: the share holds weights + KV, the rest of HBM is its activation
@@ -90,7 +91,11 @@ def size_replica(
 
     ``dp``: attention data-parallel ranks; each holds the KV of its own requests (MLA's
     latent is one copy per token whatever the heads' split), so the replica's token capacity
-    is dp times a rank's."""
+    is dp times a rank's.
+
+    ``draft``: the speculative-decoding draft model (specs.draft_model), whose decoder layers
+    (it shares the target's embedding and LM head, as MTP/NEXTN drafts do) and KV take their
+    part of the same memory."""
     if not 0 < l1_fraction <= 1:
         raise ValueError(f"l1 fraction must be in (0, 1], got {l1_fraction}")
     for name, gb in (("l2_gb", l2_gb), ("l3_gb", l3_gb)):
@@ -109,6 +114,14 @@ def size_replica(
     per_token = per_token + SWA_FULL_TOKENS_RATIO * windowed if per_token > 0 else windowed
     per_request = model.state_bytes_per_request(tp)
     weights = _weights_per_rank(model, tp, dp, weight_dtype)
+    if draft is not None:
+        c = draft.param_counts()
+        if isinstance(weight_dtype, (int, float)):
+            layers_only = (draft.weight_params() - c["embedding"] - c["lm_head"]) * weight_dtype
+        else:
+            layers_only = draft.weight_bytes(weight_dtype) - (c["embedding"] + c["lm_head"]) * 2.0
+        weights += layers_only / tp
+        per_token += draft.kv_bytes_per_token(kv_bytes, atp)
     # the engines multiply the memory CUDA reports (80 GB marketed is 79.65 GiB on an H100)
     free = hardware.engine_memory_bytes * l1_fraction - weights - reserved_bytes
     slots = None

@@ -180,3 +180,20 @@ def test_the_space_prices_price_simulated_points_and_their_configs(tmp_path):
     per_token = 1.0 / 3600 / row["throughput_output_tok_s"] * 1e6
     assert math.isclose(row["usd_per_mtok"], per_token)
     assert res.options[row["id"]]["gpu_price_usd_per_hour"] == 1.0
+
+
+def test_expert_and_attention_parallel_axes():
+    space = {
+        "model": "qwen3-30b-a3b",
+        "limit": 80,
+        "gpus": 4,
+        "slo": {"ttft_p99_ms": 5000, "tpot_p99_ms": 200},
+        "axes": {"tp": [2, 4], "ep": [1, 4], "dp_attention": [1, 2]},
+    }
+    result = hisim_jax.search(space, cache_dir="", jobs=1, max_simulations=4)
+    pts = result.points
+    bad = pts[(pts["tp"] == 2) & (pts["ep"] == 4)]
+    assert len(bad) and not bad["feasible"].any()
+    assert bad["reason"].str.contains("ep=4 does not divide tp=2").all()
+    good = pts[(pts["tp"] == 4) & (pts["ep"] == 4) & (pts["dp_attention"] == 2)]
+    assert good["feasible"].all() and good["stage"].ne("infeasible").all()

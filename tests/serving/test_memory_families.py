@@ -126,3 +126,15 @@ def test_expert_and_attention_parallel_run():
     assert res.summary["options"]["ep"] == 8
     with pytest.raises(ValueError, match="dp_attention"):
         SimulationOptions(dp_attention=0)
+
+
+def test_a_speculative_draft_takes_weights_and_kv():
+    from hisim_jax.specs import draft_model
+
+    ds = load_model("deepseek-v3")
+    plain = size_replica(ds, H200, 8, None, 2.0, 0.88)
+    mtp = size_replica(ds, H200, 8, None, 2.0, 0.88, draft=draft_model(ds))
+    # DeepSeek's MTP layer is one MLA + MoE layer: ~11.7 GB in fp8, 1/8 per rank
+    assert 1.2e9 < mtp.weight_bytes - plain.weight_bytes < 1.7e9
+    assert mtp.kv_bytes_per_token == plain.kv_bytes_per_token + 576 * 2
+    assert mtp.l1_tokens < plain.l1_tokens
