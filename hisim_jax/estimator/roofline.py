@@ -308,6 +308,11 @@ def step_features(dims: ModelDims, batch: Batch, be: attn.AttentionBackend, xp=j
     if "chunked" in needs.kinds:
         local = Batch(xp.mod(c, xp.maximum(dims.chunk, 1.0)), n, m)
         out["chunked"] = features(ops.gqa_attention(dims, "chunked"), local, be, xp, needs)
+    split = {"mla", "gdn", "mamba2"} & set(needs.kinds)
+    if not split and out:  # GQA only: the attention features' own sums are all it needs
+        first = next(iter(out.values()))
+        out.update(tokens=first["tokens"], n_req=first["n_req"])
+        return out
     dec = xp.where(n <= 1.0, m, 0.0)
     pf = m - dec
     sums = xp.sum(xp.stack([n * m, m, dec, pf, (c + n) * pf, n * pf]), axis=-1)
