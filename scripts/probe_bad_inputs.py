@@ -387,6 +387,45 @@ for name, args in (
 add("numbers", "config:speculative_accept_rate=[0.8, true, 0.4]",
     ["simulate", "--config", w("c.yaml", "speculative_num_steps: 3\n"
      "speculative_accept_rate: [0.8, true, 0.4]\n"), "--out", "o"])  # fmt: skip
+# the new families: parallelism that does not divide tp or the experts, configs the loader
+# cannot represent (the field named), a checkpoint that does not fit
+for name, args in (
+    ("ep-not-dividing-tp", ["--model", "qwen3-30b-a3b", "--tp", "2", "--ep", "4"]),
+    ("ep-on-a-dense-model", ["--tp", "2", "--ep", "2"]),
+    ("ep-zero", ["--ep", "0"]),
+    ("dp-attention-not-dividing-tp", ["--tp", "2", "--dp-attention", "4"]),
+    ("dp-attention-nan", ["--dp-attention", "nan"]),
+    ("deepseek-on-one-h100", ["--model", "deepseek-v3"]),
+    ("weight-dtype-unknown", ["--weight-dtype", "int3"]),
+):
+    add("numbers", f"simulate:{name}", ["simulate", "--limit", "4", *args, "--out", "o"])
+
+
+def _family(src_name: str, change: Callable[[dict], dict]) -> Callable[[Path], list]:
+    def make(d: Path) -> list:
+        cfg = json.loads((data_dir("models") / f"{src_name}.json").read_text())
+        (d / "family.json").write_text(json.dumps(change(cfg)))
+        return ["estimate", "--model", str(d / "family.json")]
+
+    return make
+
+
+for label, src_name, change in (
+    ("layer_types-short", "gpt-oss-20b", lambda c: {**c, "layer_types": ["full_attention"]}),
+    ("layer_types-unknown", "gpt-oss-20b",
+     lambda c: {**c, "layer_types": ["odd"] * c["num_hidden_layers"]}),
+    ("hybrid_override_pattern-bad", "nemotron-h-56b",
+     lambda c: {**c, "hybrid_override_pattern": "MX"}),
+    ("kv_lora_rank-missing", "deepseek-v3", lambda c: {**c, "kv_lora_rank": None}),
+    ("quant_method-gptq", "deepseek-v3",
+     lambda c: {**c, "quantization_config": {"quant_method": "gptq"}}),
+    ("text_config-not-object", "qwen3.5-27b", lambda c: {**c, "text_config": [1]}),
+    ("no_rope_layers-bad", "llama-4-maverick",
+     lambda c: {**c, "text_config": {**c["text_config"], "no_rope_layers": [2, 3]}}),
+    ("mamba_ssm_dtype-bad", "qwen3.5-27b",
+     lambda c: {**c, "text_config": {**c["text_config"], "mamba_ssm_dtype": "int8"}}),
+):  # fmt: skip
+    CASES.append(Case("numbers", f"model:{label}", _family(src_name, change)))
 add("files", "validate-e2e:missing-run", ["validate", "e2e", "nope.json", "--out", "rep"])
 add(
     "files", "validate-e2e:empty-json", ["validate", "e2e", w("bad-run.json", "{}"), "--out", "rep"]

@@ -125,7 +125,7 @@ def model_dims(
     attention for 1/dp of the batch with tp/dp-way heads)."""
     if tp < 1 or (why := spec.tp_error(tp)):
         raise ValueError(why or f"tp={tp} must be >= 1")
-    for what, n in (("ep", ep), ("dp", dp)):
+    for what, n in (("ep", ep), ("dp_attention", dp)):
         if n < 1 or tp % n:
             raise ValueError(f"{what}={n} must divide tp={tp}")
     if ep > 1 and (not spec.is_moe or spec.num_experts % ep):
