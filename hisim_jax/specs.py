@@ -637,11 +637,12 @@ def model_from_config(
                 index_n_heads=_int_field(cfg, path, "index_n_heads"),
                 index_head_dim=_int_field(cfg, path, "index_head_dim"),
             )
-    elif family == "gpt-oss":
+    if family in ("gpt-oss", "gemma4"):  # local/global: a window and a type per layer
         window = _int_field(cfg, path, "sliding_window")
         attention = _layer_types(
             cfg, path, layers, {"full_attention": "full", "sliding_attention": "sliding"}
         )
+    if family == "gpt-oss":
         n_exp = _int_field(cfg, path, "num_local_experts")
         top_k = _int_field(cfg, path, "num_experts_per_tok")
         moe_inter, mlp = inter, ["moe"] * layers
@@ -711,10 +712,6 @@ def model_from_config(
             state_dtype_bytes=_state_dtype(cfg, path, "mamba_ssm_cache_dtype"),
         )
     elif family == "gemma4":
-        window = _int_field(cfg, path, "sliding_window")
-        attention = _layer_types(
-            cfg, path, layers, {"full_attention": "full", "sliding_attention": "sliding"}
-        )
         extra.update(
             global_head_dim=_int_field(cfg, path, "global_head_dim", default=0, minimum=0),
             global_kv_heads=_int_field(
