@@ -16,8 +16,10 @@ prior so that near-collinear pairs (a per-layer and a per-step constant) stay ph
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -440,6 +442,106 @@ def fit(
     params = _with_fitted(init, {n: log_fit[n] for n in fit_names})
     eager = {k: float(jnp.exp(v)) for k, v in log_fit.items() if k.startswith("eager_")}
     return FitResult(params, history, eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel families of any shape: a prediction function per family, fitted together
+
+
+class KernelSet(eqx.Module):
+    """Timings of one kernel family as a fit sees them: ``predict(p, data)`` gives the kernel
+    seconds ``[N]`` of every row from Params and the rows' arrays (``data``, a pytree that
+    carries the rows' GPUs too), ``weight`` masks padding rows (0), and ``floor`` names the
+    family's launch floor (``""``: none), a smooth max with the kernel time fitted beside the
+    parameters (the tables time single kernels, whose host launch or minimal duration no
+    step-level term carries)."""
+
+    data: Any
+    measured_s: np.ndarray
+    weight: np.ndarray
+    predict: Callable = eqx.field(static=True)
+    floor: str = eqx.field(static=True, default="")
+
+
+def kernel_set(predict, data, measured_s, floor: str = "", pad_to: int | None = None) -> KernelSet:
+    """A ``KernelSet`` whose rows are padded (copies of the first row, weight 0) to ``pad_to``
+    rows, so that fits over sets of nearly equal sizes compile one program."""
+    measured = np.asarray(measured_s, dtype=np.result_type(float))
+    n = len(measured)
+    if n == 0:
+        raise ValueError("a kernel set needs at least one row")
+    size = max(n, pad_to or n)
+    idx = np.concatenate([np.arange(n), np.zeros(size - n, dtype=int)])
+    weight = (np.arange(size) < n).astype(measured.dtype)
+    data = jax.tree.map(lambda x: np.asarray(x)[idx], data)
+    return KernelSet(data, measured[idx], weight, predict, floor)
+
+
+def kernel_set_s(p: Params, ks: KernelSet, floors: dict | None = None):
+    """Seconds of every row of ``ks`` (padding included): the kernel, behind the family's
+    launch floor when ``floors`` (name -> seconds) has it."""
+    kernel = ks.predict(p, ks.data)
+    if ks.floor and floors is not None and ks.floor in floors:
+        return _eager_s(kernel, jnp.log(ops._float(floors[ks.floor])))
+    return kernel
+
+
+@eqx.filter_jit
+def _sets_loss(log_fit, fixed: Params, prior_log, prior_weight, sets):
+    p = _with_fitted(fixed, log_fit)
+    loss = 0.0
+    for ks in sets:
+        kernel = ks.predict(p, ks.data)
+        pred = _eager_s(kernel, log_fit[ks.floor]) if ks.floor else kernel
+        err = (jnp.log(pred) - jnp.log(ks.measured_s)) ** 2
+        loss = loss + jnp.sum(ks.weight * err) / jnp.sum(ks.weight)
+    prior = sum((log_fit[k] - prior_log[k]) ** 2 for k in prior_log)
+    return loss / len(sets) + prior_weight * prior
+
+
+_sets_loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_sets_loss))
+
+
+def fit_kernel_sets(
+    sets: Sequence[KernelSet],
+    init: Params | None = None,
+    fit_names: tuple[str, ...] = (),
+    steps_n: int = 600,
+    learning_rate: float = 0.03,
+    prior_weight: float = PRIOR_WEIGHT,
+    floor_init_s: float = 5e-6,
+    progress=None,
+) -> FitResult:
+    """Adam on log-parameters over kernel families (each family's mean squared log error
+    counts once, whatever its rows), with the pull towards Params' physics priors of ``fit``
+    and each family's launch floor fitted beside. Deterministic for given inputs."""
+    sets = tuple(sets)
+    if not sets:
+        raise ValueError("fit_kernel_sets: no kernel set to fit")
+    unknown = set(fit_names) - set(PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    init = as_float_params(init or Params())
+    log_fit = {n: jnp.log(getattr(init, n)) for n in fit_names}
+    for ks in sets:
+        if ks.floor:
+            log_fit[ks.floor] = ops._float(np.log(floor_init_s))
+    prior_log = {n: ops._float(np.log(float(getattr(Params(), n)))) for n in fit_names}
+    opt = optax.adam(learning_rate)
+    state = opt.init(log_fit)
+    history = []
+    for i in range(steps_n):
+        loss, grads = _sets_loss_and_grad(log_fit, init, prior_log, ops._float(prior_weight), sets)
+        with jax.numpy_dtype_promotion("standard"):  # optax's int32 step count (see fit)
+            updates, state = opt.update(grads, state, log_fit)
+        log_fit = optax.apply_updates(log_fit, updates)
+        if i % 50 == 0 or i == steps_n - 1:
+            history.append(float(loss))
+        if progress is not None:
+            progress(i + 1, steps_n)
+    params = _with_fitted(init, {n: log_fit[n] for n in fit_names})
+    floors = {k: float(jnp.exp(v)) for k, v in log_fit.items() if k not in fit_names}
+    return FitResult(params, history, floors)
 
 
 # ------------------------------------------------------------------------------------------------
