@@ -1292,7 +1292,10 @@ def _uniform_features(dims, cache, new, batch, be, needs):
     return jax.vmap(one)(dims, cache, new, batch)
 
 
-_STEP_SUMS = ("n_dec", "n_pf", "pf_keys", "pf_tokens", "gdn_chunks", "mamba_chunks")
+_STEP_SUMS = (
+    "n_dec", "n_pf", "pf_keys", "pf_tokens", "gdn_chunks", "mamba_chunks", "mla_abs_req",
+    "mla_abs_tokens", "mla_mha_req", "mla_mha_keys",
+)  # fmt: skip
 _uniform_features_fn = jax.jit(_uniform_features, static_argnames=("be", "needs"))
 
 

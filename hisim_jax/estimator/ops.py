@@ -243,13 +243,14 @@ def gqa_attention(dims: ModelDims, kind: str) -> AttnDims:
     return AttnDims(dims.q_heads, dims.kv_heads, d, d, 2.0 * d, window, dims.kv_bytes)
 
 
-def mla_decode_attention(dims: ModelDims) -> AttnDims:
+def mla_decode_attention(dims: ModelDims, rows=1.0) -> AttnDims:
     """MLA absorbed (FlashMLA-style): every query head attends the one shared latent + rope
     key (576 = 512 + 64 for DeepSeek-V3) and reads the latent as its value; sparse models
-    attend only their indexer's top-k keys."""
+    attend only their indexer's top-k keys. ``rows``: query tokens per request (a
+    speculative verify's k+1), folded with the heads into the kernel's rows."""
     latent = dims.kv_lora + dims.qk_rope
     return AttnDims(
-        dims.mla_heads, 1.0 + 0.0 * dims.kv_lora, latent, dims.kv_lora, latent,
+        dims.mla_heads * rows, 1.0 + 0.0 * dims.kv_lora, latent, dims.kv_lora, latent,
         dims.index_topk, dims.kv_bytes,
     )  # fmt: skip
 
@@ -264,11 +265,11 @@ def mla_prefill_attention(dims: ModelDims) -> AttnDims:
     )  # fmt: skip
 
 
-def indexer_attention(dims: ModelDims) -> AttnDims:
+def indexer_attention(dims: ModelDims, rows=1.0) -> AttnDims:
     """DeepSeek sparse attention's lightning indexer: index heads score every cached key (one
-    fp8 key head, no values) to pick each query's top-k."""
+    fp8 key head, no values) to pick each query's top-k (``rows``: as for the absorbed MLA)."""
     return AttnDims(
-        dims.index_heads, 1.0 + 0.0 * dims.index_dim, dims.index_dim, 0.0 * dims.index_dim,
+        dims.index_heads * rows, 1.0 + 0.0 * dims.index_dim, dims.index_dim, 0.0 * dims.index_dim,
         dims.index_dim, 0.0 * dims.index_dim, 1.0 + 0.0 * dims.index_dim,
     )  # fmt: skip
 

@@ -290,6 +290,10 @@ def _attention_s(
 # (fla's chunk_gated_delta_rule, 64) and Mamba-2's SSD (the configs' chunk_size, 128-256).
 GDN_CHUNK = 64.0
 MAMBA_CHUNK = 256.0
+# Requests computing at most this many tokens take MLA's absorbed kernel: decodes and
+# speculative verifies (vLLM's MLA backends treat query lengths up to 1 + the speculative
+# tokens as decodes; SGLang's target-verify mode runs the decode kernel), longer ones MHA.
+MLA_ABSORB_MAX_NEW = 8.0
 
 
 def step_features(dims: ModelDims, batch: Batch, be: attn.AttentionBackend, xp=jnp, needs=ALL):
@@ -321,17 +325,25 @@ def step_features(dims: ModelDims, batch: Batch, be: attn.AttentionBackend, xp=j
         pf_tokens=sums[5],
     )  # fmt: skip
     if "mla" in needs.kinds:
+        # decodes and speculative verifies (a few tokens each) take the absorbed kernel, their
+        # query tokens folded with the heads into rows as one query over c + n - 1 keys;
+        # longer chunks the multi-head prefill path
+        absorbed = xp.where(n <= MLA_ABSORB_MAX_NEW, m, 0.0)
+        mha = m - absorbed
+        rows = xp.max(xp.where(absorbed > 0.0, n, 1.0))
+        s = xp.sum(xp.stack([absorbed, n * absorbed, mha, (c + n) * mha]), axis=-1)
+        out.update(mla_rows=rows, mla_abs_req=s[0], mla_abs_tokens=s[1], mla_mha_req=s[2])
+        out["mla_mha_keys"] = s[3]
         any_needs = Needs(needs.moe, needs.comm, "any", needs.kinds)
         pf_needs = Needs(needs.moe, needs.comm, "prefill", needs.kinds)
-        out["mla_dec"] = features(
-            ops.mla_decode_attention(dims), Batch(c, n, dec), be, xp, any_needs
+        one = Batch(c + n - 1.0, xp.ones_like(n), absorbed)
+        out["mla_dec"] = features(ops.mla_decode_attention(dims, rows), one, be, xp, any_needs)
+        out["mla_pf"] = features(
+            ops.mla_prefill_attention(dims), Batch(c, n, mha), be, xp, pf_needs
         )
-        out["mla_pf"] = features(ops.mla_prefill_attention(dims), Batch(c, n, pf), be, xp, pf_needs)
         # the indexer's decode kernel folds its heads into rows as the absorbed MLA does
-        out["index_dec"] = features(
-            ops.indexer_attention(dims), Batch(c, n, dec), be, xp, any_needs
-        )
-        out["index_pf"] = features(ops.indexer_attention(dims), Batch(c, n, pf), be, xp, pf_needs)
+        out["index_dec"] = features(ops.indexer_attention(dims, rows), one, be, xp, any_needs)
+        out["index_pf"] = features(ops.indexer_attention(dims), Batch(c, n, mha), be, xp, pf_needs)
     if "gdn" in needs.kinds or "mamba2" in needs.kinds:
         chunks = xp.stack([xp.ceil(n / GDN_CHUNK) * pf, xp.ceil(n / MAMBA_CHUNK) * pf])
         csum = xp.sum(chunks, axis=-1)
@@ -483,7 +495,7 @@ def _mla_s(p, dims, f, hw, be, xp, needs, gemm_s, peak, bw):
     q_in = xp.where(dims.q_lora > 0, dims.q_lora, h)
     q_s = gemm_s(ta, h, latent_out) + gemm_s(ta, q_in, heads * (dims.qk_nope + dims.qk_rope))
     wb, ab = dims.weight_bytes, dims.act_bytes
-    n_dec = f["n_dec"] / dims.dp
+    n_dec = f["mla_abs_tokens"] / dims.dp
     absorb_elems = heads * dims.kv_lora * (dims.qk_nope + dims.v_dim)
     absorb_s = _roofline_s(
         2.0 * n_dec * absorb_elems,
@@ -494,17 +506,23 @@ def _mla_s(p, dims, f, hw, be, xp, needs, gemm_s, peak, bw):
         xp,
     )
     absorb_s = xp.where(n_dec > 0.0, absorb_s, 0.0)
-    up_s = gemm_s(f["pf_keys"] / dims.dp, dims.kv_lora, heads * (dims.qk_nope + dims.v_dim))
-    up_s = xp.where(f["n_pf"] > 0.0, up_s, 0.0)
+    up_s = gemm_s(f["mla_mha_keys"] / dims.dp, dims.kv_lora, heads * (dims.qk_nope + dims.v_dim))
+    up_s = xp.where(f["mla_mha_req"] > 0.0, up_s, 0.0)
     any_needs = Needs(needs.moe, needs.comm, "any", needs.kinds)
     pf_needs = Needs(needs.moe, needs.comm, "prefill", needs.kinds)
-    dec_attn = _attention_s(p, ops.mla_decode_attention(dims), f["mla_dec"], hw, be, xp, any_needs)
+    absorbed = ops.mla_decode_attention(dims, f["mla_rows"])
+    dec_attn = _attention_s(p, absorbed, f["mla_dec"], hw, be, xp, any_needs)
     pf_attn = _attention_s(p, ops.mla_prefill_attention(dims), f["mla_pf"], hw, be, xp, pf_needs)
-    attn = xp.where(f["n_dec"] > 0.0, dec_attn, 0.0) + xp.where(f["n_pf"] > 0.0, pf_attn, 0.0)
-    ix = ops.indexer_attention(dims)
+    attn = xp.where(f["mla_abs_req"] > 0.0, dec_attn, 0.0) + xp.where(
+        f["mla_mha_req"] > 0.0, pf_attn, 0.0
+    )
+    ix_dec = ops.indexer_attention(dims, f["mla_rows"])
+    ix_pf = ops.indexer_attention(dims)
     index = xp.where(
-        f["n_dec"] > 0.0, _attention_s(p, ix, f["index_dec"], hw, be, xp, any_needs), 0.0
-    ) + xp.where(f["n_pf"] > 0.0, _attention_s(p, ix, f["index_pf"], hw, be, xp, pf_needs), 0.0)
+        f["mla_abs_req"] > 0.0, _attention_s(p, ix_dec, f["index_dec"], hw, be, xp, any_needs), 0.0
+    ) + xp.where(
+        f["mla_mha_req"] > 0.0, _attention_s(p, ix_pf, f["index_pf"], hw, be, xp, pf_needs), 0.0
+    )
     attn = attn + xp.where(dims.index_topk > 0.0, index, 0.0)
     return q_s + absorb_s + up_s, attn
 
