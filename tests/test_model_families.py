@@ -311,3 +311,12 @@ def test_every_new_family_costs_a_mixed_batch():
         t = est.step_latency_s([[(0, 2048), (3000, 1), (500, 1)], [(100, 1)] * 8])
         assert np.all(np.isfinite(t)) and np.all(t > 0), name
         assert t[0] > t[1], name
+
+
+def test_mla_verify_steps_take_the_absorbed_kernel():
+    est = Estimator("deepseek-v3", "h200-sxm", tp=8)
+    decode = est.step_latency_s([[(2000, 1)] * 32])[0]
+    verify = est.step_latency_s([[(2000, 3)] * 32])[0]
+    chunk = est.step_latency_s([[(2000, 64)] * 32])[0]
+    # three tokens a request cost far less than three decodes; a 64-token chunk goes MHA
+    assert decode < verify < 2 * decode < chunk
