@@ -262,7 +262,9 @@ def estimate(
         None, help="With --batches: write input rows + hardware + predicted_ms."
     ),
     tp: int = typer.Option(1, help="Tensor-parallel degree."),
-    weight_dtype: str = typer.Option("bf16", help="bf16, fp8 or fp4."),
+    weight_dtype: str = typer.Option(
+        None, help="bf16, fp8, fp4, mxfp4 or int4 [the checkpoint's: its quantization_config]."
+    ),
     kv_dtype: str = typer.Option("bf16", help="bf16 or fp8."),
     act_dtype: str = typer.Option(
         None, help="GEMM input precision (default: fp8 with fp8/fp4 weights, i.e. W8A8; else bf16)."

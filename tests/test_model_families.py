@@ -320,3 +320,11 @@ def test_mla_verify_steps_take_the_absorbed_kernel():
     chunk = est.step_latency_s([[(2000, 64)] * 32])[0]
     # three tokens a request cost far less than three decodes; a 64-token chunk goes MHA
     assert decode < verify < 2 * decode < chunk
+
+
+def test_lookup_backends_refuse_layer_kinds_they_do_not_cover():
+    pytest.importorskip("aiconfigurator")
+    from hisim_jax.estimator.backends import make_estimator
+
+    with pytest.raises(ValueError, match="mla layers"):
+        make_estimator("aiconfigurator", "deepseek-v3", "h200-sxm", 8)

@@ -416,6 +416,15 @@ class AiconfiguratorEstimator(FeatureEstimator):
 
         aic.data_root()  # the one-line error without the extra, before anything else
         self.model, self.hardware = _load(model, hardware)
+        # its lookups are of GQA attention and dense/MoE GEMMs; MLA, linear attention, Mamba
+        # and per-layer windows or chunks are the roofline's (estimator/roofline.py)
+        other = set(ops.attention_kinds(self.model)) - {"full", "sliding"}
+        if other or (self.model.layers("full") and self.model.layers("sliding")):
+            kinds = ", ".join(sorted(other)) or "sliding and full layers mixed"
+            raise ValueError(
+                f"estimator aiconfigurator: {self.model.name} has {kinds} layers, which its "
+                "lookups do not cover (use --estimator roofline)"
+            )
         self.tp = tp
         self.engine = engine
         self.dims = _np_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype)
