@@ -323,7 +323,6 @@ def test_mla_verify_steps_take_the_absorbed_kernel():
 
 
 def test_lookup_backends_refuse_layer_kinds_they_do_not_cover():
-    pytest.importorskip("aiconfigurator")
     from hisim_jax.estimator.backends import make_estimator
 
     with pytest.raises(ValueError, match="mla layers"):

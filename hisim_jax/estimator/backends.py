@@ -414,7 +414,6 @@ class AiconfiguratorEstimator(FeatureEstimator):
     ):
         from hisim_jax.estimator import aiconfigurator as aic
 
-        aic.data_root()  # the one-line error without the extra, before anything else
         self.model, self.hardware = _load(model, hardware)
         # its lookups are of GQA attention and dense/MoE GEMMs; MLA, linear attention, Mamba
         # and per-layer windows or chunks are the roofline's (estimator/roofline.py)
@@ -425,6 +424,7 @@ class AiconfiguratorEstimator(FeatureEstimator):
                 f"estimator aiconfigurator: {self.model.name} has {kinds} layers, which its "
                 "lookups do not cover (use --estimator roofline)"
             )
+        aic.data_root()  # the one-line error without the extra, before reading any table
         self.tp = tp
         self.engine = engine
         self.dims = _np_dims(self.model, tp, weight_dtype, kv_dtype, act_dtype)
