@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -42,7 +42,8 @@ from hisim_jax.estimator.batch import bucket_size
 from hisim_jax.estimator.ops import DTYPE_BYTES
 from hisim_jax.serving import workload as wl
 from hisim_jax.serving.frontend import FRONTENDS
-from hisim_jax.serving.memory import size_replica
+from hisim_jax.serving.memory import size_replica, state_grid
+from hisim_jax.serving.scheduler.vllm import VLLM_BLOCK_SIZE
 from hisim_jax.simulation import (
     SimulationOptions,
     cap_running,
@@ -84,6 +85,12 @@ class WorkloadStats:
     ranks: np.ndarray  # [3, S] fixed uniform ranks: queue wait, TPOT spread, arrival time
     arrival_s: np.ndarray  # every arrival, from the first (rate_scale 1)
     sample_index: np.ndarray  # [S] the sampled requests' positions among them
+    # every prompt block as a prefix-trie node, its request, and every prompt's length: what
+    # a hybrid model's state rule needs (``state_reuse_fraction``)
+    prefix_nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    prefix_owner: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    all_input_len: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    state_reuse: dict = field(default_factory=dict)  # grid -> fraction, filled on first use
 
     @property
     def rate_per_s(self) -> float:
@@ -93,6 +100,40 @@ class WorkloadStats:
     def context_tokens(self) -> float:
         """Mean context of a decoding request: its prompt and half its output."""
         return (self.input_tokens + 0.5 * self.output_tokens) / self.requests
+
+
+def state_reuse_fraction(stats: WorkloadStats, grid: int) -> float:
+    """The share of the reusable prompt tokens a hybrid model (recurrent states, see
+    ``serving/kvcache.py``) can still reuse with an unbounded cache: a request's hit ends at
+    the deepest matched block holding a state, and a state is saved where each prompt ends,
+    rounded down to ``grid`` tokens. 1.0 for ``grid`` 0 (no states). Once per grid."""
+    if grid <= 0 or not stats.reuse_tokens_inf:
+        return 1.0
+    got = stats.state_reuse.get(grid)
+    if got is not None:
+        return got
+    bt = stats.block_tokens
+    seen: set[int] = set()
+    states: set[int] = set()
+    hit = 0
+    nodes, owner = stats.prefix_nodes.tolist(), stats.prefix_owner
+    starts = np.searchsorted(owner, np.arange(len(stats.all_input_len) + 1))
+    for i, n_in in enumerate(stats.all_input_len.tolist()):
+        path = nodes[starts[i] : starts[i + 1]]
+        best = 0
+        for j, node in enumerate(path):
+            if node not in seen:
+                break
+            if node in states:
+                best = j + 1
+        hit += min(best * bt, max(n_in - 1, 0))
+        seen.update(path)
+        k = min((n_in // grid) * grid // bt, len(path))
+        if k > 0:
+            states.add(path[k - 1])
+    frac = min(1.0, hit / stats.reuse_tokens_inf)
+    stats.state_reuse[grid] = frac
+    return frac
 
 
 def _stack_distances(requests) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +176,7 @@ def workload_stats(work: wl.Workload, samples: int = 512, seed: int = 0) -> Work
     inp = np.fromiter((r.input_len for r in reqs), np.int64, n)
     out = np.fromiter((r.output_len for r in reqs), np.int64, n)
     dist, owner = _stack_distances(reqs)
+    nodes, node_owner = wl.prefix_node_stream(reqs)
     bt = work.block_tokens
     reuse = np.minimum(np.bincount(owner, minlength=n) * bt, np.maximum(inp - 1, 0))
     rng = np.random.default_rng(seed)
@@ -157,6 +199,9 @@ def workload_stats(work: wl.Workload, samples: int = 512, seed: int = 0) -> Work
         ranks=ranks,
         arrival_s=arrivals - arrivals.min(),
         sample_index=pick,
+        prefix_nodes=nodes,
+        prefix_owner=node_owner,
+        all_input_len=inp,
     )
 
 
@@ -187,6 +232,7 @@ class ReplicaPlan:
     kv_bytes_per_token: float  # per rank
     price_usd_per_hour: float  # per GPU
     step_overhead_s: float
+    state_grid: int = 0  # tokens between a hybrid model's saved states (0: no states)
 
 
 @lru_cache(maxsize=256)
@@ -222,6 +268,7 @@ def replica_groups(o: SimulationOptions, prices: dict) -> list[ReplicaPlan]:
             max_requests=sched.max_running_requests, dp=o.dp_attention,
         )  # fmt: skip
         sched = cap_running(sched, sizing)
+        page = o.page_size or (VLLM_BLOCK_SIZE if o.engine == "vllm" else 1)
         key = (o.model, hw, tp, o.weight_dtype, o.kv_dtype, o.calibration, o.engine,
                o.estimator, o.estimator_table, o.extrapolate, o.ep, o.dp_attention)  # fmt: skip
         price = prices.get(gpu.name, prices.get(hw, o.gpu_price_usd_per_hour))
@@ -232,6 +279,7 @@ def replica_groups(o: SimulationOptions, prices: dict) -> list[ReplicaPlan]:
                 sizing.kv_bytes_per_token,
                 gpu.price_usd_per_hour if price is None else float(price),
                 sched.step_overhead_s,
+                state_grid(model, o.engine, page, DTYPE_BYTES[o.kv_dtype], tp) or 0,
             )
         )  # fmt: skip
     return plans
@@ -431,6 +479,7 @@ def steady_state(
     replicas = col("routed")
     affine = col("affine", bool)
     cache_tokens = col("cache_tokens")
+    reuse_fraction = col("reuse_fraction")  # hybrids: hits only where a state was saved
     l1_tokens = col("l1_tokens")
     max_running = col("max_running")
     overhead = col("step_overhead_s")
@@ -470,7 +519,7 @@ def steady_state(
     n_run = np.zeros(n_rows)
     for _ in range(2):  # hits depend on the running requests' KV, which depends on the load
         free = np.maximum(cache_tokens - n_run * ctx, 0.0)
-        hits = hit_tokens(stats, free, replicas, affine)
+        hits = hit_tokens(stats, free, replicas, affine) * reuse_fraction
         phi = hits / stats.reuse_tokens_inf if stats.reuse_tokens_inf else np.zeros(n_rows)
         g = (mixed & (n_run >= 1)).astype(np.float64)
         a, b = 1 - phi, phi
@@ -673,6 +722,7 @@ def _rows_of(point_options, stats: WorkloadStats, prices: dict) -> list[tuple[di
                     "affine": o.router in AFFINE_ROUTERS,
                     "cache_tokens": g.cache_tokens,
                     "l1_tokens": g.l1_tokens,
+                    "reuse_fraction": state_reuse_fraction(stats, g.state_grid),
                     "step_overhead_s": g.step_overhead_s,
                     "mixed": g.engine == "vllm",
                     "disagg": bool(n_decode),

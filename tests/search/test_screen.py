@@ -165,3 +165,22 @@ def test_equal_weight_quantiles_match_the_weighted_ones():
     for k in weighted:
         np.testing.assert_allclose(weighted[k], plain[k], equal_nan=True)
     assert np.isnan(plain["t_s_p99"][3]) and np.isfinite(plain["t_s_p99"][0])
+
+
+def test_hybrid_models_reuse_only_up_to_a_saved_state():
+    from hisim_jax.search.screen import state_reuse_fraction
+
+    # turn 2 extends turn 1's 4 blocks (64 tokens each); a third request shares 2 of them
+    reqs = (
+        wl.Request(0, 0.0, 256, 8, (1, 2, 3, 4)),
+        wl.Request(1, 1.0, 384, 8, (1, 2, 3, 4, 5, 6)),
+        wl.Request(2, 2.0, 200, 8, (1, 2, 9, 10)),
+    )
+    stats = workload_stats(wl.Workload(reqs, 64, "test"))
+    assert stats.reuse_tokens_inf == 256 + 128
+    assert state_reuse_fraction(stats, 0) == 1.0
+    # grid 64: turn 1 saved its state at 256 tokens (turn 2 reuses all 4 blocks); request 2
+    # matches 2 blocks, but no state was saved after 128 tokens
+    assert state_reuse_fraction(stats, 64) == 256 / 384
+    # grid 512: no prompt reaches a saved state
+    assert state_reuse_fraction(stats, 512) == 0.0
