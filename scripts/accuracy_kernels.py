@@ -139,28 +139,44 @@ def run_op(engine, op, systems, args, base):
     return result
 
 
-def _cell(stats: dict | None) -> str:
-    if not stats:
+def _gpus(report: dict) -> list[str]:
+    seen = {g for ops in report["engines"].values() for r in ops.values() for g in r["per_gpu"]}
+    return [aic.hardware_name(s) for s in sorted(aic.SYSTEMS) if aic.hardware_name(s) in seen]
+
+
+def _cell(r: dict | None) -> str:
+    """``default -> held-out`` MAPE, and the held-out p90 / max, in percent."""
+    if not r:
         return "—"
-    return f"{stats['mape'] * 100:.0f}% / {stats['p90'] * 100:.0f}% / {stats['max'] * 100:.0f}%"
+    d, lo = r["default"], r.get("logo")
+    if lo is None:
+        return f"{d['mape'] * 100:.0f} (p90 {d['p90'] * 100:.0f}, max {d['max'] * 100:.0f})"
+    return (
+        f"{d['mape'] * 100:.0f} → **{lo['mape'] * 100:.0f}** "
+        f"({lo['p90'] * 100:.0f}, {lo['max'] * 100:.0f})"
+    )
 
 
 def markdown(report: dict) -> str:
+    """One table per engine: operators x GPUs, each cell the default MAPE -> leave-one-GPU-out
+    MAPE (leave-one-GPU-out p90, max), in percent; a GPU alone with a table has no held-out
+    figure (its default MAPE, p90 and max are shown)."""
+    gpus = _gpus(report)
     lines = []
     for engine, ops in report["engines"].items():
+        lines += [
+            f"{engine}: MAPE default → **leave-one-GPU-out** (LOGO p90, max), %",
+            "",
+            "| operator (version) | " + " | ".join(gpus) + " | median LOGO |",
+            "|---" * (len(gpus) + 2) + "|",
+        ]
         for op, res in ops.items():
-            vers = sorted(set(res["versions"].values()))
-            lines += [
-                f"{engine} `{op}` ({', '.join(vers)}): MAPE / p90 / max",
-                "",
-                "| GPU | rows | default (shipped H100 params) | leave-one-GPU-out | bias default → LOGO |",
-                "|---|---|---|---|---|",
-            ]
-            for gpu, r in res["per_gpu"].items():
-                d, lo = r["default"], r.get("logo")
-                bias = f"{d['bias'] * 100:+.0f}%" + (f" → {lo['bias'] * 100:+.0f}%" if lo else "")
-                lines.append(f"| {gpu} | {d['rows']} | {_cell(d)} | {_cell(lo)} | {bias} |")
-            lines.append("")
+            vers = ", ".join(sorted(set(res["versions"].values()), key=aic._version_key))
+            logo = [r["logo"]["mape"] for r in res["per_gpu"].values() if "logo" in r]
+            med = f"{np.median(logo) * 100:.0f}" if logo else "—"
+            cells = [_cell(res["per_gpu"].get(g)) for g in gpus]
+            lines.append(f"| {op} ({vers}) | " + " | ".join(cells) + f" | {med} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -17,6 +17,12 @@ The tables are turned into our shapes and fitted with the machinery of ``calibra
                                    the fitted GEMM efficiencies (the roofline has no MoE
                                    parameters of its own to fit).
 
+The tables of the layer kinds beyond dense GQA (MLA kernels, BMMs and modules, DeepSeek-shaped
+MoE at any EP, DeepEP all-to-all, Gated DeltaNet, Mamba-2's conv) are read by ``layer_frame``
+and priced by roofline.py's own terms as ``calibrate.KernelSet`` families (``kernel_sets``);
+``scripts/accuracy_kernels.py`` scores them (BENCHMARKS.md, "Kernel tables of the new layer
+kinds"). What each of those tables times is written out above ``LAYER_TABLES``.
+
 Single-kernel tables cannot show the costs of a whole step (``layer_s``, ``step_s``, the
 elementwise pass counts ``elem_*``, ``gemv_saving_s``): those are kept from a base calibration
 (the shipped H100 one by default) and the output says which parameter came from where.
@@ -1222,12 +1228,21 @@ def mamba2_conv_frame(path: Path) -> pd.DataFrame:
 
 
 def layer_frame(system: str, engine: str, op: str, version: str | None = None):
-    """(version, frame) of one ``LAYER_TABLES`` operator on ``system`` for ``engine``, or None
-    when that engine has no such table there (empty frames too: no row of the shapes read)."""
-    found = layer_table_file(system, engine, op, version)
-    if found is None:
-        return None
-    path, ver = found
+    """(version, frame) of one ``LAYER_TABLES`` operator on ``system`` for ``engine``: the
+    newest version (at or before ``version``) whose table has rows of the shapes read (a
+    release may recollect a table for other models only), or None when there is none."""
+    have = layer_table_versions(system, engine, op)
+    if version is not None:
+        have = [v for v in have if _version_key(v) <= _version_key(version)]
+    for ver in reversed(have):
+        frame = _layer_frame_at(system, engine, op, ver)
+        if len(frame):
+            return ver, frame
+    return None
+
+
+def _layer_frame_at(system: str, engine: str, op: str, version: str) -> pd.DataFrame:
+    path, _ = layer_table_file(system, engine, op, version)
     readers = {
         "mla_context": lambda: mla_frame(path, "context"),
         "mla_generation": lambda: mla_frame(path, "generation"),
@@ -1244,8 +1259,7 @@ def layer_frame(system: str, engine: str, op: str, version: str | None = None):
         "gdn_generation": lambda: gdn_frame(path, "generation"),
         "mamba2_conv": lambda: mamba2_conv_frame(path),
     }
-    frame = readers[op]()
-    return (ver, frame) if len(frame) else None
+    return readers[op]()
 
 
 # ------------------------------------------------------------------------------------------------
