@@ -1341,6 +1341,14 @@ def _attn_rows_s(p: Params, rows: cal.AttnRows):
     return cal._attn_kernel_s(p, rows, rows.hw)
 
 
+def _mla_attn_rows_s(p: Params, rows: cal.AttnRows):
+    """An MLA kernel's rows at the MLA rates, as ``roofline._mla_s`` prices them."""
+    p = eqx.tree_at(
+        lambda q: (q.attn_flops_eff, q.attn_bytes_eff), p, (p.mla_flops_eff, p.mla_bytes_eff)
+    )
+    return cal._attn_kernel_s(p, rows, rows.hw)
+
+
 def _bmm_rows_s(p: Params, rows: _Rows):
     """The absorbed decode's batched GEMMs: ``_mla_s``'s projections with every plain GEMM
     zeroed (q_a/kv_a, q_b, kv_b are other kernels), which leaves exactly its absorb term."""
@@ -1375,10 +1383,10 @@ def _moe_rows_s(p: Params, rows: _Rows):
 def _a2a_rows_s(p: Params, rows: _Rows):
     """The all-to-alls of one MoE layer under attention DP and EP: ``_communication_s`` of a
     one-MoE-layer model minus the same model without it (the logits gather cancels)."""
-    t = rows.f["tokens"]
-    with_moe = _communication_s(p, rows.dims, t, t, rows.hw, jnp)
+    t, r = rows.f["tokens"], rows.f["requests"]
+    with_moe = _communication_s(p, rows.dims, t, r, rows.hw, jnp)
     no_moe = eqx.tree_at(lambda d: d.moe_layers, rows.dims, 0.0 * t)
-    return with_moe - _communication_s(p, no_moe, t, t, rows.hw, jnp)
+    return with_moe - _communication_s(p, no_moe, t, r, rows.hw, jnp)
 
 
 def _gdn_rows_s(p: Params, rows: _Rows):
@@ -1390,7 +1398,9 @@ def _gdn_rows_s(p: Params, rows: _Rows):
 def _conv_rows_s(p: Params, rows: _Rows):
     """The conv share of ``_recurrent_s`` for Mamba-2 (the table times nothing else): the
     states' bytes zeroed (``state_bytes`` 0 in the rows) and the scan's math not binding."""
-    p = eqx.tree_at(lambda q: q.attn_flops_eff, p, ops._float(1e30))
+    p = eqx.tree_at(
+        lambda q: (q.scan_flops_eff, q.scan_fixed_s), p, (ops._float(1e30), ops._float(0.0))
+    )
     return jax.vmap(lambda d, f, h: _recurrent_s(p, d, f, h, "mamba2", jnp))(
         rows.dims, rows.f, rows.hw
     )
@@ -1473,7 +1483,7 @@ def _family(op: str, frame: pd.DataFrame, hw: ops.HwArrays, be: str):
             _f(frame["cache_len"])[:, None], _f(frame["new_len"])[:, None], _f(np.ones((n, 1)))
         )
         rows = cal.AttnRows(a, batches, _f(frame["latency_s"]), _f(frame["batch"]), hw, backend)
-        return _attn_rows_s, rows, "floor_attn"
+        return _mla_attn_rows_s, rows, "floor_attn"
     if op == "mla_bmm":
         frame = frame.assign(gemm=frame["dtype"].map({"bf16": "bfloat16", "fp8": "fp8"}))
         dims = _mla_dims(frame)
@@ -1521,7 +1531,11 @@ def _family(op: str, frame: pd.DataFrame, hw: ops.HwArrays, be: str):
         )
         # the layer's batch over every attention-DP rank: t / dp per rank is the table's
         tokens = _f(frame["tokens"] * ep)
-        return _a2a_rows_s, _Rows(dims, {"tokens": tokens}, hw), ""
+        # DeepEP's low-latency kernels run decode steps (a token a request), its normal ones
+        # prefills: one request per row's tokens, or one request in all
+        ll = frame["backend"].isin(["deepep_ll"]).to_numpy()
+        requests = _f(np.where(ll, frame["tokens"] * ep, 1.0))
+        return _a2a_rows_s, _Rows(dims, {"tokens": tokens, "requests": requests}, hw), ""
     if op.startswith("gdn"):
         dims = _rows_dims(
             "qwen3.5-27b",
@@ -1561,21 +1575,25 @@ def _family(op: str, frame: pd.DataFrame, hw: ops.HwArrays, be: str):
 
 
 # the parameters each family's timings can show
+MLA_NAMES = ("mla_flops_eff", "mla_bytes_eff", "attn_block_s")
+MOE_NAMES = GEMM_NAMES + ("moe_tile_s", "moe_fp8_flops_eff")
+A2A_NAMES = ("comm_eff", "a2a_sm_gb_s", "a2a_latency_s")
+SCAN_NAMES = ("scan_flops_eff", "scan_bytes_eff", "scan_fixed_s", "gemm_blend")
 LAYER_FIT_NAMES = {
-    "mla_context": ATTN_NAMES,
-    "mla_generation": ATTN_NAMES,
+    "mla_context": MLA_NAMES,
+    "mla_generation": MLA_NAMES,
     "mla_bmm": GEMM_NAMES,
-    "mla_context_module": GEMM_NAMES + ATTN_NAMES,
-    "mla_generation_module": GEMM_NAMES + ATTN_NAMES,
-    "moe_deepseek": GEMM_NAMES,
-    "moe_wideep_context": GEMM_NAMES,
-    "moe_wideep_generation": GEMM_NAMES,
-    "a2a_ll": COMM_NAMES,
-    "a2a_normal": COMM_NAMES,
-    "a2a": COMM_NAMES,
-    "gdn_context": ("attn_flops_eff", "attn_bytes_eff", "gemm_blend"),
-    "gdn_generation": ("attn_flops_eff", "attn_bytes_eff", "gemm_blend"),
-    "mamba2_conv": ("attn_bytes_eff",),
+    "mla_context_module": GEMM_NAMES + MLA_NAMES,
+    "mla_generation_module": GEMM_NAMES + MLA_NAMES,
+    "moe_deepseek": MOE_NAMES,
+    "moe_wideep_context": MOE_NAMES,
+    "moe_wideep_generation": MOE_NAMES,
+    "a2a_ll": A2A_NAMES,
+    "a2a_normal": A2A_NAMES,
+    "a2a": A2A_NAMES,
+    "gdn_context": SCAN_NAMES,
+    "gdn_generation": SCAN_NAMES,
+    "mamba2_conv": ("scan_bytes_eff",),
 }
 
 

@@ -67,6 +67,24 @@ class Params(eqx.Module):
     step_s: jnp.ndarray = 50.0e-6  # fixed cost per step (embedding, final norm, argmax)
     comm_eff: jnp.ndarray = 0.75  # all-reduce bus efficiency vs the interconnect's peak
     comm_latency_s: jnp.ndarray = 8.0e-6  # per all-reduce
+    # The new layer kinds' kernels, fitted on aiconfigurator-core's kernel tables (H100; see
+    # BENCHMARKS.md "Kernel tables of the new layer kinds"): MLA kernels stream the latent at
+    # ~0.9 of HBM and compute at 0.6-0.8 of bf16 peak, far above FA2's fitted attention rates
+    mla_flops_eff: jnp.ndarray = 0.63
+    mla_bytes_eff: jnp.ndarray = 0.92
+    # fused-MoE: the least a CTA (one 64-row block x 128-column tile of an expert GEMM)
+    # takes, and the fp8/fp4 experts' compute efficiency (grouped GEMMs reach less of it)
+    moe_tile_s: jnp.ndarray = 2.8e-6
+    moe_fp8_flops_eff: jnp.ndarray = 0.25
+    # DeepEP: normal mode (prefill) runs on 20 SMs, each moving about this much, and a
+    # dispatch + combine pair has its own fixed cost
+    a2a_sm_gb_s: jnp.ndarray = 18.0
+    a2a_latency_s: jnp.ndarray = 40.0e-6
+    # GDN / Mamba-2 chunked scans: a small share of bf16 peak by the flop count here, and a
+    # fixed cost per prefill call (chunk kernels launched in sequence)
+    scan_flops_eff: jnp.ndarray = 0.05
+    scan_bytes_eff: jnp.ndarray = 0.8
+    scan_fixed_s: jnp.ndarray = 35.0e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +105,11 @@ ALL = Needs()
 
 PARAM_NAMES = tuple(Params.__dataclass_fields__)
 # What calibration fits by default; communication has no profiles yet, so it keeps its prior.
-FIT_NAMES = tuple(n for n in PARAM_NAMES if not n.startswith("comm"))
+# The new layer kinds' parameters are fitted on their kernel tables (aiconfigurator.py
+# LAYER_FIT_NAMES), never on steps of models without those layers.
+KERNEL_ONLY_PREFIXES = ("comm", "mla_", "moe_", "a2a_", "scan_")
+FIT_NAMES = tuple(n for n in PARAM_NAMES if not n.startswith(KERNEL_ONLY_PREFIXES))
+DEEPEP_NORMAL_SMS = 20.0  # SMs DeepEP's normal-mode kernels occupy (its default)
 
 
 def params_from_dict(values: dict[str, float]) -> Params:
@@ -294,6 +316,7 @@ MAMBA_CHUNK = 256.0
 # speculative verifies (vLLM's MLA backends treat query lengths up to 1 + the speculative
 # tokens as decodes; SGLang's target-verify mode runs the decode kernel), longer ones MHA.
 MLA_ABSORB_MAX_NEW = 8.0
+MLA_GRID = fa3.FA3  # the grid MLA kernels are priced through, whatever the GQA backend
 
 
 def step_features(dims: ModelDims, batch: Batch, be: attn.AttentionBackend, xp=jnp, needs=ALL):
@@ -337,13 +360,17 @@ def step_features(dims: ModelDims, batch: Batch, be: attn.AttentionBackend, xp=j
         any_needs = Needs(needs.moe, needs.comm, "any", needs.kinds)
         pf_needs = Needs(needs.moe, needs.comm, "prefill", needs.kinds)
         one = Batch(c + n - 1.0, xp.ones_like(n), absorbed)
-        out["mla_dec"] = features(ops.mla_decode_attention(dims, rows), one, be, xp, any_needs)
+        # MLA kernels (FlashMLA, FlashInfer's and TRT-LLM's MLA, FA3's MLA path) pack the
+        # heads into a tile's rows whatever the engine's GQA backend: FA3's grid models that
+        # (FA2's 128-row tile per head group overstated TRT-LLM's decode table 213% vs 60%)
+        mb = MLA_GRID
+        out["mla_dec"] = features(ops.mla_decode_attention(dims, rows), one, mb, xp, any_needs)
         out["mla_pf"] = features(
-            ops.mla_prefill_attention(dims), Batch(c, n, mha), be, xp, pf_needs
+            ops.mla_prefill_attention(dims), Batch(c, n, mha), mb, xp, pf_needs
         )
         # the indexer's decode kernel folds its heads into rows as the absorbed MLA does
-        out["index_dec"] = features(ops.indexer_attention(dims, rows), one, be, xp, any_needs)
-        out["index_pf"] = features(ops.indexer_attention(dims), Batch(c, n, mha), be, xp, pf_needs)
+        out["index_dec"] = features(ops.indexer_attention(dims, rows), one, mb, xp, any_needs)
+        out["index_pf"] = features(ops.indexer_attention(dims), Batch(c, n, mha), mb, xp, pf_needs)
     if "gdn" in needs.kinds or "mamba2" in needs.kinds:
         chunks = xp.stack([xp.ceil(n / GDN_CHUNK) * pf, xp.ceil(n / MAMBA_CHUNK) * pf])
         csum = xp.sum(chunks, axis=-1)
@@ -375,11 +402,12 @@ def _recurrent_s(p: Params, dims: ModelDims, f, hw: HwArrays, kind: str, xp):
         + chunks * state_bytes
         + 2.0 * t * conv * dims.act_bytes
     )
-    return _roofline_s(
+    fixed = xp.where(f["n_pf"] > 0.0, p.scan_fixed_s, 0.0)
+    return fixed + _roofline_s(
         flops,
         bytes_,
-        hw.bf16_flops_per_s * p.attn_flops_eff,
-        hw.hbm_bytes_per_s * p.attn_bytes_eff,
+        hw.bf16_flops_per_s * p.scan_flops_eff,
+        hw.hbm_bytes_per_s * p.scan_bytes_eff,
         p.gemm_blend,
         xp,
     )
@@ -510,6 +538,11 @@ def _mla_s(p, dims, f, hw, be, xp, needs, gemm_s, peak, bw):
     up_s = xp.where(f["mla_mha_req"] > 0.0, up_s, 0.0)
     any_needs = Needs(needs.moe, needs.comm, "any", needs.kinds)
     pf_needs = Needs(needs.moe, needs.comm, "prefill", needs.kinds)
+    be = MLA_GRID
+    # MLA kernels' own rates (see Params), not the GQA backend's fitted ones
+    p = eqx.tree_at(
+        lambda q: (q.attn_flops_eff, q.attn_bytes_eff), p, (p.mla_flops_eff, p.mla_bytes_eff)
+    )
     absorbed = ops.mla_decode_attention(dims, f["mla_rows"])
     dec_attn = _attention_s(p, absorbed, f["mla_dec"], hw, be, xp, any_needs)
     pf_attn = _attention_s(p, ops.mla_prefill_attention(dims), f["mla_pf"], hw, be, xp, pf_needs)
@@ -552,9 +585,21 @@ def _moe_s(p, dims, t, peak, bw, gemm_s, xp, hw=None):
         widest = xp.maximum(ewb, dims.gemm_in_bytes)
         low = (ewb < 0.75) & has_fp4
         rate = xp.where(low | (widest < 1.5), hw.fp8_flops_per_s, hw.bf16_flops_per_s)
-        expert_peak = rate * xp.where(low | (widest < 1.5), p.gemm_fp8_flops_eff, p.gemm_flops_eff)
+        expert_peak = rate * xp.where(low | (widest < 1.5), p.moe_fp8_flops_eff, p.gemm_flops_eff)
     si = dims.shared_inter
     shared = xp.where(si > 0.0, gemm_s(t, h, (mats - 1.0) * si) + gemm_s(t, si, h), 0.0)
+    if hw is not None:
+        # The fused kernel runs a CTA per (64-row block, 128-column tile) of each expert
+        # GEMM, streaming a k x 128 slice of weights; a CTA costs at least ``moe_tile_s``,
+        # which shows where its slice is small: the down projection of narrow experts (k =
+        # the expert width per rank; TRT-LLM's DeepSeek-shaped MoE table ran 3.3x slower
+        # than the roofline at 128 columns per rank), never for wide ones (Mixtral)
+        blocks = rows / _MOE_BLOCK_M
+        floor_bytes = p.moe_tile_s * bw / hw.sm_count  # what a CTA's fixed cost is worth
+        short = xp.maximum(floor_bytes - h * 128.0 * ewb, 0.0) * xp.ceil(
+            (mats - 1.0) * im / 128.0
+        ) + xp.maximum(floor_bytes - im * 128.0 * ewb, 0.0) * xp.ceil(h / 128.0)
+        moe_bytes = moe_bytes + blocks * short
     return dims.moe_layers * (
         gemm_s(t, h, e)
         + _roofline_s(moe_flops, moe_bytes, expert_peak, bw, p.gemm_blend, xp)
@@ -578,8 +623,15 @@ def _communication_s(p, dims, t, r, hw, xp):
         return xp.where(ranks > 1.0, ring / ic + p.comm_latency_s, 0.0)
 
     a2a = (dims.ep > 1.0) & (dims.dp > 1.0)
-    a2a_bytes = 2.0 * (t / dims.dp) * dims.top_k * (dims.ep - 1.0) / dims.ep * dims.hidden * ab
-    a2a_s = a2a_bytes / ic + 2.0 * p.comm_latency_s
+    # DeepEP sends a token once to each other rank holding one of its top-k experts; decode
+    # steps (one token a request) take its low-latency mode (fp8 dispatch with scales, bf16
+    # combine, link-bound), prefills its normal mode, bound by the 20 SMs it runs on
+    ranks = (dims.ep - 1.0) * (1.0 - (1.0 - 1.0 / dims.ep) ** dims.top_k)
+    per_token = (t / dims.dp) * ranks * dims.hidden
+    decode = t <= r
+    a2a_bytes = per_token * (xp.where(decode, 1.03, ab) + ab)
+    normal_bw = xp.minimum(ic, DEEPEP_NORMAL_SMS * p.a2a_sm_gb_s * 1e9)
+    a2a_s = a2a_bytes / xp.where(decode, ic, normal_bw) + p.a2a_latency_s
     moe_s = xp.where(a2a, a2a_s, ar_s(dims.tp, t))
     # with attention DP each rank's tokens are gathered for the dense MLPs and scattered back
     mlp_s = ar_s(dims.tp, t)
