@@ -1575,7 +1575,10 @@ def _family(op: str, frame: pd.DataFrame, hw: ops.HwArrays, be: str):
 
 
 # the parameters each family's timings can show
-MLA_NAMES = ("mla_flops_eff", "mla_bytes_eff", "attn_block_s")
+# MLA's own rates in place of the GQA kernels' (its tables also show the block-schedule terms)
+MLA_NAMES = ("mla_flops_eff", "mla_bytes_eff") + tuple(
+    n for n in ATTN_NAMES if n not in ("attn_flops_eff", "attn_bytes_eff")
+)
 MOE_NAMES = GEMM_NAMES + ("moe_tile_s", "moe_fp8_flops_eff")
 A2A_NAMES = ("comm_eff", "a2a_sm_gb_s", "a2a_latency_s")
 SCAN_NAMES = ("scan_flops_eff", "scan_bytes_eff", "scan_fixed_s", "gemm_blend")
