@@ -656,13 +656,19 @@ class Engine:
             )  # fmt: skip
         self.policy.after_decode(steps)
         if n_done:
-            finished = run[keep:]
-            self.running = run[:keep]
-            self._batch_version += 1
-            self._r_int.n = self._r_last.n = keep
-            for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
-                self._finish(s, s.last_token_s, still_running=False)
+            self._retire_tail(keep)
         return True
+
+    def _retire_tail(self, keep: int) -> None:
+        """The running batch's requests past ``keep`` (its sorted tail) have produced their
+        last token: they leave the batch and finish, in the order their last tokens came."""
+        run = self.running
+        finished = run[keep:]
+        self.running = run[:keep]
+        self._batch_version += 1
+        self._r_int.n = self._r_last.n = keep
+        for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
+            self._finish(s, s.last_token_s, still_running=False)
 
     def _decode_tokens(self, now: float, dur, ends, active, log: bool) -> bool:
         """Every running request decodes in the steps of ``dur`` (ending at ``ends``) while it
@@ -710,12 +716,7 @@ class Engine:
             )  # fmt: skip
         self.policy.after_decode(k)
         if n_done:
-            finished = run[keep:]
-            self.running = run[:keep]
-            self._batch_version += 1
-            self._r_int.n = self._r_last.n = keep
-            for s in sorted(finished, key=lambda s: (s.last_token_s, s.req.request_id)):
-                self._finish(s, s.last_token_s, still_running=False)
+            self._retire_tail(keep)
         return True
 
     def _hand_off(self, st: ReqState, now: float) -> None:
