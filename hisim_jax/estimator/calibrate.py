@@ -412,33 +412,14 @@ def fit(
     prior_log = {n: jnp.log(getattr(Params(), n) * 1.0) for n in fit_names}
     prior_log = jax.tree.map(ops._float, prior_log)
     step_data = None if steps is None else (steps.dims, steps.batches, ops._float(steps.measured_s))
-    opt = optax.adam(learning_rate)
-    state = opt.init(log_fit)
-    grad_fn = _loss_and_grad
-
-    history = []
-    for i in range(steps_n):
-        loss, grads = grad_fn(
-            log_fit,
-            init,
-            prior_log,
-            ops._float(prior_weight),
-            step_data,
-            gemm,
-            attention_rows,
-            hwa,
-            comm,
-            ops._float(micro_weight),
-        )
-        # optax's bias correction mixes an int32 step count with float decays, which strict
-        # dtype promotion (used by the tests) rejects; the model itself stays strict.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, state = opt.update(grads, state, log_fit)
-        log_fit = optax.apply_updates(log_fit, updates)
-        if i % 50 == 0 or i == steps_n - 1:
-            history.append(float(loss))
-        if progress is not None:
-            progress(i + 1, steps_n)
+    step_args = (step_data, gemm, attention_rows, hwa, comm, ops._float(micro_weight))
+    log_fit, history = _adam(
+        lambda lf: _loss_and_grad(lf, init, prior_log, ops._float(prior_weight), *step_args),
+        log_fit,
+        steps_n,
+        learning_rate,
+        progress,
+    )
     params = _with_fitted(init, {n: log_fit[n] for n in fit_names})
     eager = {k: float(jnp.exp(v)) for k, v in log_fit.items() if k.startswith("eager_")}
     return FitResult(params, history, eager)
@@ -502,6 +483,26 @@ def _sets_loss(log_fit, fixed: Params, prior_log, prior_weight, sets):
 _sets_loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_sets_loss))
 
 
+def _adam(loss_and_grad, log_fit: dict, steps_n: int, learning_rate: float, progress=None):
+    """Adam on the log-parameters ``log_fit``: ``loss_and_grad(log_fit) -> (loss, grads)``.
+    Returns the fitted log-parameters and the loss every 50 steps (and at the last)."""
+    opt = optax.adam(learning_rate)
+    state = opt.init(log_fit)
+    history = []
+    for i in range(steps_n):
+        loss, grads = loss_and_grad(log_fit)
+        # optax's bias correction mixes an int32 step count with float decays, which strict
+        # dtype promotion (used by the tests) rejects; the model itself stays strict.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = opt.update(grads, state, log_fit)
+        log_fit = optax.apply_updates(log_fit, updates)
+        if i % 50 == 0 or i == steps_n - 1:
+            history.append(float(loss))
+        if progress is not None:
+            progress(i + 1, steps_n)
+    return log_fit, history
+
+
 def fit_kernel_sets(
     sets: Sequence[KernelSet],
     init: Params | None = None,
@@ -527,18 +528,13 @@ def fit_kernel_sets(
         if ks.floor:
             log_fit[ks.floor] = ops._float(np.log(floor_init_s))
     prior_log = {n: ops._float(np.log(float(getattr(Params(), n)))) for n in fit_names}
-    opt = optax.adam(learning_rate)
-    state = opt.init(log_fit)
-    history = []
-    for i in range(steps_n):
-        loss, grads = _sets_loss_and_grad(log_fit, init, prior_log, ops._float(prior_weight), sets)
-        with jax.numpy_dtype_promotion("standard"):  # optax's int32 step count (see fit)
-            updates, state = opt.update(grads, state, log_fit)
-        log_fit = optax.apply_updates(log_fit, updates)
-        if i % 50 == 0 or i == steps_n - 1:
-            history.append(float(loss))
-        if progress is not None:
-            progress(i + 1, steps_n)
+    log_fit, history = _adam(
+        lambda lf: _sets_loss_and_grad(lf, init, prior_log, ops._float(prior_weight), sets),
+        log_fit,
+        steps_n,
+        learning_rate,
+        progress,
+    )
     params = _with_fitted(init, {n: log_fit[n] for n in fit_names})
     floors = {k: float(jnp.exp(v)) for k, v in log_fit.items() if k not in fit_names}
     return FitResult(params, history, floors)
