@@ -320,8 +320,13 @@ class ModelSpec:
             + (c["router"] + c["embedding"] + c["lm_head"]) * 2.0
         )
 
-    def tp_error(self, tp: int) -> str | None:
-        """Why ``tp`` ranks cannot split this model's heads, or None."""
+    def parallelism_error(self, tp: int, ep: int = 1, dp: int = 1) -> str | None:
+        """Why ``tp`` ranks cannot split this model's heads, or ``ep`` expert-parallel and
+        ``dp`` attention data-parallel ranks cannot divide them (ep also its experts), or
+        None."""
+        for what, n in (("tp", tp), ("ep", ep), ("dp_attention", dp)):
+            if n < 1:
+                return f"{what}={n} must be >= 1"
         checks = [("attention heads", self.num_heads)]
         if self.layers("gdn"):
             checks += [
@@ -331,8 +336,15 @@ class ModelSpec:
         if self.layers("mamba2"):
             checks += [("Mamba heads", self.mamba_num_heads), ("Mamba groups", self.mamba_groups)]
         for what, n in checks:
-            if tp < 1 or n % tp:
+            if n % tp:
                 return f"tp={tp} does not divide the {n} {what} of {self.name}"
+        for what, n in (("ep", ep), ("dp_attention", dp)):
+            if tp % n:
+                return f"{what}={n} does not divide tp={tp}"
+        if ep > 1 and not self.is_moe:
+            return f"ep={ep}: {self.name} has no experts to spread"
+        if ep > 1 and self.num_experts % ep:
+            return f"ep={ep} does not divide the {self.num_experts} routed experts of {self.name}"
         return None
 
 

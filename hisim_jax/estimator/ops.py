@@ -123,17 +123,8 @@ def model_dims(
     weight-only) mean bf16. ``ep``: ranks the routed experts are spread over (each holds
     experts/ep of them, split tp/ep ways); ``dp``: attention data-parallel ranks (each runs
     attention for 1/dp of the batch with tp/dp-way heads)."""
-    if tp < 1 or (why := spec.tp_error(tp)):
-        raise ValueError(why or f"tp={tp} must be >= 1")
-    for what, n in (("ep", ep), ("dp_attention", dp)):
-        if n < 1 or tp % n:
-            raise ValueError(f"{what}={n} must divide tp={tp}")
-    if ep > 1 and (not spec.is_moe or spec.num_experts % ep):
-        raise ValueError(
-            f"ep={ep} must divide the {spec.num_experts} routed experts of {spec.name}"
-            if spec.is_moe
-            else f"ep={ep}: {spec.name} has no experts to spread"
-        )
+    if why := spec.parallelism_error(tp, ep, dp):
+        raise ValueError(why)
     dense_dtype = weight_dtype or spec.weight_dtype
     expert_dtype = weight_dtype or spec.expert_weight_dtype
     if act_dtype is None:

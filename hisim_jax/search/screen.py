@@ -254,13 +254,8 @@ def replica_groups(o: SimulationOptions, prices: dict) -> list[ReplicaPlan]:
     plans = []
     for (hw, tp), count in groups.items():
         gpu = _gpu(hw)
-        if why := model.tp_error(tp):
+        if why := model.parallelism_error(tp, o.ep, o.dp_attention):
             raise ValueError(why)
-        for what, n in (("ep", o.ep), ("dp_attention", o.dp_attention)):
-            if tp % n:
-                raise ValueError(f"{what}={n} does not divide tp={tp}")
-        if o.ep > 1 and (not model.is_moe or model.num_experts % o.ep):
-            raise ValueError(f"ep={o.ep} does not divide the routed experts of {model.name}")
         sched = scheduler_config(o, gpu)
         sizing = size_replica(
             model, gpu, tp, o.weight_dtype, DTYPE_BYTES[o.kv_dtype],
