@@ -136,12 +136,13 @@ def state_reuse_fraction(stats: WorkloadStats, grid: int) -> float:
     return frac
 
 
-def _stack_distances(requests) -> tuple[np.ndarray, np.ndarray]:
+def _stack_distances(requests, stream=None) -> tuple[np.ndarray, np.ndarray]:
     """(distance in blocks of every re-access of a prompt block, that request's index), in
     access order. Blocks are the prefix trie's nodes (``workload.prefix_node_stream``).
     Fenwick tree over access positions: the distinct blocks touched since the previous access
-    are the last-access marks after it."""
-    nodes, owners = wl.prefix_node_stream(requests)
+    are the last-access marks after it. ``stream``: the requests' ``prefix_node_stream``
+    where the caller has it already."""
+    nodes, owners = stream if stream is not None else wl.prefix_node_stream(requests)
     total = len(nodes)
     tree = [0] * (total + 1)
     last: dict[int, int] = {}
@@ -175,8 +176,8 @@ def workload_stats(work: wl.Workload, samples: int = 512, seed: int = 0) -> Work
     n = len(reqs)
     inp = np.fromiter((r.input_len for r in reqs), np.int64, n)
     out = np.fromiter((r.output_len for r in reqs), np.int64, n)
-    dist, owner = _stack_distances(reqs)
     nodes, node_owner = wl.prefix_node_stream(reqs)
+    dist, owner = _stack_distances(reqs, (nodes, node_owner))
     bt = work.block_tokens
     reuse = np.minimum(np.bincount(owner, minlength=n) * bt, np.maximum(inp - 1, 0))
     rng = np.random.default_rng(seed)
