@@ -396,10 +396,31 @@ class HardwareSpec:
     # what CUDA reports as total memory (cudaMemGetInfo), the figure engines multiply by their
     # memory fraction; 0: the spec's hbm_bytes
     hbm_visible_bytes: float = 0.0
+    # measured ceilings beside the datasheet peaks (YAML ``sustained:``); 0: not measured
+    sustained_hbm_bytes_per_s: float = 0.0  # a streaming kernel's read + write bytes per second
+    sustained_bf16_gemm_flops_per_s: float = 0.0  # a large bf16 GEMM's throughput
+    sustained_fp8_gemm_flops_per_s: float = 0.0  # a large per-tensor fp8 GEMM's throughput
 
     @property
     def engine_memory_bytes(self) -> float:
         return self.hbm_visible_bytes or self.hbm_bytes
+
+    def sustained_fractions(self) -> dict[str, float | None]:
+        """Each measured ceiling over its datasheet peak, by its ``sustained:`` key (None where
+        not measured): what the part reaches of its peak, comparable between parts because
+        every shipped value comes from the same kind of measurement."""
+        return {
+            key: (getattr(self, field) / getattr(self, peak)) or None
+            for key, (field, peak) in SUSTAINED_FIELDS.items()
+        }
+
+
+def sustained_ratios(fitted_on: HardwareSpec, target: HardwareSpec) -> dict[str, float]:
+    """``target``'s sustained fraction over ``fitted_on``'s, per ``sustained:`` key: the factor
+    an efficiency fitted on one part (relative to its peaks) takes to another; 1 where either
+    part lacks the measurement."""
+    a, b = fitted_on.sustained_fractions(), target.sustained_fractions()
+    return {k: (b[k] / a[k]) if a[k] and b[k] else 1.0 for k in SUSTAINED_FIELDS}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -814,6 +835,13 @@ _HW_FLOAT_FIELDS = (
     "price_usd_per_hour",
 )
 _HW_OPTIONAL = ("fp8_flops_per_s", "fp4_flops_per_s")
+# Optional measured ceilings, the YAML's ``sustained:`` mapping: key -> (HardwareSpec field,
+# the datasheet peak it cannot beat). hardware_specs/README.md says how they were measured.
+SUSTAINED_FIELDS = {
+    "hbm_bytes_per_s": ("sustained_hbm_bytes_per_s", "hbm_bytes_per_s"),
+    "bf16_gemm_flops_per_s": ("sustained_bf16_gemm_flops_per_s", "bf16_flops_per_s"),
+    "fp8_gemm_flops_per_s": ("sustained_fp8_gemm_flops_per_s", "fp8_flops_per_s"),
+}
 # What a GPU can plausibly have, SI units (wide: a phone to far beyond any part announced).
 # Values outside are typos (a missing exponent, bytes for GB) that would otherwise push the
 # simulated clock to infinity or the KV capacity past int64.
@@ -862,6 +890,57 @@ def _hw_number(doc: dict, path: Path, key: str) -> tuple[float | None, str]:
     return value, source
 
 
+def _sustained(doc: dict, path: Path, peaks: dict[str, float]) -> tuple[dict, dict]:
+    """The optional ``sustained:`` mapping: HardwareSpec fields and ``sustained.<key>`` sources.
+    Each entry is ``{value, source}``; ``value: null`` means not measured; a measured value
+    needs its source and cannot exceed the datasheet peak it is a fraction of."""
+    block = doc.get("sustained")
+    if block is None:
+        return {}, {}
+    if not isinstance(block, dict):
+        raise SpecError(
+            f"{path}: field 'sustained' must be a mapping of {{value, source}} entries, got "
+            f"{block!r}"
+        )
+    values: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    for key, entry in block.items():
+        field = f"sustained.{key}"
+        if key not in SUSTAINED_FIELDS:
+            raise SpecError(
+                f"{path}: field '{field}' is unknown (known: {', '.join(SUSTAINED_FIELDS)}), "
+                f"got {entry!r}"
+            )
+        if not isinstance(entry, dict) or "value" not in entry:
+            raise SpecError(f"{path}: field '{field}' must be {{value, source}}, got {entry!r}")
+        value, source = entry["value"], str(entry.get("source") or "").strip()
+        if value is None:  # not measured
+            if source:
+                sources[field] = source
+            continue
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            raise SpecError(f"{path}: field '{field}' must be a number, got {value!r}") from None
+        if not math.isfinite(number) or number <= 0:
+            raise SpecError(f"{path}: field '{field}' must be a positive number, got {value!r}")
+        spec_field, peak_key = SUSTAINED_FIELDS[key]
+        lo = _HW_RANGES[peak_key][0]
+        if number < lo:
+            raise SpecError(f"{path}: field '{field}' must be at least {lo:g}, got {value!r}")
+        if number > peaks[peak_key]:
+            raise SpecError(
+                f"{path}: field '{field}' exceeds the datasheet {peak_key} "
+                f"({peaks[peak_key]:g}), which a sustained rate cannot beat, got {value!r}"
+            )
+        if not source:
+            raise SpecError(
+                f"{path}: field '{field}' has no 'source' (where it was measured), got {value!r}"
+            )
+        values[spec_field], sources[field] = number, source
+    return values, sources
+
+
 def hardware_from_dict(doc: dict, path: Path | str = "<hardware>", name: str | None = None):
     path = Path(path)
     if not isinstance(doc, dict):
@@ -884,6 +963,9 @@ def hardware_from_dict(doc: dict, path: Path | str = "<hardware>", name: str | N
     # Parts without low-precision tensor cores run fp8/fp4 weights at the next precision up.
     fp8 = values["fp8_flops_per_s"] or values["bf16_flops_per_s"]
     fp4 = values["fp4_flops_per_s"] or fp8
+    peaks = {**values, "fp8_flops_per_s": fp8}
+    sustained, sustained_sources = _sustained(doc, path, peaks)
+    sources.update(sustained_sources)
     return HardwareSpec(
         name=name or path.stem,
         vendor=str(doc.get("vendor", "")),
@@ -903,6 +985,7 @@ def hardware_from_dict(doc: dict, path: Path | str = "<hardware>", name: str | N
         price_usd_per_hour=values["price_usd_per_hour"],
         sources=tuple(sorted(sources.items())),
         hbm_visible_bytes=visible,
+        **sustained,
     )
 
 
