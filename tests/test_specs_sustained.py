@@ -3,7 +3,12 @@ errors, the sustained/datasheet fractions, and the shipped values."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import math
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -197,3 +202,41 @@ def test_shipped_sustained_values_are_sourced_and_below_peak(name):
             continue
         assert 0.3 < fraction <= 1.0, (key, fraction)
         assert len(sources[f"sustained.{key}"]) > 20, key
+
+
+# ------------------------------------------------------------------------------------------------
+# scripts/sustained_ceilings.py: the shipped values are what it derives
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sustained_ceilings.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    if not SCRIPT.is_file():
+        pytest.skip("scripts/ not present")
+    spec = importlib.util.spec_from_file_location("sustained_ceilings", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sustained_ceilings"] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_replace_block_keeps_every_other_line(script):
+    text = "# c\nname: x\nsustained:\n  hbm_bytes_per_s: {value: 1}\n  x: 2\nprice: {value: 1}\n"
+    out = script.replace_block(text, "sustained:\n  new: 1\n")
+    assert out == "# c\nname: x\nprice: {value: 1}\nsustained:\n  new: 1\n"
+    assert script.replace_block(out, "sustained:\n  new: 1\n") == out
+    assert script.replace_block("a: 1", "sustained:\n") == "a: 1\nsustained:\n"
+
+
+def test_shipped_values_are_what_the_tables_give(script, capsys):
+    if importlib.util.find_spec("aiconfigurator_core") is None or (
+        importlib.util.find_spec("pyarrow") is None
+    ):
+        pytest.skip("aiconfigurator-core and pyarrow not installed")
+    source = dict(load_hardware("h100-sxm").sources)["sustained.bf16_gemm_flops_per_s"]
+    shipped = re.match(r"aiconfigurator-core (\S+),", source).group(1)
+    if importlib.metadata.version("aiconfigurator-core") != shipped:
+        pytest.skip(f"the specs were derived from aiconfigurator-core {shipped}")
+    assert script.main(["--check"]) == 0, capsys.readouterr().out
