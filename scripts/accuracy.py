@@ -68,8 +68,56 @@ def micro_tables(profiles: Path, rows: cal.StepRows, models: set[str] | None):
     return gemm, attn_rows
 
 
+# Regimes the step error is split by (issue 15): fixed by the batch and the model's shape, never
+# by a fitted model, so every evaluation and every change is judged on the same rows.
+REGIMES = ("attention_share", "longest_context", "requests")
+
+
+def regime_columns(rows: cal.StepRows, hw) -> dict[str, list[str]]:
+    """Per step: its attention share at datasheet rates (attention over the whole step, both
+    by max(FLOPs / peak, bytes / bandwidth)), its longest context and its request count."""
+    out = {k: [] for k in REGIMES}
+    for i in range(len(rows.measured_s)):
+        d = jax.tree.map(lambda x, i=i: float(x[i]), rows.dims)
+        m = np.asarray(rows.batches.mask[i]) > 0
+        c = np.asarray(rows.batches.cache_len[i])[m]
+        n = np.asarray(rows.batches.new_len[i])[m]
+        t = n.sum()
+        gemm_flops = sum(2 * t * k * nn for _name, k, nn in ops.layer_gemm_shapes(d))
+        gemm_bytes = sum(k * nn * 2 + t * (k + nn) * 2 for _name, k, nn in ops.layer_gemm_shapes(d))
+        attn_flops = 4 * d.q_heads * d.head_dim * np.sum(n * (c + (n + 1) / 2))
+        kv_bytes = 2 * d.kv_heads * d.head_dim * 2 * np.sum(c + n)
+        attn_s = max(attn_flops / hw.bf16_flops_per_s, kv_bytes / hw.hbm_bytes_per_s)
+        gemm_s = max(gemm_flops / hw.bf16_flops_per_s, gemm_bytes / hw.hbm_bytes_per_s)
+        share = attn_s / (attn_s + gemm_s)
+        out["attention_share"].append(
+            "attn < 25%" if share < 0.25 else "attn 25-50%" if share < 0.5 else "attn >= 50%"
+        )
+        longest = int(np.max(c + n))
+        out["longest_context"].append(
+            "ctx <= 4k" if longest <= 4096 else "ctx 4k-12k" if longest <= 12288 else "ctx > 12k"
+        )
+        r = len(n)
+        out["requests"].append(
+            "1 req" if r == 1 else "2-16 req" if r <= 16 else "17-64 req" if r <= 64 else "> 64 req"
+        )
+    return out
+
+
 def summarize(frame, pred, meas) -> dict:
-    return cal.error_report(frame, pred, meas)
+    out = cal.error_report(frame, pred, meas)
+    ratio = pred / meas - 1.0
+    out["per_regime"] = {
+        f"{col}: {k}": {
+            "rows": len(idx),
+            "mape": float(np.mean(np.abs(ratio[idx]))),
+            "bias": float(np.mean(ratio[idx])),
+        }
+        for col in REGIMES
+        if col in frame.columns
+        for k, idx in sorted(frame.groupby(col, sort=True).indices.items())
+    }
+    return out
 
 
 def main(argv=None) -> int:
@@ -84,6 +132,8 @@ def main(argv=None) -> int:
 
     hw = load_hardware(args.hardware)
     rows = cal.read_steps(args.profiles / "steps.csv")
+    for col, values in regime_columns(rows, hw).items():
+        rows.frame[col] = values
     n = len(rows.measured_s)
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -115,6 +165,7 @@ def main(argv=None) -> int:
 
     # leave one model out
     models = sorted(rows.frame["model"].unique())
+    lomo = np.zeros(n)
     for held in models:
         train_models = {m for m in models if m != held}
         tr = np.flatnonzero(rows.frame["model"].isin(train_models).to_numpy())
@@ -122,11 +173,11 @@ def main(argv=None) -> int:
         g, a = micro_tables(args.profiles, rows, train_models)
         fitted = cal.fit(cal.subset(rows, tr), hw, g, a, steps_n=args.iterations)
         sub = cal.subset(rows, te)
-        results[f"lomo_predict_{held}"] = summarize(
-            sub.frame, cal.predict_steps_s(fitted.params, sub, hw), sub.measured_s
-        )
+        lomo[te] = cal.predict_steps_s(fitted.params, sub, hw)
+        results[f"lomo_predict_{held}"] = summarize(sub.frame, lomo[te], sub.measured_s)
         print(f"leave-one-model-out {held} done", file=sys.stderr)
 
+    results["lomo_both"] = summarize(rows.frame, lomo, rows.measured_s)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     results["attention_backend"] = attn.FA2.name
     print(render(results))
@@ -155,7 +206,26 @@ def render(results: dict) -> str:
         for name, r in results.items()
         if isinstance(r, dict) and "per_model" in r
     ]
-    return "\n".join(lines) + "\n\nper model:\n" + "\n".join(per_model)
+    evals = [n for n in results if n.startswith("cv") or n in ("in_sample", "lomo_both")]
+    keys = list(results[evals[-1]]["per_regime"]) if evals else []
+    regime = [
+        "| regime | rows | " + " | ".join(f"{e} MAPE / bias" for e in evals) + " |",
+        "|---|---|" + "---|" * len(evals),
+    ]
+    for k in keys:
+        cells = []
+        for e in evals:
+            g = results[e]["per_regime"].get(k)
+            cells.append(f"{g['mape']:.1%} / {g['bias']:+.1%}" if g else "")
+        rows_n = max(results[e]["per_regime"].get(k, {"rows": 0})["rows"] for e in evals)
+        regime.append(f"| {k} | {rows_n} | " + " | ".join(cells) + " |")
+    return (
+        "\n".join(lines)
+        + "\n\nper model:\n"
+        + "\n".join(per_model)
+        + "\n\nby regime:\n"
+        + "\n".join(regime)
+    )
 
 
 KINDS = ("decode_uniform", "decode_mixed", "prefill", "prefill_cached", "prefill_multi", "mixed")
