@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pandas as pd
 
 from hisim_jax.estimator import calibrate as cal
 from hisim_jax.estimator.attention import fa2 as attn
@@ -178,6 +179,10 @@ def main(argv=None) -> int:
         print(f"leave-one-model-out {held} done", file=sys.stderr)
 
     results["lomo_both"] = summarize(rows.frame, lomo, rows.measured_s)
+
+    # the attention micro-benchmarks on their own: attention parameters and the eager launch
+    # floor fitted on the eager FA2 calls only, 5-fold CV over them
+    results.update(attention_micro(attn_rows, hw, args.folds, args.seed, args.iterations))
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     results["attention_backend"] = attn.FA2.name
     print(render(results))
@@ -186,13 +191,46 @@ def main(argv=None) -> int:
     return 0
 
 
+ATTN_FIT = tuple(n for n in cal.FIT_NAMES if n.startswith("attn_"))
+
+
+def attention_micro(a: cal.AttnRows, hw, folds: int, seed: int, iterations: int) -> dict:
+    hwa = ops.hw_arrays(hw)
+    meas = np.asarray(a.measured_s)
+    n = len(meas)
+
+    def predict(fitted, idx):
+        sub = jax.tree.map(lambda x: x[idx] if np.ndim(x) else x, a)
+        kernel = cal._attn_kernel_s(fitted.params, sub, hwa)
+        return np.asarray(cal._eager_s(kernel, np.log(fitted.eager_s["eager_attn_s"])))
+
+    def fit(idx):
+        sub = jax.tree.map(lambda x: x[idx] if np.ndim(x) else x, a)
+        return cal.fit(None, hw, None, sub, fit_names=ATTN_FIT, steps_n=iterations)
+
+    order = np.random.default_rng(seed).permutation(n)
+    pred = np.zeros(n)
+    for test in np.array_split(order, folds):
+        pred[test] = predict(fit(np.setdiff1d(order, test)), test)
+    frame = pd.DataFrame(index=range(n))
+    whole = fit(np.arange(n))
+    out = {
+        f"attention_micro_cv{folds}": summarize(frame, pred, meas),
+        "attention_micro_in_sample": summarize(frame, predict(whole, np.arange(n)), meas),
+    }
+    out["attention_micro_params"] = {
+        k: float(getattr(whole.params, k)) for k in ATTN_FIT
+    } | whole.eager_s
+    return out
+
+
 def render(results: dict) -> str:
     lines = [
         "| evaluation | MAPE | p90 | max | " + " | ".join(KINDS) + " |",
         "|---|---|---|---|" + "---|" * len(KINDS),
     ]
     for name, r in results.items():
-        if not isinstance(r, dict):
+        if not isinstance(r, dict) or "mape" not in r:
             continue
         kinds = r.get("per_kind", {})
         cells = [f"{kinds[k]:.1%}" if k in kinds else "" for k in KINDS]

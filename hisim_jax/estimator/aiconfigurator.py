@@ -87,7 +87,7 @@ ATTN_NAMES = (
     "attn_chain_flops_eff",
     "attn_chain_bytes_eff",
     "attn_blend",
-    "attn_crowding",
+    "attn_shared_slowdown",
     "attn_block_s",
     "attn_combine_s",
 )

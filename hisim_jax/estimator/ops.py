@@ -283,10 +283,50 @@ class HwArrays(eqx.Module):
     fp4_flops_per_s: jnp.ndarray
     hbm_bytes_per_s: jnp.ndarray
     interconnect_bytes_per_s: jnp.ndarray
+    # How this GPU's sustained ceilings compare with those of the GPU the efficiencies were
+    # fitted on, as a ratio of sustained fractions of peak (specs.sustained_ratios; 1 where
+    # either lacks a measurement): bf16 and fp8/fp4 GEMM throughput, the HBM stream of GEMMs
+    # and attention, and the copy stream of the elementwise kernels.
+    gemm_bf16_scale: jnp.ndarray = 1.0
+    gemm_fp8_scale: jnp.ndarray = 1.0
+    hbm_scale: jnp.ndarray = 1.0
+    copy_scale: jnp.ndarray = 1.0
 
 
-def hw_arrays(spec: HardwareSpec) -> HwArrays:
-    return HwArrays(*(_float(getattr(spec, k)) for k in HwArrays.__dataclass_fields__))
+HW_FIELDS = (
+    "sm_count", "bf16_flops_per_s", "fp8_flops_per_s", "fp4_flops_per_s", "hbm_bytes_per_s",
+    "interconnect_bytes_per_s",
+)  # fmt: skip
+SCALE_FIELDS = ("gemm_bf16_scale", "gemm_fp8_scale", "hbm_scale", "copy_scale")
+
+
+def hw_arrays(spec: HardwareSpec, scales: dict[str, float] | None = None) -> HwArrays:
+    """The spec's numbers, with the transfer ``scales`` (SCALE_FIELDS; default 1) from the
+    GPUs a calibration was fitted on (roofline.transfer_scales)."""
+    scales = scales or {}
+    unknown = set(scales) - set(SCALE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown transfer scale(s): {', '.join(sorted(unknown))}")
+    return HwArrays(
+        *(_float(getattr(spec, k)) for k in HW_FIELDS),
+        *(_float(scales.get(k, 1.0)) for k in SCALE_FIELDS),
+    )
+
+
+def hbm_ceiling(hw: HwArrays):
+    """HBM bandwidth the fitted stream efficiencies of GEMMs and attention apply to."""
+    return hw.hbm_bytes_per_s * hw.hbm_scale
+
+
+def gemm_rate(hw: HwArrays, low_precision, fp4=None, xp=jnp):
+    """Tensor-core peak a GEMM's fitted efficiency applies to: bf16, or fp8 (fp4 where
+    ``fp4``) for ``low_precision``, each scaled by its transfer ratio."""
+    fp8 = (
+        hw.fp8_flops_per_s if fp4 is None else xp.where(fp4, hw.fp4_flops_per_s, hw.fp8_flops_per_s)
+    )
+    return xp.where(
+        low_precision, fp8 * hw.gemm_fp8_scale, hw.bf16_flops_per_s * hw.gemm_bf16_scale
+    )
 
 
 def stack(trees):
@@ -300,11 +340,7 @@ def stack(trees):
 def gemm_peak_flops(dims: ModelDims, hw: HwArrays, xp=jnp):
     """Tensor-core peak of the GEMMs: the wider of weight and input precision sets it."""
     widest = xp.maximum(dims.weight_bytes, dims.gemm_in_bytes)
-    return xp.where(
-        widest < 0.75,
-        hw.fp4_flops_per_s,
-        xp.where(widest < 1.5, hw.fp8_flops_per_s, hw.bf16_flops_per_s),
-    )
+    return gemm_rate(hw, widest < 1.5, widest < 0.75, xp)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ class Params(eqx.Module):
     attn_chain_flops_eff: jnp.ndarray = 0.3  # one CTA alone on an SM, vs the SM's share of peak
     attn_chain_bytes_eff: jnp.ndarray = 0.75  # one CTA's K/V stream vs the SM's share of HBM
     attn_blend: jnp.ndarray = 0.3  # tail of the block schedule beyond max(work, chain)
-    attn_crowding: jnp.ndarray = 0.6  # heaviest block's compute slowdown when every SM is busy
+    # a block's tile math while another block shares its SM, over alone: 1.65x in the FA2
+    # micro-benchmarks (data/profiles/h100/attention.csv), so 0.65 more
+    attn_shared_slowdown: jnp.ndarray = 0.65
     attn_block_s: jnp.ndarray = 1.0e-6  # per thread block: Q load, softmax epilogue, O write
     attn_combine_s: jnp.ndarray = 3.0e-6  # the split-KV combine kernel's fixed cost
     elem_hidden: jnp.ndarray = 40.0  # unfused passes over hidden-width vectors per token-layer
@@ -152,7 +154,7 @@ def features(
     t = attn.request_tiles(c, n, m, dims.window, backend, xp)
     nm = n * m
     sums = xp.sum(xp.stack([nm, m, t["tiles"], t["m_blocks"], t["last"], t["dec_split"]]), axis=-1)
-    maxes = xp.max(xp.stack([nm, t["last"], t["dec_split"]]), axis=-1)
+    maxes = xp.max(xp.stack([nm, t["last"], t["dec_split"], t["m_blocks"]]), axis=-1)
     bn, sbn = float(backend.block_n), float(backend.split_block_n)
     eligible = (
         None
@@ -165,6 +167,9 @@ def features(
         pf_work=dims.q_heads * sums[2] * bn,
         pf_chain=maxes[1] * bn,
         pf_blocks=dims.q_heads * sums[3],
+        # the grid (max m-blocks, R, heads) launches empty blocks for requests shorter than
+        # the longest: they decide which blocks share an SM
+        pf_launched=dims.q_heads * sums[1] * maxes[3],
         is_decode=maxes[0] <= 1.0,
         dec_std_keys=sums[4] * bn,
         dec_split_keys=sums[5] * sbn,
@@ -200,23 +205,34 @@ def _attention_s(
     d = dims.v_dim  # partial outputs of the split kernels carry the value dim
     groups = dims.q_heads / dims.kv_heads
     sm_flops = hw.bf16_flops_per_s / hw.sm_count
-    sm_bytes = hw.hbm_bytes_per_s / hw.sm_count
+    sm_bytes = ops.hbm_ceiling(hw) / hw.sm_count
     kv_bytes_per_key = dims.kv_elems * dims.kv_bytes
 
-    def kernel_s(work, chain, blocks, rows, heads_per_kv, mem_work=None):
+    def kernel_s(work, chain, blocks, rows, heads_per_kv, mem_work=None, launched=None, heavy=1.0):
         # seconds per key column: across the whole GPU, and for one block alone on an SM;
         # ``mem_work``: the key columns actually read, where tiles past the end move no bytes
         key_flops_s = rows * row_flops / (hw.bf16_flops_per_s * p.attn_flops_eff)
-        key_bytes_s = kv_bytes_per_key / heads_per_kv / (hw.hbm_bytes_per_s * p.attn_bytes_eff)
-        # The heaviest block is bound by its own tile math, which slows the busier the GPU is
-        # (a co-resident CTA shares its SM), or by the few K/V tiles one 4-warp CTA keeps in
-        # flight, about its SM's share of HBM whether or not other SMs stream beside it.
-        crowd = xp.minimum(blocks, hw.sm_count) / hw.sm_count
+        key_bytes_s = kv_bytes_per_key / heads_per_kv / (ops.hbm_ceiling(hw) * p.attn_bytes_eff)
+        # The heaviest block is bound by its own tile math, slowed while another block shares
+        # its SM (the share of its life that does, from the launched grid: fa2.py), or by the
+        # few K/V tiles one 4-warp CTA keeps in flight, about its SM's share of HBM whether or
+        # not other blocks stream beside it.
+        shared = attn.coresident_share(
+            work,
+            chain,
+            blocks,
+            blocks if launched is None else launched,
+            heavy,
+            hw.sm_count,
+            1.0 + p.attn_shared_slowdown,
+            be.ctas_per_sm,
+            xp,
+        )
         key_lone_s = xp.maximum(
             rows
             * row_flops
             / (sm_flops * p.attn_chain_flops_eff)
-            * (1.0 + p.attn_crowding * crowd),
+            * (1.0 + p.attn_shared_slowdown * shared),
             kv_bytes_per_key / (sm_bytes * p.attn_chain_bytes_eff),
         )
         if mem_work is None:
@@ -242,7 +258,7 @@ def _attention_s(
         combine_bytes = (splits - 1.0) * f["n_req"] * dims.q_heads * (d + 1.0) * 4.0 * 2.0
         combine_s = xp.where(
             splits > 1.0,
-            combine_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff) + p.attn_combine_s,
+            combine_bytes / (ops.hbm_ceiling(hw) * p.attn_bytes_eff) + p.attn_combine_s,
             0.0,
         )
         blocks = f["fa3_blocks"] * splits
@@ -264,12 +280,23 @@ def _attention_s(
         )
         merge_bytes = xp.where(split, chunks * groups * (d + 1.0) * 4.0 * 2.0, 0.0) * dims.kv_heads
         merge_s = xp.where(
-            split, merge_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff) + p.attn_combine_s, 0.0
+            split, merge_bytes / (ops.hbm_ceiling(hw) * p.attn_bytes_eff) + p.attn_combine_s, 0.0
         )
         blocks = dims.kv_heads * chunks
-        return kernel_s(f["fi_work"], chunk, blocks, f["fi_tile"], 1.0, f["fi_keys"]) + merge_s
+        # balanced chunks are equally long: split, every block is as heavy as the heaviest
+        heavy = xp.where(split, blocks, dims.kv_heads)
+        fi_s = kernel_s(f["fi_work"], chunk, blocks, f["fi_tile"], 1.0, f["fi_keys"], blocks, heavy)
+        return fi_s + merge_s
 
-    prefill = kernel_s(f["pf_work"], f["pf_chain"], f["pf_blocks"], float(be.block_m), groups)
+    prefill = kernel_s(
+        f["pf_work"],
+        f["pf_chain"],
+        f["pf_blocks"],
+        float(be.block_m),
+        groups,
+        launched=f["pf_launched"],
+        heavy=dims.q_heads,
+    )
     if needs.attention == "prefill":
         return prefill
 
@@ -286,6 +313,7 @@ def _attention_s(
         f["n_req"] * dims.kv_heads,
         float(be.block_m),
         1.0,
+        heavy=dims.kv_heads,
     )
     per_split = xp.ceil(n_blocks / splits)
     split_chain = xp.minimum(f["dec_max_split_tiles"], per_split) * be.split_block_n
@@ -298,8 +326,9 @@ def _attention_s(
             bhm * splits,
             float(be.split_block_m),
             1.0,
+            heavy=bhm / xp.maximum(f["n_req"], 1.0) * splits,  # the longest request's splits
         )
-        + combine_bytes / (hw.hbm_bytes_per_s * p.attn_bytes_eff)
+        + combine_bytes / (ops.hbm_ceiling(hw) * p.attn_bytes_eff)
         + p.attn_combine_s
     )
     decode = xp.where(splits > 1.0, split, std)
@@ -407,7 +436,7 @@ def _recurrent_s(p: Params, dims: ModelDims, f, hw: HwArrays, kind: str, xp):
         flops,
         bytes_,
         hw.bf16_flops_per_s * p.scan_flops_eff,
-        hw.hbm_bytes_per_s * p.scan_bytes_eff,
+        ops.hbm_ceiling(hw) * p.scan_bytes_eff,
         p.gemm_blend,
         xp,
     )
@@ -431,7 +460,7 @@ def costs(
     peak = ops.gemm_peak_flops(dims, hw, xp) * xp.where(
         low_precision, p.gemm_fp8_flops_eff, p.gemm_flops_eff
     )
-    bw = hw.hbm_bytes_per_s * p.gemm_bytes_eff
+    bw = ops.hbm_ceiling(hw) * p.gemm_bytes_eff
     wb, ab = dims.weight_bytes, dims.act_bytes
 
     def gemm_s(m, k, n):
@@ -492,7 +521,7 @@ def costs(
     # closed form of the split is beyond this model (the ranks' batches differ anyway)
     out["attention"] = attn_s / dims.dp
     elems = ops.elementwise_elems_per_token(dims, p.elem_hidden, p.elem_inter, p.elem_qkv)
-    copy_bw = hw.hbm_bytes_per_s * COPY_BW_FRACTION
+    copy_bw = hw.hbm_bytes_per_s * hw.copy_scale * COPY_BW_FRACTION
     out["elementwise"] = dims.layers * t * elems * ab / copy_bw
     # LM head for every request's last token, then argmax over the logits.
     out["lm_head"] = gemm_s(r, h, dims.vocab) + r * dims.vocab * ab / copy_bw
@@ -584,7 +613,7 @@ def _moe_s(p, dims, t, peak, bw, gemm_s, xp, hw=None):
         has_fp4 = hw.fp4_flops_per_s > hw.fp8_flops_per_s
         widest = xp.maximum(ewb, dims.gemm_in_bytes)
         low = (ewb < 0.75) & has_fp4
-        rate = xp.where(low | (widest < 1.5), hw.fp8_flops_per_s, hw.bf16_flops_per_s)
+        rate = ops.gemm_rate(hw, low | (widest < 1.5), None, xp)
         expert_peak = rate * xp.where(low | (widest < 1.5), p.moe_fp8_flops_eff, p.gemm_flops_eff)
     si = dims.shared_inter
     shared = xp.where(si > 0.0, gemm_s(t, h, (mats - 1.0) * si) + gemm_s(t, si, h), 0.0)
@@ -787,6 +816,75 @@ def read_calibration(
     return params_from_dict(values), attention
 
 
+# Which fitted parameter's GPU sets each transfer scale of ops.HwArrays, and the sustained
+# ceiling (specs SUSTAINED_FIELDS) the two GPUs are compared by. Attention's tile math is not
+# among them: its compute rate transfers as a fraction of the datasheet peak.
+TRANSFER = {
+    "gemm_bf16_scale": ("gemm_flops_eff", "bf16_gemm_flops_per_s"),
+    "gemm_fp8_scale": ("gemm_fp8_flops_eff", "fp8_gemm_flops_per_s"),
+    "hbm_scale": ("gemm_bytes_eff", "hbm_bytes_per_s"),
+    "copy_scale": ("elem_hidden", "hbm_bytes_per_s"),
+}
+
+
+def _gpu_named_in(text: str) -> str | None:
+    """The GPU (spec stem) a calibration's ``fitted_on`` entry names: an aiconfigurator-core
+    system (``b200_sxm/vllm``) or one of hardware_specs/ (``on h100-sxm``), else None."""
+    import re
+
+    from hisim_jax.estimator.aiconfigurator import SYSTEMS
+    from hisim_jax.specs import available_hardware
+
+    names = {**SYSTEMS, **{stem: stem for stem in available_hardware()}}
+    for name in sorted(names, key=len, reverse=True):  # gb200 before b200
+        if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text):
+            return names[name]
+    return None
+
+
+def calibration_gpus(
+    path: str | Path | None = None,
+    hardware_name: str = DEFAULT_CALIBRATION,
+    engine: str | None = None,
+) -> dict[str, str | None]:
+    """The GPU each transfer scale's parameter was fitted on (TRANSFER), by the calibration's
+    per-parameter ``fitted_on`` where it has one, else by its ``hardware``; None where neither
+    names a GPU in hardware_specs/ (a scale of 1). The file is the one ``read_calibration``
+    reads, already checked there."""
+    p = Path(path) if path is not None else calibration_path(hardware_name, engine)
+    if not p.is_file():
+        return dict.fromkeys(TRANSFER)
+    doc = files.read_json(p, "calibration (JSON)", SpecError)
+    fitted_on = doc.get("fitted_on") if isinstance(doc.get("fitted_on"), dict) else {}
+    whole = doc.get("hardware")
+    whole = _gpu_named_in(whole) if isinstance(whole, str) else None
+    out = {}
+    for field, (param, _key) in TRANSFER.items():
+        src = fitted_on.get(param)
+        out[field] = (_gpu_named_in(src) if isinstance(src, str) else None) or whole
+    return out
+
+
+def transfer_scales(gpus: dict[str, str | None], target: HardwareSpec) -> dict[str, float]:
+    """ops.HwArrays' transfer scales for ``target``: per scale, the ratio of target's sustained
+    fraction of peak to that of the GPU its parameter was fitted on (1 where either lacks the
+    measurement, or the GPU is the target). A GPU without fp8 tensor cores runs fp8 GEMMs at
+    its bf16 rate, so its fp8 scale is its bf16 one."""
+    from hisim_jax.specs import sustained_ratios
+
+    out = {}
+    for field, (_param, key) in TRANSFER.items():
+        name = gpus.get(field)
+        if name is None or name == target.name:
+            out[field] = 1.0
+            continue
+        fitted = load_hardware(name)
+        if key == "fp8_gemm_flops_per_s" and target.fp8_flops_per_s <= target.bf16_flops_per_s:
+            key = "bf16_gemm_flops_per_s"
+        out[field] = float(sustained_ratios(fitted, target)[key])
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Python API
 
@@ -863,8 +961,10 @@ class Estimator:
         self.hardware = [h if isinstance(h, HardwareSpec) else load_hardware(h) for h in hw_list]
         if isinstance(calibration, Params):
             params, attention = calibration, "fa2"
+            gpus = dict.fromkeys(TRANSFER)  # fitted on no GPU we know of: nothing transfers
         else:  # ``engine``: its production-kernel calibration when none is given
             params, attention = read_calibration(calibration, self.hardware[0].name, engine)
+            gpus = calibration_gpus(calibration, self.hardware[0].name, engine)
         self.params = as_float_params(params)
         backend = backend or attention
         if backend not in ATTENTION_BACKENDS:
@@ -883,7 +983,11 @@ class Estimator:
         )
         if self.backend.name in ("fa3", "flashinfer"):
             self._decode_attention = "any"  # one grid for every batch: nothing to prune
-        self.hws = ops.stack([ops.hw_arrays(h) for h in self.hardware])
+        # efficiencies fitted on one GPU meet another's ceilings through its sustained ones
+        self.transfer = [transfer_scales(gpus, h) for h in self.hardware]
+        self.hws = ops.stack(
+            [ops.hw_arrays(h, s) for h, s in zip(self.hardware, self.transfer, strict=True)]
+        )
         leaves, self._treedef = jax.tree.flatten((self.params, self.dims, self.hws))
         self._shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
         # numpy, not jnp: a jnp concatenate would compile two tiny programs on every start

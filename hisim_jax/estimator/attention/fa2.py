@@ -148,6 +148,35 @@ def num_splits(batch_heads_mblocks, sm_count, n_blocks, be: AttentionBackend, xp
     return xp.where(batch_heads_mblocks >= 0.8 * slots, 1.0, first)
 
 
+def coresident_share(work, chain, blocks, launched, heavy_blocks, sm_count, slowdown, per_sm, xp):
+    """Share of the heaviest block's life spent beside another block on its SM.
+
+    What sets it is the launched grid, not how busy the GPU is: the dispatcher gives every SM
+    one block before any SM a second, so with ``launched`` <= SMs (empty blocks counted: FA2
+    launches them for the decodes of a mixed batch) every block has its SM to itself. Beyond
+    that, a share q = (launched - SMs) / SMs of the SMs take a second block at launch, and the
+    heaviest request has ``heavy_blocks`` equally long blocks (one per head), so one of them
+    shares with probability 1 - (1 - q)^heavy_blocks. How long it shares: if the grid queues
+    (launched >= all slots), the other slots are refilled while work remains, and the
+    heaviest block's mate slot carries its share w = (work - chain) / (slots - 1) of the rest,
+    run at 1 / slowdown while shared — s (1 + (slowdown - 1) s) = slowdown w / chain, solved;
+    if it does not queue, its mate is one average block, which finishes after
+    slowdown a of the heavy block's slowdown a + (chain - a). Checked against
+    ``exact_coresident_makespan`` in the tests."""
+    if per_sm < 2:  # one CTA per SM (FA3's persistent kernel): nothing shares
+        return 0.0 * work
+    slots = sm_count * per_sm
+    k1 = slowdown - 1.0
+    chain = xp.maximum(chain, 1e-30)
+    q = xp.clip((launched - sm_count) / sm_count, 0.0, 1.0)
+    p_shared = 1.0 - (1.0 - q) ** xp.maximum(heavy_blocks, 1.0)
+    x = slowdown * xp.maximum(work - chain, 0.0) / (slots - 1.0) / chain
+    queued = xp.minimum(1.0, (xp.sqrt(1.0 + 4.0 * k1 * x) - 1.0) / (2.0 * xp.maximum(k1, 1e-6)))
+    avg = work / xp.maximum(blocks, 1.0)
+    one_mate = slowdown * avg / (slowdown * avg + xp.maximum(chain - avg, 0.0))
+    return p_shared * xp.where(launched >= slots, queued, one_mate)
+
+
 def exact_makespan(block_costs: np.ndarray, slots: int) -> float:
     """Greedy list schedule of blocks in launch order onto ``slots`` identical workers."""
     free = [0.0] * slots
@@ -156,6 +185,80 @@ def exact_makespan(block_costs: np.ndarray, slots: int) -> float:
         t = heapq.heappop(free)
         heapq.heappush(free, t + float(cost))
     return max(free)
+
+
+def exact_coresident_makespan(
+    block_costs: np.ndarray, sm_count: int, slowdown: float, per_sm: int = 2
+) -> tuple[float, float]:
+    """(makespan, shared share of the heaviest block's life) of blocks on SMs that host up to
+    ``per_sm`` blocks each: a block alone on its SM runs at rate 1, two together each at
+    ``1 / slowdown``. The dispatcher fills one slot of every SM before any second slot (blocks
+    0..S-1 land on SMs 0..S-1, blocks S..2S-1 beside them), then hands each freed slot the next
+    block in launch order; empty blocks (cost 0) occupy a slot only at launch. The reference
+    the estimator's closed form for co-residency is checked against (tests)."""
+    costs = np.asarray(block_costs, float)
+    n = len(costs)
+    if n == 0:
+        return 0.0, 0.0
+    heavy = int(np.argmax(costs))
+    remaining = np.zeros((sm_count, per_sm))
+    block = np.full((sm_count, per_sm), -1)
+    nxt = 0
+    for slot in range(per_sm):  # breadth first: one block per SM, then the second slots
+        for sm in range(sm_count):
+            if nxt < n:
+                block[sm, slot], remaining[sm, slot] = nxt, costs[nxt]
+                nxt += 1
+    t = shared = 0.0
+    heavy_start = 0.0 if heavy < min(n, sm_count * per_sm) else None
+    heavy_end = None
+    while True:
+        live = block >= 0
+        # empties leave at once; their slots take the next blocks in launch order
+        done = live & (remaining <= 0.0)
+        while done.any():
+            for sm, slot in zip(*np.nonzero(done), strict=True):
+                if block[sm, slot] == heavy and heavy_end is None:
+                    heavy_end = t
+                block[sm, slot] = -1
+                if nxt < n:
+                    block[sm, slot], remaining[sm, slot] = nxt, costs[nxt]
+                    if nxt == heavy:
+                        heavy_start = t
+                    nxt += 1
+            live = block >= 0
+            done = live & (remaining <= 0.0)
+        if not live.any():
+            break
+        busy = live.sum(axis=1, keepdims=True)
+        rate = np.where(live, np.where(busy > 1, 1.0 / slowdown, 1.0), 0.0)
+        step = np.min(np.where(live, remaining / np.maximum(rate, 1e-300), np.inf))
+        h = np.argwhere(block == heavy)
+        if len(h) and busy[h[0][0], 0] > 1:
+            shared += step
+        remaining = np.where(live, remaining - rate * step, 0.0)
+        remaining[np.abs(remaining) < 1e-12 * max(1.0, costs.max())] = 0.0
+        t += step
+    life = (heavy_end or t) - (heavy_start or 0.0)
+    return t, (shared / life if life > 0 else 0.0)
+
+
+def exact_prefill_grid(batch, heads: int, be: AttentionBackend = FA2) -> np.ndarray:
+    """Key-columns of every block the standard kernel launches, empty ones (zero) included, in
+    launch order: grid (ceil(max n / BM), R, heads), m-block fastest. A decode inside a mixed
+    batch launches as many m-blocks as the longest prompt, all but its first empty."""
+    bm, bn = be.block_m, be.block_n
+    m_max = max(-(-n // bm) for _c, n in batch)
+    out = []
+    for _h in range(heads):
+        for c, n in batch:
+            for i in range(m_max):
+                if i * bm >= n:
+                    out.append(0.0)
+                    continue
+                rows_end = min((i + 1) * bm, n)
+                out.append(min(-(-(c + n) // bn), -(-(c + rows_end) // bn)) * bn)
+    return np.asarray(out, float)
 
 
 def exact_prefill_blocks(batch, heads: int, be: AttentionBackend = FA2) -> np.ndarray:
