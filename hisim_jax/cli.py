@@ -1141,6 +1141,9 @@ def list_cmd(
             "hbm_gb": h.hbm_bytes / 1e9,
             "hbm_tb_s": h.hbm_bytes_per_s / 1e12,
             "price_usd_per_hour": h.price_usd_per_hour,
+            # measured sustained ceilings over the peaks (None: datasheet only), the ratios
+            # by which efficiencies fitted on another GPU move here
+            **{f"sustained_{k}_fraction": v for k, v in h.sustained_fractions().items()},
         }
     if fmt == Format.json:
         typer.echo(files.strict_json({"models": models, "hardware": gpus}, indent=2))
@@ -1163,14 +1166,21 @@ def list_cmd(
         ],
         width=120,
     )  # fmt: skip
+
+    def frac(v):
+        return "—" if v is None else f"{v:.2f}"
+
     _table(
         "hardware",
-        ["name", "bf16 TFLOPS", "HBM GB", "HBM TB/s", "USD/h"],
+        ["name", "bf16 TFLOPS", "HBM GB", "HBM TB/s", "USD/h", "sustained GEMM / HBM"],
         [
             [name, round(r["bf16_tflops"]), round(r["hbm_gb"]), round(r["hbm_tb_s"], 2),
-             r["price_usd_per_hour"]]
+             r["price_usd_per_hour"],
+             f"{frac(r['sustained_bf16_gemm_flops_per_s_fraction'])} / "
+             f"{frac(r['sustained_hbm_bytes_per_s_fraction'])}"]
             for name, r in gpus.items()
         ],
+        width=110,
     )  # fmt: skip
 
 

@@ -409,6 +409,10 @@ def test_list_json_has_each_models_memory_terms():
     }  # fmt: skip
     assert required <= set(doc["models"])
     assert doc["hardware"]["h100-sxm"]["hbm_gb"] == pytest.approx(80, rel=0.01)
+    # measured sustained ceilings over the peaks, None for a datasheet-only GPU
+    h100 = doc["hardware"]["h100-sxm"]
+    assert 0.5 < h100["sustained_bf16_gemm_flops_per_s_fraction"] < 1.0
+    assert doc["hardware"]["rtx-4090"]["sustained_hbm_bytes_per_s_fraction"] is None
 
 
 def test_calibrate_from_aiconfigurator_writes_a_loadable_calibration(tmp_path):
