@@ -588,10 +588,26 @@ def validate_cache_cmd(
     write_policy: str = typer.Option("write_through", help="write_through or write_back."),
     bytes_per_token: float = typer.Option(131072.0, help="KV bytes per token (for bytes moved)."),
     skip_bad_lines: bool = typer.Option(False),
+    events: Path = typer.Option(
+        None,
+        help="A vLLM or SGLang KV-event log (JSON lines, one event batch per line) to set "
+        "beside the replay: stored/removed blocks and hits per tier over time.",
+    ),
+    request_hashes: str = typer.Option(
+        "block_ids", help="Events: how the trace's blocks are named in the log: block_ids or chain."
+    ),
+    log_start_s: float = typer.Option(None, help="Events: the log's time of the first arrival."),
+    bucket_s: float = typer.Option(None, help="Events: seconds per time bucket [automatic]."),
+    dp_rank: int = typer.Option(None, help="Events: only this data-parallel rank's batches."),
+    reuse_reports: bool = typer.Option(
+        False, help="Events: a BlockStored of a resident block counts as a reuse, not a store."
+    ),
+    buckets_csv: Path = typer.Option(None, help="Events: write the per-bucket comparison CSV."),
     fmt: Format = typer.Option(Format.table, "--format"),
 ):
     """Replay a trace through the KV cache manager alone: hit tokens per tier, prefetch volume
-    and evictions for given tier capacities (no timing)."""
+    and evictions for given tier capacities (no timing); with ``--events``, beside a real
+    engine's KV-cache event log of the same trace."""
     from hisim_jax.serving.kvcache import KVCacheConfig
     from hisim_jax.serving.workload import load_trace
     from hisim_jax.validate.cache import replay_cache
@@ -612,6 +628,23 @@ def validate_cache_cmd(
         )  # fmt: skip
     except ValueError as e:  # an eviction or write policy it does not know
         raise ValueError(f"options: {e}") from None
+    if events is not None:
+        from hisim_jax.validate.kv_events import compare_kv_events
+
+        if buckets_csv is not None:
+            files.check_output_file(buckets_csv)  # before the replay
+        with _progress() as prog:
+            prog.add_task("replaying KV events", total=None)
+            cmp = compare_kv_events(
+                events, work.requests, cfg, bucket_s=bucket_s, dp_rank=dp_rank,
+                request_hashes=request_hashes, reuse_reports=reuse_reports,
+                log_start_s=log_start_s,
+            )  # fmt: skip
+        n = len(work.requests)
+        _print_report(f"KV events {events} vs hisim's KV cache ({n} requests)", cmp.report, fmt)
+        if buckets_csv is not None:
+            files.write_atomic(buckets_csv, lambda p: cmp.buckets.to_csv(p, index=False))
+        return
     report = replay_cache(work.requests, cfg)
     _print_report(f"KV cache replay of {trace} ({len(work.requests)} requests)", report, fmt)
 
@@ -719,7 +752,9 @@ def _num(v) -> str:
 @handles_errors
 def validate_scheduler_cmd(
     log: Path = typer.Option(
-        ..., help="Per-step log in steps.csv columns (start_s, kind, request_ids)."
+        ...,
+        help="Per-step log in steps.csv columns (start_s, kind, request_ids), or an SGLang "
+        "server log (its 'Prefill batch' / 'Decode batch' lines).",
     ),
     config: Path = typer.Option(None, help="YAML of simulate options describing the same run."),
     trace: Path = typer.Option(None, help="The workload's trace [built-in chat]."),
@@ -728,18 +763,47 @@ def validate_scheduler_cmd(
     model: str = typer.Option(None),
     hardware: str = typer.Option(None),
     schedule_policy: str = typer.Option(None),
+    sessions: str = typer.Option(None, help="open or closed (see simulate)."),
+    decode_log_interval: int = typer.Option(
+        40, help="SGLang log: decode steps per 'Decode batch' line (its --decode-log-interval)."
+    ),
+    rank: str = typer.Option(None, help="SGLang log: the rank to compare (e.g. 'DP1 TP4')."),
+    offset_s: float = typer.Option(None, help="SGLang log: simulated time of its first line."),
+    keep_warmup: bool = typer.Option(False, help="SGLang log: keep the warm-up request."),
+    records: Path = typer.Option(None, help="SGLang log: write the per-record comparison CSV."),
     fmt: Format = typer.Option(Format.table, "--format"),
 ):
-    """Replay a scheduler log's workload through the simulator and report queue-residency and
-    ordering differences."""
+    """Replay a scheduler log's workload through the simulator and report the differences:
+    queue residency and ordering for a steps.csv log; batch sizes, token counts, queue
+    lengths and running requests per step for an SGLang server log."""
     from hisim_jax.simulation import SimulationOptions, build_workload, run
     from hisim_jax.validate.scheduler import check_request_ids, compare_schedules, read_step_log
+    from hisim_jax.validate.sglang_log import looks_like_sglang_log, replay_sglang_log
 
     given = {
         "trace": str(trace) if trace else None, "trace_format": trace_format, "limit": limit,
         "model": model, "hardware": hardware, "schedule_policy": schedule_policy,
+        "sessions": sessions,
     }  # fmt: skip
     opts = SimulationOptions.resolve(config, given)
+    if looks_like_sglang_log(log):
+        if records is not None:
+            files.check_output_file(records)  # before the run: a path it cannot write fails now
+        rep = replay_sglang_log(
+            log, opts, decode_log_interval=decode_log_interval, rank=rank, offset_s=offset_s,
+            skip_warmup=not keep_warmup,
+        )  # fmt: skip
+        summary = rep.summary
+        if fmt == Format.table:  # the means; --format json has every statistic
+            summary = {
+                k: ({s: v[s] for s in ("log_mean", "sim_mean", "abs_diff_mean") if s in v}
+                    if isinstance(v, dict) else v)
+                for k, v in summary.items()
+            }  # fmt: skip
+        _print_report(f"SGLang log {log} vs simulation", summary, fmt)
+        if records is not None:
+            files.write_atomic(records, lambda p: Path(p).write_text(rep.to_csv()))
+        return
     logged = read_step_log(log)
     work = build_workload(opts)
     check_request_ids(logged, len(work.requests), str(log))
@@ -785,6 +849,22 @@ def simulate(
     trace: Path = typer.Option(None, help="Trace file [built-in multi-turn chat workload]."),
     trace_format: str = typer.Option(
         None, help="mooncake, azure, jsonl, csv or sharegpt [mooncake]."
+    ),
+    workload: str = typer.Option(
+        None, help="Built-in workload without --trace: chat or agent (coding agents) [chat]."
+    ),
+    sessions: str = typer.Option(
+        None,
+        help="closed: a session's next turn is sent its think time after the previous reply; "
+        "open: at the recorded times [closed for built-in workloads, open for traces].",
+    ),
+    max_concurrency: int = typer.Option(
+        None, help="Client requests in flight at most; others wait (bench_serving's) [no limit]."
+    ),
+    think_time: str = typer.Option(
+        None,
+        help="Built-in workloads' think/tool time: fixed:S, exponential:MEAN, "
+        "lognormal:MEAN[:SIGMA] or empirical:FILE [chat exponential:10; agent TraceLab's].",
     ),
     limit: int = typer.Option(None, help="Only the first N requests."),
     rate_scale: float = typer.Option(None, help="Multiply the arrival rate [1.0]."),

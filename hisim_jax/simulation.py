@@ -20,7 +20,7 @@ from hisim_jax.estimator.backends import BACKENDS, make_estimator
 from hisim_jax.estimator.ops import DTYPE_BYTES
 from hisim_jax.estimator.roofline import Estimator
 from hisim_jax.serving import workload as wl
-from hisim_jax.serving.cluster import Cluster, KVLink, Replica
+from hisim_jax.serving.cluster import SESSION_MODES, Cluster, KVLink, Replica
 from hisim_jax.serving.engine import Engine, EngineConfig, StepCost
 from hisim_jax.serving.frontend import FRONTENDS, Frontend
 from hisim_jax.serving.kvstore import KVStore, KVStoreConfig
@@ -58,6 +58,7 @@ _RANGES = {
     "ep": (1, True, 1024),
     "dp_attention": (1, True, 1024),
     "limit": (1, True, None),
+    "max_concurrency": (1, True, None),
     "rate_scale": (0, False, None),  # and arrivals within wl.MAX_SPAN_S, checked by select
     "start_s": (0, True, None),
     "end_s": (0, True, None),
@@ -165,7 +166,19 @@ class SimulationOptions:
     estimator: str = "roofline"
     estimator_table: str | None = None  # steps.csv (model, batch, step_ms) of estimator table
     extrapolate: bool = False  # estimator table: predict batches outside its data's range
-    # workload: a trace, or the built-in multi-turn chat
+    # workload: a trace, or a built-in one: "chat" (multi-turn chat) or "agent" (coding-agent
+    # sessions, workload.agent_sessions)
+    workload: str = "chat"
+    # sessions: "closed" sends a session's next turn its think time after the previous reply
+    # ends (cluster.py), "open" at the times the workload recorded [closed for the built-in
+    # workloads, open for traces]
+    sessions: str | None = None
+    # a client that keeps at most this many requests in flight (bench_serving's
+    # --max-concurrency): later ones wait for a slot and are timed from when sent [no limit]
+    max_concurrency: int | None = None
+    # the built-in workloads' think (chat) / tool (agent) time: fixed:S, exponential:MEAN,
+    # lognormal:MEAN[:SIGMA] or empirical:FILE [chat exponential:10; agent: TraceLab's]
+    think_time: str | None = None
     trace: str | None = None
     trace_format: str = "mooncake"
     limit: int | None = None
@@ -254,6 +267,25 @@ class SimulationOptions:
             raise ValueError(
                 "field 'estimator_table' (a steps.csv) is needed by estimator table and only by it"
             )
+        if self.workload not in BUILTIN_WORKLOADS:
+            raise ValueError(
+                f"field 'workload' must be one of {', '.join(BUILTIN_WORKLOADS)}, "
+                f"got {self.workload!r}"
+            )
+        if self.sessions is not None and self.sessions not in SESSION_MODES:
+            raise ValueError(
+                f"field 'sessions' must be one of {', '.join(SESSION_MODES)}, got {self.sessions!r}"
+            )
+        if self.think_time is not None:
+            if self.trace is not None:
+                raise ValueError(
+                    "field 'think_time' sets the built-in workloads' think times; a trace "
+                    "keeps its own (its recorded gaps)"
+                )
+            try:
+                wl.ThinkTime.parse(self.think_time)
+            except wl.WorkloadError as e:
+                raise ValueError(f"field 'think_time': {e}") from None
         if self.frontend not in ("on", "off"):
             raise ValueError(f"field 'frontend' must be on or off, got {self.frontend!r}")
         if self.engine == "vllm":
@@ -395,9 +427,23 @@ class SimulationRun:
     steps: object  # pandas DataFrame
 
 
+BUILTIN_WORKLOADS = ("chat", "agent")
+
+
+def sessions_mode(o: SimulationOptions) -> str:
+    """Closed loop for the built-in workloads, open for traces, unless set."""
+    if o.sessions is not None:
+        return o.sessions
+    return "closed" if o.trace is None else "open"
+
+
 def build_workload(o: SimulationOptions) -> wl.Workload:
     if o.trace is None:
-        w = wl.default_chat(seed=o.seed)
+        think = None if o.think_time is None else wl.ThinkTime.parse(o.think_time)
+        if o.workload == "agent":
+            w = wl.default_agent(seed=o.seed, tool_time=think)
+        else:
+            w = wl.default_chat(seed=o.seed, think=think)
         return wl.select(
             w, start_s=o.start_s, end_s=o.end_s, limit=o.limit, rate_scale=o.rate_scale
         )
@@ -691,7 +737,7 @@ def build_cluster(o: SimulationOptions, block_tokens: int) -> Cluster:
         link = KVLink(o.kv_link_gb_s * 1e9, o.kv_link_latency_us * 1e-6)
     except ValueError as e:
         raise SpecError(f"options: {e}") from None
-    return Cluster(routed, router, replicas[n_prefill:], link)
+    return Cluster(routed, router, replicas[n_prefill:], link, sessions_mode(o), o.max_concurrency)
 
 
 def given_workload(o: SimulationOptions, requests: wl.Workload | Iterable[wl.Request]):

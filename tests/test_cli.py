@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -458,3 +459,75 @@ def test_help_shows_the_defaults_in_brackets():
     assert "[llama-3.1-8b]" in out and "[lru]" in out and "[h100-sxm]" in out
     out = CliRunner().invoke(app, ["search", "--help"], env={"COLUMNS": "200"}).output
     assert "replicas x tp <= GPUS" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# closed-loop clients, the agent workload, SGLang logs
+
+
+def test_simulate_agent_workload_closed_loop_with_a_concurrency_limit(tmp_path):
+    out = tmp_path / "a"
+    ok("simulate", "--workload", "agent", "--limit", "60", "--max-concurrency", "4",
+       "--format", "json", "--out", out)  # fmt: skip
+    req = pd.read_csv(out / "requests.csv", keep_default_na=False)
+    assert {"session_id", "turn"} <= set(req.columns)
+    assert (req["session_id"] >= 0).all() and req["turn"].max() > 0
+    start, end = req["arrival_s"].to_numpy(), req["finish_s"].to_numpy()
+    assert max(int(((start <= t) & (end > t)).sum()) for t in start) <= 4
+
+
+def test_simulate_rejects_bad_client_options_in_one_line(tmp_path):
+    out = str(tmp_path / "o")
+    for args, frag in (
+        (("--sessions", "half"), "sessions"),
+        (("--workload", "batch"), "workload"),
+        (("--max-concurrency", "0"), "max_concurrency"),
+        (("--think-time", "gamma:2"), "think_time"),
+        (("--think-time", f"empirical:{tmp_path / 'none.txt'}"), "none.txt"),
+    ):
+        assert_one_line_error(invoke("simulate", *args, "--out", out), frag)
+    assert not (tmp_path / "o").exists()
+
+
+def test_validate_scheduler_reads_an_sglang_server_log(tmp_path):
+    log = Path(__file__).parent / "validate" / "fixtures" / "sglang_scheduler.log"
+    rec = tmp_path / "records.csv"
+    res = ok("validate", "scheduler", "--log", str(log), "--limit", "40", "--records", str(rec),
+             "--format", "json")  # fmt: skip
+    doc = json.loads(res.stdout)
+    assert doc["log_prefill_records"] >= 1 and doc["log_decode_records"] >= 1
+    frame = pd.read_csv(rec)
+    assert {"kind", "new_tokens_log", "new_tokens_sim"} <= set(frame.columns)
+    bad = tmp_path / "bad.log"
+    bad.write_text(
+        "[2025-06-10 09:16:02 TP0] Prefill batch. #new-seq: 1, #new-token: x, #cached-token: 0,"
+        " token usage: 0.00, #running-req: 0, #queue-req: 0\n"
+    )
+    assert_one_line_error(invoke("validate", "scheduler", "--log", str(bad)), "line 1")
+
+
+def test_validate_cache_sets_a_vllm_kv_event_log_beside_the_replay(tmp_path):
+    fixtures = Path(__file__).parent / "validate" / "fixtures"
+    trace = tmp_path / "trace.jsonl"  # the fixture's workload, named by vLLM's block hashes
+    rows = [(0.0, 8, [101, 102]), (0.12, 12, [101, 102, 103]), (0.27, 8, [101, 102]),
+            (0.35, 9, [101, 555, 556])]  # fmt: skip
+    trace.write_text(
+        "".join(
+            json.dumps({"arrival_s": a, "input_len": n, "output_len": 1, "block_ids": ids}) + "\n"
+            for a, n, ids in rows
+        )
+    )
+    out = tmp_path / "buckets.csv"
+    res = ok("validate", "cache", "--trace", str(trace), "--trace-format", "jsonl",
+             "--block-tokens", "4", "--page-size", "4", "--l1-tokens", "32", "--l2-tokens", "32",
+             "--l3-tokens", "32", "--events", str(fixtures / "vllm_kv_events.jsonl"),
+             "--log-start-s", "1767225600", "--bucket-s", "0.14", "--buckets-csv", str(out),
+             "--format", "json")  # fmt: skip
+    doc = json.loads(res.stdout)
+    assert doc["hit_tokens_log"]["total"] == 12 and doc["requests_matched_log"] == 4
+    assert len(pd.read_csv(out)) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('[1.0, [{"type": "BlockStored"}], 0]\n')
+    res = invoke("validate", "cache", "--trace", str(trace), "--trace-format", "jsonl",
+                 "--block-tokens", "4", "--l1-tokens", "32", "--events", str(bad))  # fmt: skip
+    assert_one_line_error(res, "bad.jsonl", "line 1")

@@ -242,7 +242,8 @@ def test_engine_and_its_options_come_from_a_yaml_config(tmp_path):
 
 def test_max_model_len_rejects_longer_requests_and_is_capped_by_the_model(tmp_path):
     out = tmp_path / "o"
-    r = invoke("--max-model-len", 1024, "--limit", 50, "--out", out)
+    # open loop: in a closed one a session whose turn is rejected sends no more turns
+    r = invoke("--max-model-len", 1024, "--limit", 50, "--sessions", "open", "--out", out)
     assert r.exit_code == 0, r.output
     req = pd.read_csv(out / "requests.csv")
     long = req.input_len + req.output_len > 1024

@@ -24,8 +24,11 @@ when a round changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +40,12 @@ from hisim_jax.serving.router import Router, RouterConfig
 from hisim_jax.serving.scheduler.base import ReqState
 
 DRAIN_ROUND_S = 1.0
+SESSION_MODES = ("open", "closed")
+# Closed-loop clients over several replicas: a replica runs ahead at most this far before the
+# cluster looks at what has ended (a follow-up routed to a replica whose clock is past its
+# release joins at that replica's next step, at most this late; on one replica, or back on
+# the replica of the turn before, it joins exactly when due).
+CLOSED_ROUND_S = 0.05
 # Past 2**32 s (136 years) a float64 clock in seconds resolves no finer than a microsecond, so
 # steps stop moving it: an arrival or a KV landing later than this never happens in a run.
 CLOCK_HORIZON_S = 2.0**32
@@ -117,7 +126,17 @@ class Cluster:
         router: Router,
         decode: Sequence[Replica] = (),
         link: KVLink = KVLink(),
+        sessions: str = "open",
+        max_concurrency: int | None = None,
     ):
+        if sessions not in SESSION_MODES:
+            raise ValueError(
+                f"sessions must be one of {', '.join(SESSION_MODES)}, got {sessions!r}"
+            )
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        self.sessions = sessions
+        self.max_concurrency = max_concurrency
         if not replicas:
             raise ValueError("a cluster needs at least one replica")
         roles = {r.engine.cfg.role for r in replicas}
@@ -141,6 +160,7 @@ class Cluster:
         self._seq = 0
         self._handed_off = 0
         self._rejected = 0  # rejected here, not by an engine (KV that never lands, ...)
+        self._on_end: Callable[[ReqState], None] | None = None  # clients: an end releases
 
     # ------------------------------------------------------------------------------------
 
@@ -158,6 +178,8 @@ class Cluster:
                     )
                     self._seq += 1
                     heapq.heappush(self._ended, (t, self._seq, side, i, st))
+                    if self._on_end is not None and (st.finish_s >= 0 or st.rejected):
+                        self._on_end(st)  # completed or rejected (not a hand-off)
                 ended.clear()
 
     def _tell_router(self, now: float) -> None:
@@ -205,7 +227,9 @@ class Cluster:
         self, requests: Sequence, progress: Callable[[int], None] | None = None
     ) -> ClusterResult:
         with no_cyclic_gc():
-            return self._run(requests, progress)
+            if self.sessions == "open" and self.max_concurrency is None:
+                return self._run(requests, progress)
+            return self._run_clients(requests, progress)
 
     def _drain_until(self, stalled: bool) -> float:
         """The end of the next drain round after the last arrival. Prefill replicas drain in
@@ -268,6 +292,9 @@ class Cluster:
                 if done != told:
                     progress(done - told)
                     told = done
+        return self._finish_run(states, never, told, progress)
+
+    def _finish_run(self, states, never, told, progress) -> ClusterResult:
         # disaggregated, the loop ran until no prefill replica was busy: no KV is left to send
         self._advance(self.replicas, math.inf)
         self._advance(self.decode, math.inf)
@@ -294,6 +321,122 @@ class Cluster:
         return ClusterResult(
             states, everyone, results, end_s, [rep.engine.cfg.role for rep in everyone]
         )
+
+    def _run_clients(self, requests: Sequence, progress) -> ClusterResult:
+        """The run with clients that wait: closed-loop sessions (a session's next turn is sent
+        its think time after the previous turn's reply ended, on the same prompt the workload
+        recorded) and/or at most ``max_concurrency`` requests in flight (a request due while
+        that many are out waits for the next to end, and is sent, and timed, from then: as
+        bench_serving's semaphore). Open-loop arrivals are walked as in ``_run``; a replica
+        stops where a client's next request is due (``Engine.release_s``), and the cluster
+        routes it then."""
+        states = [ReqState(r) for r in requests]
+        index = {id(st): i for i, st in enumerate(states)}
+        follow: dict[int, ReqState] = {}  # request id -> its session's next turn
+        think: dict[int, float] = {}  # request id -> the client's wait after it ends
+        if self.sessions == "closed":
+            by_session: dict[int, list] = {}
+            for st in states:
+                if st.req.session_id >= 0:
+                    by_session.setdefault(st.req.session_id, []).append(st)
+            for turns in by_session.values():
+                turns.sort(key=lambda s: (s.req.turn, s.req.arrival_s, s.req.request_id))
+                for prev, nxt in itertools.pairwise(turns):
+                    follow[prev.req.request_id] = nxt
+                    wait = nxt.req.think_s
+                    if not wait >= 0:  # unknown: the recorded gap between the two arrivals
+                        wait = max(0.0, nxt.req.arrival_s - prev.req.arrival_s)
+                    think[prev.req.request_id] = wait
+        held = {id(s) for s in follow.values()}
+        everyone = self.replicas + self.decode
+        for rep in everyone:
+            rep.engine.followup_think = think
+        due: list = []  # heap of (send s, workload index, state, holds a slot already)
+        never = []
+        for i, st in enumerate(states):
+            if id(st) in held:
+                continue
+            if not st.req.arrival_s <= CLOCK_HORIZON_S:
+                never.append(st)
+                continue
+            due.append((st.req.arrival_s, i, st, False))
+        heapq.heapify(due)
+        waiting: deque = deque()  # due, no slot free (max_concurrency)
+        limit = self.max_concurrency or math.inf
+        out = [0]  # requests in flight
+
+        def send_at(st: ReqState, t: float, slot: bool) -> None:
+            if t != st.req.arrival_s:
+                st.req = dataclasses.replace(st.req, arrival_s=t)
+            heapq.heappush(due, (t, index[id(st)], st, slot))
+
+        def ended(st: ReqState) -> None:
+            out[0] -= 1
+            end = st.finish_s
+            nxt = follow.pop(st.req.request_id, None)
+            while nxt is not None and st.rejected:
+                # the client's session stops: its later turns are never sent
+                self._reject(nxt, f"session ended: turn {st.req.turn} was rejected", end)
+                nxt.replica = -1
+                st, nxt = nxt, follow.pop(nxt.req.request_id, None)
+            if nxt is not None:
+                send_at(nxt, end + think[st.req.request_id], False)
+            if waiting:
+                q = waiting.popleft()
+                out[0] += 1  # the freed slot is its
+                send_at(q, max(end, q.req.arrival_s), True)
+
+        self._on_end = ended
+        several = len(everyone) > 1
+        told = 0
+        mark = None
+        while True:
+            for rep in everyone:  # with requests queued for a slot, every end is an event
+                rep.engine.stop_on_any_end = bool(waiting)
+            busy = [rep.engine for rep in everyone if rep.engine.busy()]
+            if due:
+                t = due[0][0]
+            elif self.decode and any(r.engine.busy() for r in self.replicas):
+                before, mark = mark, self._progress_mark()
+                t = self._drain_until(stalled=before == mark)
+            elif busy and (follow or waiting):
+                t = math.inf  # a replica stops where a client's next request is due
+            else:
+                break
+            if several and busy:
+                t = min(t, min(e.now for e in busy) + CLOSED_ROUND_S)
+            self._advance(self.replicas, t)
+            for landing, st in self._send_kv():
+                j = self.decode_router.route(st.req, st.prefill_end_s)
+                st.decode_replica = j
+                self.decode[j].engine.receive(st, landing)
+            self._advance(self.decode, t)
+            self._collect_ended()  # ends release clients' next requests into ``due``
+            for rep in everyone:
+                rep.engine.release_s = math.inf
+            if due and due[0][0] < t:
+                t = due[0][0]  # released before the horizon the replicas ran to
+                for rep in everyone:
+                    rep.engine.rewind_idle(t)
+            if not math.isfinite(t):
+                continue
+            self._tell_router(t)
+            while due and due[0][0] <= t:
+                when, _, st, slot = heapq.heappop(due)
+                if not slot and out[0] >= limit:
+                    waiting.append(st)
+                    continue
+                if not slot:
+                    out[0] += 1
+                st.replica = self.router.route(st.req, when)
+                self.replicas[st.replica].engine.submit(st)
+            if progress is not None:
+                done = self._count_done()
+                if done != told:
+                    progress(done - told)
+                    told = done
+        self._on_end = None
+        return self._finish_run(states, never, told, progress)
 
     def _count_done(self) -> int:
         """Requests completed or rejected so far (a hand-off is neither)."""

@@ -239,6 +239,16 @@ class Engine:
         self._spare: tuple | None = None
         self._batch_version = 0  # bumped whenever a request joins or leaves the running batch
         self._formed_s: float | None = None  # async: when the next step's batch is formed
+        # Closed-loop clients (serving/cluster.py): a request whose end releases the client's
+        # next request, by request id, with the seconds the client waits after that end (a
+        # think or tool time); ``stop_on_any_end``: every end releases one (a concurrency-
+        # limited client with requests queued). The engine stops at the earliest release
+        # (``release_s``) so that the cluster sends the next request when the client would,
+        # and cuts a decode stretch there.
+        self.followup_think: dict[int, float] = {}
+        self.stop_on_any_end = False
+        self.release_s = math.inf
+        self._last_busy_s = 0.0  # when its last step ended
 
     # ------------------------------------------------------------------------------------
     # arrivals and admission
@@ -261,6 +271,32 @@ class Engine:
         st.finish_s = now
         self.finished += 1
         self.ended.append(st)
+        self._released_by(st, now)
+
+    def _released_by(self, st: ReqState, now: float) -> None:
+        """A closed-loop client's next request is due ``now`` + its wait (see __init__)."""
+        think = self.followup_think.get(st.req.request_id)
+        if think is not None:
+            self.release_s = min(self.release_s, now + think)
+        elif self.stop_on_any_end:
+            self.release_s = min(self.release_s, now)
+
+    def _release_in_stretch(self, ends: np.ndarray, remaining: np.ndarray, k: int) -> float:
+        """The earliest release by a request finishing within the ``k`` decode steps ending
+        at ``ends`` (``remaining``: output left per running request, descending)."""
+        n_done = int(np.count_nonzero(remaining <= k))
+        if not n_done:
+            return math.inf
+        run = self.running
+        think = self.followup_think
+        out = math.inf
+        for st, left in zip(
+            run[len(run) - n_done :], remaining[len(run) - n_done :].tolist(), strict=True
+        ):
+            wait = think.get(st.req.request_id, 0.0 if self.stop_on_any_end else None)
+            if wait is not None:
+                out = min(out, float(ends[left - 1]) + wait)
+        return out
 
     def _arrive(self, st: ReqState, now: float) -> None:
         reason = self._reject(st)
@@ -518,6 +554,9 @@ class Engine:
             dur = np.asarray(self.step_cost.decode_steps_s(ctx, k, padded, active), dtype=float)
             dur = dur + self.sched.step_overhead_s
         ends = now + np.cumsum(dur)
+        if self.followup_think or self.stop_on_any_end:
+            # a closed-loop client sends its next request a wait after a reply ends: an event
+            next_event = min(next_event, self._release_in_stretch(ends, remaining, k))
         # stop at the first step that ends after the next event (the scheduler looks then)
         over = int(np.searchsorted(ends, next_event))  # ends ascend
         costed = dur
@@ -777,6 +816,7 @@ class Engine:
         st.finish_s = now
         self.finished += 1
         self.ended.append(st)
+        self._released_by(st, now)
         if still_running:
             self._leave(st)
         self.cache.release(st.path, now)
@@ -917,6 +957,14 @@ class Engine:
             else:
                 self.received.append(st)
 
+    def rewind_idle(self, t: float) -> None:
+        """An idle replica's clock back to ``t`` (not before its last step ended): idle, its
+        clock only says how far the cluster has looked, and a closed-loop client's request
+        released at ``t`` must find it then."""
+        if not self.busy() and t < self.now:
+            self.now = max(t, self._last_busy_s)
+            self._formed_s = None
+
     def busy(self) -> bool:
         return bool(
             self.waiting or self.running or self.chunked or self.swapped or self.received
@@ -939,8 +987,8 @@ class Engine:
             self._take_arrivals(now if self._formed_s is None else self._formed_s)
             if self.received:
                 self._admit_received(now)
-            if now >= until:
-                break
+            if now >= until or now >= self.release_s:
+                break  # (a release: the cluster sends a closed-loop client's next request)
             if not (self.waiting or self.running or self.chunked or self.swapped):
                 upcoming = self._next_event(until)
                 if upcoming == math.inf:
@@ -954,8 +1002,10 @@ class Engine:
                 if self._async:
                     self._formed_s = now
                 now = self._run_prefill(batch, now)
+                self._last_busy_s = now
             elif self.running:
                 now = self._decode_stretch(now, upcoming)
+                self._last_busy_s = now
             else:
                 # waiting requests that cannot be admitted now; nothing runs to free memory,
                 # and with no KV transfer in flight nothing will (arrivals only add demand):
@@ -993,6 +1043,7 @@ class Engine:
         """The next event this replica knows of: an arrival, a prefetch or swap-in landing,
         or ``until`` (a cluster may yet send more by then)."""
         t = self._pending[0][0] if self._pending else until
+        t = min(t, self.release_s)
         if self.prefetching:
             t = min(t, min(s.ready_s for s in self.prefetching))
         if self.swapping_in:

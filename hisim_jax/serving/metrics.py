@@ -188,6 +188,10 @@ def cluster_request_frame(result) -> pd.DataFrame:
     frame = request_frame(result.merged())
     states = result.states
     frame.insert(1, "replica", [s.replica for s in states])
+    # the client session and turn (-1 / 0 without one): a closed-loop replay's arrival_s is
+    # when the client sent the turn, its previous reply's end plus the think time
+    frame["session_id"] = [s.req.session_id for s in states]
+    frame["turn"] = [s.req.turn for s in states]
     if any(role == "decode" for role in result.roles):
         frame.insert(2, "decode_replica", [s.decode_replica for s in states])
         ok = frame["rejected"] == ""

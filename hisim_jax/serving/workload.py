@@ -87,6 +87,9 @@ class Request:
     block_ids: tuple[int, ...] = ()
     session_id: int = -1  # conversation/agent session, -1 if none
     turn: int = 0  # turn index within the session
+    # the client's think (chat) or tool (agent) time between the previous turn's reply and
+    # this turn, when a closed-loop replay releases it; -1: unknown (the recorded gap is used)
+    think_s: float = -1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +185,11 @@ def prefix_node_stream(requests: Iterable[Request]) -> tuple[np.ndarray, np.ndar
     return np.asarray(nodes, np.int64), np.asarray(owner, np.int64)
 
 
-_Row = tuple[float, int, int, tuple[int, ...], int, int]  # arrival, in, out, ids, session, turn
+# arrival, in, out, ids, session, turn[, think_s]
+_Row = (
+    tuple[float, int, int, tuple[int, ...], int, int]
+    | tuple[float, int, int, tuple[int, ...], int, int, float]
+)
 
 
 def _build(rows: list[_Row], block_tokens: int, source: str, skipped: int = 0) -> Workload:
@@ -197,7 +204,7 @@ def build_workload(
     """A Workload from requests in any order: sorted by arrival (stably), ids renumbered."""
     _check_block_tokens(block_tokens)
     rows = [
-        (r.arrival_s, r.input_len, r.output_len, r.block_ids, r.session_id, r.turn)
+        (r.arrival_s, r.input_len, r.output_len, r.block_ids, r.session_id, r.turn, r.think_s)
         for r in requests
     ]
     return _build(rows, block_tokens, source, skipped_lines)
@@ -252,6 +259,7 @@ def select(
             r.block_ids,
             r.session_id,
             r.turn,
+            r.think_s,  # a person's think time does not scale with the arrival rate
         )
         for i, r in enumerate(keep)
     )
@@ -837,15 +845,17 @@ def read_sharegpt(
     for (ci, turns), t in zip(turns_of, starts, strict=True):
         stream: list[int] = []
         for k, (inp, out) in enumerate(turns):
+            think = next(think_iter) if k else 0.0
             if k:
-                t += turns[k - 1][1] * GEN_S_PER_TOKEN + next(think_iter)
+                t += turns[k - 1][1] * GEN_S_PER_TOKEN + think
             full, rem = divmod(inp, bt)
             while len(stream) < full:
                 stream.append(_h63("sharegpt", ci, len(stream)))
             ids = stream[:full]
             if rem:
                 ids.append(_h63("sharegpt-partial", ci, k))
-            rows.append((t, inp, out, tuple(ids), ci, k))
+            # the drawn think time, which a closed-loop replay adds to the simulated reply
+            rows.append((t, inp, out, tuple(ids), ci, k, think))
     return _build(rows, bt, f"sharegpt:{p}", skipped)
 
 
@@ -1039,6 +1049,93 @@ DEFAULT_INPUT = LengthDist.lognormal(1024, 1.0, clip_max=32768)
 DEFAULT_OUTPUT = LengthDist.lognormal(256, 0.8, clip_max=4096)
 
 
+THINK_KINDS = ("fixed", "exponential", "lognormal", "empirical")
+
+
+@dataclass(frozen=True)
+class ThinkTime:
+    """Seconds a client waits between a reply and its next turn (a person thinking, a tool
+    running): ``fixed`` at ``mean_s``, ``exponential`` of mean ``mean_s``, ``lognormal`` of
+    mean ``mean_s`` and log-space ``sigma``, or ``empirical`` (drawn from ``values``, seconds).
+    Seeded draws through ``sample``."""
+
+    kind: str = "exponential"
+    mean_s: float = 10.0
+    sigma: float = 1.0
+    values: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in THINK_KINDS:
+            raise WorkloadError(
+                f"think time: unknown distribution {self.kind!r} (choose from "
+                f"{', '.join(THINK_KINDS)})"
+            )
+        if self.kind == "empirical":
+            vals = np.asarray(self.values, dtype=float)
+            if vals.size == 0 or not np.all(np.isfinite(vals)) or vals.min() < 0:
+                raise WorkloadError(
+                    "think time: empirical values must be finite seconds >= 0, at least one"
+                )
+        elif not (math.isfinite(self.mean_s) and self.mean_s >= 0):
+            raise WorkloadError(f"think time: mean must be >= 0 s, got {self.mean_s!r}")
+        if self.kind == "lognormal" and not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise WorkloadError(f"think time: lognormal sigma must be > 0, got {self.sigma!r}")
+
+    @staticmethod
+    def parse(text: str) -> ThinkTime:
+        """``fixed:S``, ``exponential:MEAN``, ``lognormal:MEAN[:SIGMA]`` or ``empirical:FILE``
+        (one number of seconds per line, or a CSV whose first column is)."""
+        kind, _, rest = str(text).partition(":")
+        kind = kind.strip().lower()
+        if kind == "empirical":
+            path = Path(rest)
+            try:
+                lines = path.read_text().split()
+            except OSError as e:
+                raise WorkloadError(f"{path}: cannot read think times ({e.strerror})") from None
+            vals = []
+            for i, tok in enumerate(lines, 1):
+                cell = tok.split(",")[0]
+                try:
+                    vals.append(float(cell))
+                except ValueError:
+                    if i == 1:
+                        continue  # a header
+                    raise WorkloadError(
+                        f"{path}: line {i}: think time must be a number of seconds, got {cell!r}"
+                    ) from None
+            return ThinkTime("empirical", values=tuple(vals))
+        parts = [p for p in rest.split(":") if p != ""]
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            raise WorkloadError(
+                f"think time {text!r}: expected fixed:S, exponential:MEAN, "
+                "lognormal:MEAN[:SIGMA] or empirical:FILE"
+            ) from None
+        if kind not in THINK_KINDS or not nums or len(nums) > (2 if kind == "lognormal" else 1):
+            raise WorkloadError(
+                f"think time {text!r}: expected fixed:S, exponential:MEAN, "
+                "lognormal:MEAN[:SIGMA] or empirical:FILE"
+            )
+        return ThinkTime(kind, nums[0], nums[1] if len(nums) > 1 else 1.0)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if n <= 0:
+            return np.zeros(0)
+        if self.kind == "fixed":
+            return np.full(n, float(self.mean_s))
+        if self.kind == "exponential":
+            return rng.exponential(self.mean_s, n) if self.mean_s > 0 else np.zeros(n)
+        if self.kind == "lognormal":
+            # mean of a lognormal is exp(mu + sigma^2 / 2)
+            if self.mean_s == 0:
+                return np.zeros(n)
+            mu = math.log(self.mean_s) - 0.5 * self.sigma**2
+            return rng.lognormal(mu, self.sigma, n)
+        return rng.choice(np.asarray(self.values, dtype=float), n)
+
+
 def _check_gen(block_tokens: int, system_prompt_len: int) -> None:
     _check_block_tokens(block_tokens)
     if (
@@ -1086,7 +1183,7 @@ def _sessions(
     first_input: LengthDist,
     turn_input: LengthDist,
     output: LengthDist,
-    think_s_mean: float,
+    think: ThinkTime,
     system_prompt_len: int,
     block_tokens: int,
     seed: int,
@@ -1095,8 +1192,6 @@ def _sessions(
     cv: float,
 ) -> Workload:
     _check_gen(block_tokens, system_prompt_len)
-    if not (math.isfinite(think_s_mean) and think_s_mean >= 0):
-        raise ValueError(f"think/gap time mean must be >= 0 s, got {think_s_mean!r}")
     if max_context is not None and max_context < 1:
         raise ValueError(f"max_context must be >= 1 token, got {max_context!r}")
     rng = np.random.default_rng(seed)
@@ -1106,7 +1201,7 @@ def _sessions(
     first = first_input.sample(n_sessions, rng).tolist()
     step = turn_input.sample(total, rng).tolist()
     outs = output.sample(total, rng).tolist()
-    think = (rng.exponential(think_s_mean, total) if think_s_mean > 0 else np.zeros(total)).tolist()
+    thinks = think.sample(total, rng).tolist()
     offsets = (np.cumsum(n_turns) - n_turns).tolist()
     fresh = _fresh_counter(kind, seed)
     sys_ids = [fresh() for _ in range(system_prompt_len // block_tokens)]
@@ -1123,12 +1218,20 @@ def _sessions(
             out = max(1, outs[j])
             if length + out > cap:
                 break
+            gap = thinks[j] if k else 0.0
             if k:
-                t += prev_out * GEN_S_PER_TOKEN + think[j]
-            rows.append((t, length, out, _prompt_ids(stream, length, block_tokens, fresh), s, k))
+                t += prev_out * GEN_S_PER_TOKEN + gap
+            ids = _prompt_ids(stream, length, block_tokens, fresh)
+            rows.append((t, length, out, ids, s, k, gap))
             ctx = length + out
             prev_out = out
     return _build(rows, block_tokens, f"synthetic:{kind}")
+
+
+def _think_of(mean_s: float) -> ThinkTime:
+    if not (isinstance(mean_s, (int, float)) and math.isfinite(mean_s) and mean_s >= 0):
+        raise ValueError(f"think/gap time mean must be >= 0 s, got {mean_s!r}")
+    return ThinkTime("exponential", float(mean_s))
 
 
 def chat_sessions(
@@ -1145,13 +1248,16 @@ def chat_sessions(
     max_context: int | None = None,
     arrival: str = "poisson",
     cv: float = 1.0,
+    think: ThinkTime | None = None,
 ) -> Workload:
     """Multi-turn conversations; sessions start at ``session_rate``/s (``arrival`` process).
 
     Turn 0's prompt is the shared system prompt + ``first_input`` tokens; turn k's prompt is
     turn k-1's prompt + its output + ``turn_input`` new tokens. Turn k arrives
     ``output_len(k-1) * GEN_S_PER_TOKEN`` (a stand-in for generation time) plus an exponential
-    think time of mean ``think_s_mean`` after turn k-1's arrival. Full blocks keep their ids
+    think time of mean ``think_s_mean`` (or drawn from ``think``) after turn k-1's arrival:
+    the open-loop schedule; each turn's ``think_s`` keeps the think time, which a closed-loop
+    replay adds to the previous turn's simulated reply instead. Full blocks keep their ids
     from turn to turn (turn k's ids start with turn k-1's full blocks); new blocks and partial
     last blocks get fresh ids. A session ends early at the first turn whose
     ``input_len + output_len`` would exceed ``max_context`` (so a session may have no requests).
@@ -1164,7 +1270,7 @@ def chat_sessions(
         first_input,
         turn_input,
         output,
-        think_s_mean,
+        think or _think_of(think_s_mean),
         system_prompt_len,
         block_tokens,
         seed,
@@ -1174,44 +1280,123 @@ def chat_sessions(
     )
 
 
+# Agent sessions' defaults, from TraceLab (Zhu et al., "TraceLab: Characterizing Coding Agent
+# Workloads for LLM Serving", arXiv 2606.30560, University of Washington, 2026; tables
+# tab:session_internal_counts, tab:token_length_distribution and tab:timing_distribution of
+# github.com/uw-syfi/TraceLab, 4,265 Claude Code and Codex sessions, 357,161 LLM calls,
+# 432,510 tool calls): ~84 LLM calls per session (heavy-tailed), 1.2 tool calls per call
+# (p90 2, p99 4), tokens appended per call p50 ~860, output tokens p50 ~250 / mean ~520, tool
+# latency p50 0.3 s / mean 18 s (heavy-tailed), one call in ~9 started by the user after a
+# human gap of p50 ~1.4 min. The shared prefix (system prompt + tool schema) is one Claude Code
+# example's ~21K tokens (callanjfox/agentic-coding-analysis, docs/EXAMPLE_CONVERSATION.md):
+# TraceLab does not publish it.
+AGENT_CALLS = LengthDist.lognormal(84, 1.5, clip_max=2000)  # median ~27
+AGENT_SHARED_PREFIX = 20480
+AGENT_APPEND = LengthDist.lognormal(1909, 1.3, clip_max=131072)  # median 820
+AGENT_OUTPUT = LengthDist.lognormal(523, 1.35, clip_max=32768)  # median 210
+AGENT_TOOL_CALLS_P = 0.72  # tool calls per call: geometric, mean 1.39, P(> 1) = 0.28
+AGENT_TOOL_TIME = ThinkTime("lognormal", 20.0, 2.9)  # median 0.30 s
+AGENT_USER_SHARE = 0.106  # 8.9 of 83.7 calls per session start with a user message
+AGENT_HUMAN_GAP = ThinkTime("lognormal", 216.0, 1.5)  # median 70 s
+
+
 def agent_sessions(
     n_sessions: int,
     session_rate: float,
-    calls: LengthDist = LengthDist.uniform(5, 30),
-    shared_prefix_len: int = 4096,
-    step_input: LengthDist = LengthDist.lognormal(200, 0.8, clip_max=8192),
-    output: LengthDist = LengthDist.lognormal(120, 0.7, clip_max=2048),
-    gap_s_mean: float = 1.0,
+    calls: LengthDist = AGENT_CALLS,
+    shared_prefix_len: int = AGENT_SHARED_PREFIX,
+    step_input: LengthDist = AGENT_APPEND,
+    output: LengthDist = AGENT_OUTPUT,
+    gap_s_mean: float | None = None,
     block_tokens: int = 64,
     seed: int = 0,
     max_context: int | None = None,
+    tool_calls_p: float = AGENT_TOOL_CALLS_P,
+    tool_time: ThinkTime = AGENT_TOOL_TIME,
+    user_share: float = AGENT_USER_SHARE,
+    human_gap: ThinkTime = AGENT_HUMAN_GAP,
 ) -> Workload:
-    """Agent sessions: many short calls on a long, growing prefix.
+    """Agent sessions: many short calls on a long, growing context (defaults: TraceLab's
+    coding-agent statistics, see AGENT_* above).
 
-    Every session starts from the same ``shared_prefix_len``-token prefix (instructions and tool
-    definitions, shared ids across sessions). Each call's prompt is the session's prefix so far
-    + ``step_input`` tokens (a tool result or user step); the prefix then grows by that step
-    and the call's output. Calls are spaced like chat turns with mean gap ``gap_s_mean``.
-    """
-    return _sessions(
-        "agent",
-        n_sessions,
-        session_rate,
-        calls,
-        step_input,
-        step_input,
-        output,
-        gap_s_mean,
-        shared_prefix_len,
-        block_tokens,
-        seed,
-        max_context,
-        "poisson",
-        1.0,
+    Every session starts from the same ``shared_prefix_len``-token prefix (system prompt and
+    tool schema, the same block ids in every session) and the user's task (``step_input``
+    tokens). Each call answers with ``output`` tokens; unless it is the session's last, the
+    answer asks for ``tool_calls_p``-geometric many tool calls run in parallel, each returning
+    ``step_input`` tokens after ``tool_time``, and the next call is sent when the slowest has
+    returned, on the context so far + the answer + every tool result. A share ``user_share``
+    of later calls is a user's next message instead, after a ``human_gap``. ``think_s`` of a
+    call is that wait (tool or human), added to the previous reply's end in a closed-loop
+    replay; the open-loop arrival adds it to the previous arrival plus ``GEN_S_PER_TOKEN`` per
+    output token, like chat turns. ``gap_s_mean`` (older API): every wait exponential of that
+    mean, one tool per call. A session ends early where its context would pass
+    ``max_context``."""
+    _check_gen(block_tokens, shared_prefix_len)
+    if not (0.0 < tool_calls_p <= 1.0):
+        raise ValueError(f"tool_calls_p must be in (0, 1], got {tool_calls_p!r}")
+    if not (0.0 <= user_share <= 1.0):
+        raise ValueError(f"user_share must be in [0, 1], got {user_share!r}")
+    if gap_s_mean is not None:
+        tool_time, tool_calls_p, user_share = _think_of(gap_s_mean), 1.0, 0.0
+    if max_context is not None and max_context < 1:
+        raise ValueError(f"max_context must be >= 1 token, got {max_context!r}")
+    rng = np.random.default_rng(seed)
+    starts = arrival_times(n_sessions, session_rate, "poisson", 1.0, rng).tolist()
+    n_calls = calls.sample(n_sessions, rng)
+    total = int(n_calls.sum())
+    task = step_input.sample(n_sessions, rng).tolist()
+    outs = output.sample(total, rng).tolist()
+    tools = rng.geometric(tool_calls_p, total).tolist()
+    n_tools = int(sum(tools))
+    results = step_input.sample(n_tools, rng).tolist()
+    latency = tool_time.sample(n_tools, rng).tolist()
+    user = (rng.random(total) < user_share).tolist()
+    user_msg = step_input.sample(total, rng).tolist()
+    gaps = human_gap.sample(total, rng).tolist()
+    offsets = (np.cumsum(n_calls) - n_calls).tolist()
+    fresh = _fresh_counter("agent", seed)
+    prefix_ids = [fresh() for _ in range(shared_prefix_len // block_tokens)]
+    cap = math.inf if max_context is None else max_context
+    rows: list[_Row] = []
+    ti = 0  # next tool draw
+    for s in range(n_sessions):
+        stream = list(prefix_ids)
+        ctx = shared_prefix_len
+        t = starts[s]
+        append, wait, prev_out = task[s], 0.0, 0
+        for k in range(int(n_calls[s])):
+            j = offsets[s] + k
+            length = max(1, ctx + append)
+            out = max(1, outs[j])
+            if length + out > cap:
+                break
+            if k:
+                t += prev_out * GEN_S_PER_TOKEN + wait
+            ids = _prompt_ids(stream, length, block_tokens, fresh)
+            rows.append((t, length, out, ids, s, k, wait))
+            ctx, prev_out = length + out, out
+            if user[j]:  # the user's next message, after a while
+                append, wait = user_msg[j], gaps[j]
+            else:  # parallel tool calls: all their results, once the slowest returns
+                n = tools[j]
+                append = int(sum(results[ti : ti + n]))
+                wait = max(latency[ti : ti + n])
+                ti += n
+    return _build(rows, block_tokens, "synthetic:agent")
+
+
+def default_agent(seed: int = 0, tool_time: ThinkTime | None = None) -> Workload:
+    """The built-in agent workload: 20 coding-agent sessions starting at 0.1 sessions/s, with
+    TraceLab's statistics (``agent_sessions`` defaults; ``tool_time`` replaces its tool
+    latencies), 64-token blocks, contexts capped at 131,072 tokens (Llama 3.1's window):
+    ~500 calls."""
+    w = agent_sessions(
+        20, 0.1, seed=seed, max_context=131072, tool_time=tool_time or AGENT_TOOL_TIME
     )
+    return Workload(w.requests, w.block_tokens, "synthetic:default_agent", 0)
 
 
-def default_chat(seed: int = 0) -> Workload:
+def default_chat(seed: int = 0, think: ThinkTime | None = None) -> Workload:
     """The simulator's built-in workload: ~1000 requests of multi-turn chat.
 
     200 sessions at 2 sessions/s, 1-9 turns, a 256-token shared system prompt, first user input
@@ -1228,6 +1413,7 @@ def default_chat(seed: int = 0) -> Workload:
         system_prompt_len=256,
         block_tokens=64,
         seed=seed,
+        think=think,
     )
     return Workload(w.requests, w.block_tokens, "synthetic:default_chat", 0)
 

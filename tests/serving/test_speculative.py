@@ -191,8 +191,9 @@ def test_same_seed_same_outputs():
     ],
 )
 def test_requests_and_kv_are_conserved(extra):
+    # open loop: the arrivals overload the replica (a closed-loop client would wait)
     r = run(opts(limit=150, rate_scale=6, speculative_num_steps=2, speculative_accept_rate=0.7,
-                 **extra))  # fmt: skip
+                 sessions="open", **extra))  # fmt: skip
     req, s = r.requests, r.summary
     assert s["requests_completed"] + s["requests_rejected"] == s["requests_total"] == 150
     assert (req["rejected"] == "").all()

@@ -18,12 +18,14 @@ from hisim_jax.serving.workload import (
     GEN_S_PER_TOKEN,
     LengthDist,
     Request,
+    ThinkTime,
     Workload,
     WorkloadError,
     agent_sessions,
     arrival_times,
     build_workload,
     chat_sessions,
+    default_agent,
     default_chat,
     load_trace,
     prefix_reuse_ratio,
@@ -591,7 +593,38 @@ def test_agent_sessions_prefix_grows():
             assert cur.input_len > prev.input_len + prev.output_len
             full = prev.input_len // 64
             assert cur.block_ids[:full] == prev.block_ids[:full]
-    assert w.summary()["prefix_reuse_ratio"] > 0.8
+    assert w.summary()["prefix_reuse_ratio"] > 0.6
+
+
+def test_agent_defaults_follow_the_published_trace():
+    """The built-in agent workload against TraceLab's statistics (workload.AGENT_*): outputs of
+    median ~210 tokens, tool waits of median ~0.3 s, most calls reusing nearly their whole
+    context (TraceLab: 96% of input tokens hit the prefix cache), every call's wait kept."""
+    w = default_agent(seed=0)
+    later = [r for r in w.requests if r.turn > 0]
+    assert 150 <= np.median([r.output_len for r in w.requests]) <= 280
+    waits = np.array([r.think_s for r in later])
+    assert (waits >= 0).all() and 0.1 < np.median(waits) < 3.0
+    assert w.summary()["prefix_reuse_ratio"] > 0.9
+    assert max(r.input_len + r.output_len for r in w.requests) <= 131072
+    assert w.summary()["sessions"] == 20
+
+
+def test_think_time_distributions_parse_sample_and_reject_bad_specs(tmp_path):
+    rng = np.random.default_rng(0)
+    assert (ThinkTime.parse("fixed:2.5").sample(4, rng) == 2.5).all()
+    assert abs(ThinkTime.parse("exponential:10").sample(20000, rng).mean() - 10) < 0.5
+    ln = ThinkTime.parse("lognormal:20:2.9").sample(200000, rng)
+    assert abs(np.median(ln) - 20 / np.exp(2.9**2 / 2)) < 0.05  # the mean is 20
+    f = tmp_path / "gaps.csv"
+    f.write_text("think_s\n1.0\n2.0\n")
+    assert set(ThinkTime.parse(f"empirical:{f}").sample(50, rng)) <= {1.0, 2.0}
+    for bad in ("gamma:3", "fixed:-1", "lognormal:5:0", "exponential:x", "fixed"):
+        with pytest.raises(WorkloadError, match="think time"):
+            ThinkTime.parse(bad)
+    f.write_text("1.0\nsoon\n")
+    with pytest.raises(WorkloadError, match="line 2"):
+        ThinkTime.parse(f"empirical:{f}")
 
 
 def test_synthetic_system_prompt_shared():
