@@ -4,11 +4,13 @@ conversation file, on 1, 8 and 16 H100 replicas of Llama-3.1-8B (cache_aware rou
 how many turns the open-loop schedule sent before their previous reply had ended.
 
 Capacity: the request throughput one replica sustains on the workload, measured once per
-workload by an open-loop run at 20x its base rate (where requests queue), times the replicas.
-A load of x% scales the workload's session starts so that the offered request rate is x% of
-that; with N replicas the workload is N copies of the base one (independent seeds) so each
-replica sees about the base number of sessions. Closed and open loop get the same session
-starts: they differ in when later turns are sent.
+workload by an open-loop run with every gap divided by 20 (requests queue), times the
+replicas. A load of x% divides every gap of the workload (session starts, the recorded gaps
+within sessions and the think times alike) so that it offers x% of that. With N replicas the
+workload is N copies of the base one (independent seeds). Closed and open loop are offered the
+same schedule: they differ in when later turns are sent (open: the recorded schedule, previous
+arrival + 20 ms per output token + think time; closed: the simulated reply's end + think
+time, so an overloaded replica slows its own clients).
 
     python scripts/bench_sessions.py [--replicas 1 8 16] [--loads 0.5 0.9 1.5]
         [--workloads chat agent sharegpt] [--json out.json]
@@ -71,8 +73,21 @@ def copies(kind: str, n: int, tmp: Path) -> wl.Workload:
     return wl.build_workload(reqs, w.block_tokens, f"{kind} x{n}")
 
 
-def scaled(w: wl.Workload, rate_scale: float) -> wl.Workload:
-    return wl.select(w, rate_scale=rate_scale)
+def scaled(w: wl.Workload, scale: float) -> wl.Workload:
+    """Every gap divided by ``scale``: session starts, the recorded gaps within a session (open
+    loop) and the think times (closed loop) alike, so both modes are offered the same load."""
+    w = wl.select(w, rate_scale=scale)
+    reqs = [
+        wl.Request(r.request_id, r.arrival_s, r.input_len, r.output_len, r.block_ids,
+                   r.session_id, r.turn, r.think_s / scale if r.think_s >= 0 else r.think_s)
+        for r in w.requests
+    ]  # fmt: skip
+    return wl.Workload(tuple(reqs), w.block_tokens, w.source)
+
+
+def offered_per_s(w: wl.Workload) -> float:
+    """Requests per second the workload offers: requests over the span of its arrivals."""
+    return len(w.requests) / (w.requests[-1].arrival_s - w.requests[0].arrival_s)
 
 
 def measure(w: wl.Workload, sessions: str, replicas: int) -> dict:
@@ -104,13 +119,12 @@ def measure(w: wl.Workload, sessions: str, replicas: int) -> dict:
     }
 
 
-def capacity_per_s(kind: str, tmp: Path) -> tuple[float, float]:
-    """(requests/s one replica sustains, the base workload's offered requests/s)."""
+def capacity_per_s(kind: str, tmp: Path) -> float:
+    """Requests/s one replica sustains: every gap of the base workload divided by 20, open
+    loop, so that requests queue."""
     w = base_workload(kind, 0, tmp)
-    span = w.requests[-1].arrival_s - w.requests[0].arrival_s
-    offered = len(w.requests) / span
     res = run(SimulationOptions(sessions="open"), workload=scaled(w, 20.0))
-    return res.summary["request_throughput_per_s"], offered
+    return res.summary["request_throughput_per_s"]
 
 
 def main(argv=None) -> int:
@@ -125,15 +139,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for kind in args.workloads:
-            cap, offered = capacity_per_s(kind, tmp)
-            print(
-                f"{kind}: capacity {cap:.3f} req/s per replica, base {offered:.3f}", file=sys.stderr
-            )
+            cap = capacity_per_s(kind, tmp)
+            print(f"{kind}: capacity {cap:.3f} req/s per replica", file=sys.stderr)
             for n in args.replicas:
                 w = copies(kind, n, tmp)
+                offered = offered_per_s(w)
                 for load in args.loads:
-                    # N copies offer N x the base rate; scale it to load x N x capacity
-                    w_load = scaled(w, load * cap / offered)
+                    # session starts scaled so that they offer load x N x capacity
+                    w_load = scaled(w, load * n * cap / offered)
                     for mode in ("closed", "open"):
                         r = {"workload": kind, "replicas": n, "load": load, "sessions": mode}
                         r |= measure(w_load, mode, n)

@@ -132,3 +132,34 @@ def test_attention_table_with_no_fittable_row_is_one_line_error(tmp_path):
     path.write_text('nq,nkv,d,batch,ms\n32,8,128,"[[0, 16]]",0.01\n')
     with pytest.raises(ProfileError, match="no row to fit"):
         read_attention(path, ops.model_dims(load_model("llama-3.1-8b")))
+
+
+def test_eager_attention_rows_get_their_own_scale_only_beside_steps(tmp_path):
+    """Eager FlashAttention calls timed 1.3x slower than the kernels inside the steps: with
+    both fitted, the eager rows' own scale takes the difference and the steps keep their
+    level; alone, the micro rows have no scale (it would only trade with the efficiencies)."""
+    truth = Params(attn_flops_eff=0.42, attn_chain_flops_eff=0.3)
+    steps = _synthetic_steps_csv(tmp_path / "s.csv", truth)
+    template = jax.tree.map(lambda x: x[0], steps.dims)
+    batches = [[[16384, 128]], [[16384, 512]], [[16384, 2048]], [[0, 2048]], [[0, 8192]]]
+    csv = tmp_path / "attention.csv"
+    pd.DataFrame(
+        {"nq": 32, "nkv": 8, "d": 128, "batch": [json.dumps(b) for b in batches], "ms": 1.0}
+    ).to_csv(csv, index=False)
+    rows = cal.read_attention(csv, template)
+    kernel_s = np.asarray(
+        cal._attn_kernel_s(jax.tree.map(ops._float, truth), rows, ops.hw_arrays(H100))
+    )
+    pd.DataFrame(
+        {"nq": 32, "nkv": 8, "d": 128, "batch": [json.dumps(b) for b in batches],
+         "ms": kernel_s * 1.3e3}
+    ).to_csv(csv, index=False)  # fmt: skip
+    rows = cal.read_attention(csv, template)
+    names = ("attn_flops_eff", "attn_chain_flops_eff")
+    both = cal.fit(steps, H100, None, rows, init=truth, fit_names=names, steps_n=400,
+                   prior_weight=0.0, eager_init_s={"eager_attn_s": 1e-6})  # fmt: skip
+    assert both.eager_s["eager_attn_scale"] == pytest.approx(1.3, rel=0.05)
+    got = params_to_dict(both.params)
+    assert got["attn_flops_eff"] == pytest.approx(0.42, rel=0.05)
+    alone = cal.fit(None, H100, None, rows, fit_names=names, steps_n=50)
+    assert "eager_attn_scale" not in alone.eager_s
