@@ -223,6 +223,17 @@ class Cluster:
         for rep in group:
             rep.engine.advance(until)
 
+    def _advance_all(self, t: float) -> None:
+        """Every replica to ``t``. KV of prompts done by then goes to a decode replica chosen
+        on the load it had at the last round (SGLang's PD router also picks it before the
+        transfer); the decode replica takes it in when it lands, advancing after."""
+        self._advance(self.replicas, t)
+        for landing, st in self._send_kv():
+            j = self.decode_router.route(st.req, st.prefill_end_s)
+            st.decode_replica = j
+            self.decode[j].engine.receive(st, landing)
+        self._advance(self.decode, t)
+
     def run(
         self, requests: Sequence, progress: Callable[[int], None] | None = None
     ) -> ClusterResult:
@@ -272,15 +283,7 @@ class Cluster:
                 t = self._drain_until(stalled=before == mark)
             else:
                 break
-            self._advance(self.replicas, t)
-            # KV of prompts done by now goes to a decode replica chosen on the load it had at
-            # the last round (SGLang's PD router also picks it before the transfer); the
-            # decode replica takes it in when it lands, advancing below
-            for landing, st in self._send_kv():
-                j = self.decode_router.route(st.req, st.prefill_end_s)
-                st.decode_replica = j
-                self.decode[j].engine.receive(st, landing)
-            self._advance(self.decode, t)
+            self._advance_all(t)
             self._tell_router(t)
             while nxt < len(arrivals) and arrivals[nxt].req.arrival_s <= t:
                 st = arrivals[nxt]
@@ -405,12 +408,7 @@ class Cluster:
                 break
             if several and busy:
                 t = min(t, min(e.now for e in busy) + CLOSED_ROUND_S)
-            self._advance(self.replicas, t)
-            for landing, st in self._send_kv():
-                j = self.decode_router.route(st.req, st.prefill_end_s)
-                st.decode_replica = j
-                self.decode[j].engine.receive(st, landing)
-            self._advance(self.decode, t)
+            self._advance_all(t)
             self._collect_ended()  # ends release clients' next requests into ``due``
             for rep in everyone:
                 rep.engine.release_s = math.inf

@@ -106,6 +106,7 @@ import pandas as pd
 
 from hisim_jax import files
 from hisim_jax.serving.kvcache import L1, L2, L3, TIER_NAMES, KVCacheConfig
+from hisim_jax.serving.workload import _DuplicateKey, _no_duplicates
 from hisim_jax.validate.cache import CacheTrace, prefix_hashes, trace_cache
 
 # medium name (upper case) -> hisim tier: vLLM's MEDIUM_GPU/CPU/STORAGE, SGLang's StorageMedium
@@ -176,19 +177,6 @@ def _show(value: Any, width: int = 80) -> str:
         value = bytes(value).decode("utf-8", errors="replace")
     text = repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return out
 
 
 @dataclass(frozen=True)
