@@ -434,6 +434,10 @@ class Cluster:
                     progress(done - told)
                     told = done
         self._on_end = None
+        end_s = max((rep.engine.now for rep in everyone), default=0.0)
+        for nxt in follow.values():  # after a turn that never arrived: the client never sent
+            nxt.replica = -1
+            self._reject(nxt, "session ended: an earlier turn never arrived", end_s)
         return self._finish_run(states, never, told, progress)
 
     def _count_done(self) -> int:

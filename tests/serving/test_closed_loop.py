@@ -139,3 +139,20 @@ def test_built_in_workloads_default_to_closed_loop_and_traces_to_open():
             SimulationOptions(**bad)
     with pytest.raises(ValueError, match="think_time"):
         SimulationOptions(trace="x.jsonl", think_time="fixed:1")
+
+
+def test_turns_after_one_that_never_arrives_are_not_sent():
+    work = chat(n=4, rate=1.0)
+    reqs = list(work.requests)
+    first = next(r for r in reqs if r.turn == 0 and any(q.session_id == r.session_id and q.turn
+                                                        for q in reqs))  # fmt: skip
+    reqs[first.request_id] = wl.Request(first.request_id, float("inf"), first.input_len,
+                                        first.output_len, first.block_ids, first.session_id, 0)  # fmt: skip
+    # (the workload checks refuse such an arrival; the cluster alone can be handed one)
+    from hisim_jax.simulation import build_cluster
+
+    res = build_cluster(SimulationOptions(sessions="closed"), work.block_tokens).run(reqs)
+    mine = [s for s in res.states if s.req.session_id == first.session_id]
+    assert all(s.rejected for s in mine)
+    assert all(s.rejected.startswith("session ended") for s in mine if s.req.turn > 0)
+    assert not any(s.rejected for s in res.states if s.req.session_id != first.session_id)
