@@ -41,11 +41,11 @@ from hisim_jax.serving.scheduler.base import ReqState
 
 DRAIN_ROUND_S = 1.0
 SESSION_MODES = ("open", "closed")
-# Closed-loop clients over several replicas: a replica runs ahead at most this far before the
-# cluster looks at what has ended (a follow-up routed to a replica whose clock is past its
-# release joins at that replica's next step, at most this late; on one replica, or back on
-# the replica of the turn before, it joins exactly when due).
-CLOSED_ROUND_S = 0.05
+# Closed-loop clients over several replicas: the cluster runs every replica only to where
+# some replica could next release a client's request (Engine.release_horizon), so a follow-up
+# routed anywhere finds its replica's clock at or before it; each round runs at least this
+# far (one step or so), the most a follow-up can then join late.
+MIN_ROUND_S = 1e-3
 # Past 2**32 s (136 years) a float64 clock in seconds resolves no finer than a microsecond, so
 # steps stop moving it: an arrival or a KV landing later than this never happens in a run.
 CLOCK_HORIZON_S = 2.0**32
@@ -391,6 +391,7 @@ class Cluster:
 
         self._on_end = ended
         several = len(everyone) > 1
+        min_wait = min(think.values(), default=0.0)
         told = 0
         mark = None
         while True:
@@ -407,7 +408,10 @@ class Cluster:
             else:
                 break
             if several and busy:
-                t = min(t, min(e.now for e in busy) + CLOSED_ROUND_S)
+                # no replica runs past where another could release a client's next request
+                # (which may be routed anywhere); at least a step per round
+                horizon = min(e.release_horizon(min_wait) for e in busy)
+                t = min(t, max(horizon, min(e.now for e in busy) + MIN_ROUND_S))
             self._advance_all(t)
             self._collect_ended()  # ends release clients' next requests into ``due``
             for rep in everyone:

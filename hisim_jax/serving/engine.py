@@ -249,6 +249,7 @@ class Engine:
         self.stop_on_any_end = False
         self.release_s = math.inf
         self._last_busy_s = 0.0  # when its last step ended
+        self._min_decode_s = math.inf  # the fastest decode step so far (release_horizon)
 
     # ------------------------------------------------------------------------------------
     # arrivals and admission
@@ -563,6 +564,7 @@ class Engine:
         k = over + 1 if over < k else k
         dur, ends, active = dur[:k], ends[:k], active[:k]
         self._last_decode_s = float(dur[-1])
+        self._min_decode_s = min(self._min_decode_s, float(dur.min()))
         if not self._decode_tokens(now, dur, ends, active, log=True):
             self._preempt(now)
             return now
@@ -956,6 +958,24 @@ class Engine:
                 self._give_up(st, reason, now)
             else:
                 self.received.append(st)
+
+    def release_horizon(self, min_wait_s: float) -> float:
+        """No client's next request can be due from this replica before this time: a waiting
+        or arriving request could end at once, a decoding one not before its remaining tokens
+        at the fastest decode step seen (less 10%), and a client waits ``min_wait_s`` at least
+        (0 with requests queued for a slot). The cluster runs every replica to the earliest."""
+        wait = 0.0 if self.stop_on_any_end else min_wait_s
+        if (
+            self.waiting or self.chunked or self.swapped or self.received or self.prefetching
+            or self.swapping_in or self._pending or self.spec is not None
+            or not math.isfinite(self._min_decode_s)
+        ):  # fmt: skip
+            return self.now + wait
+        if not self.running:
+            return math.inf
+        key = self._r_int.view[0]
+        left = int(-(key[-1] + self._tick))  # the batch is sorted: its last ends first
+        return self.now + max(0, left - 1) * 0.9 * self._min_decode_s + wait
 
     def rewind_idle(self, t: float) -> None:
         """An idle replica's clock back to ``t`` (not before its last step ended): idle, its
