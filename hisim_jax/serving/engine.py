@@ -276,11 +276,12 @@ class Engine:
 
     def _released_by(self, st: ReqState, now: float) -> None:
         """A closed-loop client's next request is due ``now`` + its wait (see __init__)."""
+        if self.stop_on_any_end:  # the slot it frees goes to a queued request now
+            self.release_s = min(self.release_s, now)
+            return
         think = self.followup_think.get(st.req.request_id)
         if think is not None:
             self.release_s = min(self.release_s, now + think)
-        elif self.stop_on_any_end:
-            self.release_s = min(self.release_s, now)
 
     def _release_in_stretch(self, ends: np.ndarray, remaining: np.ndarray, k: int) -> float:
         """The earliest release by a request finishing within the ``k`` decode steps ending
@@ -294,7 +295,7 @@ class Engine:
         for st, left in zip(
             run[len(run) - n_done :], remaining[len(run) - n_done :].tolist(), strict=True
         ):
-            wait = think.get(st.req.request_id, 0.0 if self.stop_on_any_end else None)
+            wait = 0.0 if self.stop_on_any_end else think.get(st.req.request_id)
             if wait is not None:
                 out = min(out, float(ends[left - 1]) + wait)
         return out

@@ -156,3 +156,29 @@ def test_turns_after_one_that_never_arrives_are_not_sent():
     assert all(s.rejected for s in mine)
     assert all(s.rejected.startswith("session ended") for s in mine if s.req.turn > 0)
     assert not any(s.rejected for s in res.states if s.req.session_id != first.session_id)
+
+
+def test_a_queued_turn_is_sent_the_moment_a_slot_frees():
+    """One request in flight at a time, closed loop: a turn due while another is out is sent
+    exactly when that one ends (its own reply's think time has no say then)."""
+    work = chat(n=12, rate=20.0, think=0.2)
+    think = {r.request_id: r.think_s for r in work.requests}
+    recorded = {r.request_id: r.arrival_s for r in work.requests}
+    req = simulate(work, max_concurrency=1).requests.sort_values("arrival_s")
+    prev_turn_end = {}
+    ends = []
+    for row in req.itertuples():
+        if row.turn == 0:
+            due = recorded[row.request_id]
+        else:
+            due = prev_turn_end[row.session_id] + think[row.request_id]
+        if ends:
+            assert row.arrival_s >= ends[-1]  # one at a time
+            if due < ends[-1]:  # it was due while another was out: sent at that one's end
+                assert row.arrival_s == pytest.approx(ends[-1])
+            else:
+                assert row.arrival_s == pytest.approx(due)
+        # and admitted at once: nothing else is running (the engine stopped at the slot's end)
+        assert row.queue_s < 0.03  # (the front end: HTTP and tokenization)
+        ends.append(row.finish_s)
+        prev_turn_end[row.session_id] = row.finish_s
