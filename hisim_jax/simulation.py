@@ -272,6 +272,11 @@ class SimulationOptions:
                 f"field 'workload' must be one of {', '.join(BUILTIN_WORKLOADS)}, "
                 f"got {self.workload!r}"
             )
+        if self.trace is not None and self.workload != "chat":
+            raise ValueError(
+                f"field 'workload' {self.workload!r} picks a built-in workload; a trace is "
+                "its own workload (give one or the other)"
+            )
         if self.sessions is not None and self.sessions not in SESSION_MODES:
             raise ValueError(
                 f"field 'sessions' must be one of {', '.join(SESSION_MODES)}, got {self.sessions!r}"

@@ -139,6 +139,8 @@ def test_built_in_workloads_default_to_closed_loop_and_traces_to_open():
             SimulationOptions(**bad)
     with pytest.raises(ValueError, match="think_time"):
         SimulationOptions(trace="x.jsonl", think_time="fixed:1")
+    with pytest.raises(ValueError, match="workload"):
+        SimulationOptions(trace="x.jsonl", workload="agent")
 
 
 def test_turns_after_one_that_never_arrives_are_not_sent():
