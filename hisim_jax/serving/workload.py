@@ -397,6 +397,18 @@ def _nonempty(rows: list, path: Path, skipped: int) -> None:
 # JSONL
 
 
+def json_line(raw: bytes, where: str, error: type[ValueError] = WorkloadError) -> Any:
+    """One line of a JSON-lines file, strictly: invalid JSON (bad UTF-8, nested too deeply
+    included) or a key given twice is a one-line ``error`` naming ``where``."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, deep nesting
+        what = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise error(f"{where}: invalid JSON ({what}), got {_show(raw)}") from None
+    except _DuplicateKey as e:
+        raise error(f"{where}: field '{e.key}': given twice") from None
+
+
 def _read_jsonl_rows(
     path: Path, data: bytes, parse: Callable[[dict, str], Any], skip_bad_lines: bool
 ) -> tuple[list, int]:
@@ -407,13 +419,7 @@ def _read_jsonl_rows(
             continue
         where = f"{path}: line {n}"
         try:
-            try:
-                obj = json.loads(raw, object_pairs_hook=_no_duplicates)
-            except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, deep nesting
-                what = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
-                raise WorkloadError(f"{where}: invalid JSON ({what}), got {_show(raw)}") from None
-            except _DuplicateKey as e:
-                raise WorkloadError(f"{where}: field '{e.key}': given twice") from None
+            obj = json_line(raw, where)
             if not isinstance(obj, dict):
                 raise WorkloadError(f"{where}: expected a JSON object, got {_show(obj)}")
             rows.append(parse(obj, where))

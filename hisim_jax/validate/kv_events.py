@@ -106,7 +106,7 @@ import pandas as pd
 
 from hisim_jax import files
 from hisim_jax.serving.kvcache import L1, L2, L3, TIER_NAMES, KVCacheConfig
-from hisim_jax.serving.workload import _DuplicateKey, _no_duplicates
+from hisim_jax.serving.workload import _show, json_line
 from hisim_jax.validate.cache import CacheTrace, prefix_hashes, trace_cache
 
 # medium name (upper case) -> hisim tier: vLLM's MEDIUM_GPU/CPU/STORAGE, SGLang's StorageMedium
@@ -170,13 +170,6 @@ def _error():
     from hisim_jax.estimator.calibrate import ProfileError
 
     return ProfileError
-
-
-def _show(value: Any, width: int = 80) -> str:
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", errors="replace")
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -357,13 +350,7 @@ def read_kv_events(
             continue
         line = _Line(f"{path}: line {n}")
         try:
-            try:
-                obj = json.loads(raw, object_pairs_hook=_no_duplicates)
-            except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, deep nesting
-                what = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
-                raise err(f"{line.where}: invalid JSON ({what}), got {_show(raw)}") from None
-            except _DuplicateKey as e:
-                raise err(f"{line.where}: field '{e.key}': given twice") from None
+            obj = json_line(raw, line.where, err)
             ts, rank, events = _batch(obj, line)
             parsed = [_event(ev, f"events[{j}]", line, tiers) for j, ev in enumerate(events)]
         except err:
