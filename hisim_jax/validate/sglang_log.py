@@ -202,6 +202,10 @@ def _fields(body: str) -> list[tuple[str, str | None]]:
     return out
 
 
+def _graph(v: str | None) -> bool | None:
+    return {"True": True, "False": False}.get(v)
+
+
 def _count(v: str | None) -> int | None:
     return int(v) if v is not None and v.isascii() and v.isdigit() else None
 
@@ -214,6 +218,14 @@ def _number(v: str | None) -> float | None:
     except ValueError:
         return None
     return x if math.isfinite(x) and x >= 0 else None
+
+
+# every batch-line field with a value: (column, parser, what its value must be)
+_FIELDS = {
+    **{k: (c, _count, "an integer >= 0") for k, c in _COUNTS.items()},
+    **{k: (c, _number, "a finite number >= 0") for k, c in _NUMBERS.items()},
+    **{k: ("cuda_graph", _graph, "True or False") for k in _GRAPHS},
+}
 
 
 def _parse_line(text: str, m: re.Match, where: str, cache: dict) -> dict:
@@ -240,25 +252,14 @@ def _parse_line(text: str, m: re.Match, where: str, cache: dict) -> dict:
         if name in seen:  # an early PD prefill line repeats #running-req / #queue-req
             continue
         seen.add(name)
-        if name in _COUNTS:
-            col = _COUNTS[name]
-            got = _count(value)
+        field = _FIELDS.get(name)
+        if field is not None:
+            col, parse, must = field
+            got = parse(value)
             if got is None:
                 shown = "no value" if value is None else repr(value)
-                raise err(f"{where}: field '{name}' must be an integer >= 0, got {shown}")
+                raise err(f"{where}: field '{name}' must be {must}, got {shown}")
             rec.setdefault(col, got)
-        elif name in _NUMBERS:
-            col = _NUMBERS[name]
-            got = _number(value)
-            if got is None:
-                shown = "no value" if value is None else repr(value)
-                raise err(f"{where}: field '{name}' must be a finite number >= 0, got {shown}")
-            rec.setdefault(col, got)
-        elif name in _GRAPHS:
-            if value not in ("True", "False"):
-                shown = "no value" if value is None else repr(value)
-                raise err(f"{where}: field '{name}' must be True or False, got {shown}")
-            rec.setdefault("cuda_graph", value == "True")
         elif name == "timestamp":
             s = _STAMP.match((value or "").replace("T", " ", 1))
             try:
