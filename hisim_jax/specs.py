@@ -864,6 +864,17 @@ _HW_RANGES = {
 }
 
 
+def _positive_number(entry: Any, path: Path, field: str) -> float:
+    """A spec value as a finite float > 0 (not a bool), else a one-line error naming it."""
+    try:
+        value = float(entry) if not isinstance(entry, bool) else math.nan
+    except (TypeError, ValueError):
+        raise SpecError(f"{path}: field '{field}' must be a number, got {entry!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SpecError(f"{path}: field '{field}' must be a positive number, got {entry!r}")
+    return value
+
+
 def _hw_number(doc: dict, path: Path, key: str) -> tuple[float | None, str]:
     if key not in doc:
         raise SpecError(f"{path}: field '{key}' is missing")
@@ -878,12 +889,7 @@ def _hw_number(doc: dict, path: Path, key: str) -> tuple[float | None, str]:
         if key in _HW_OPTIONAL:
             return None, source
         raise SpecError(f"{path}: field '{key}' must be a number, got null")
-    try:
-        value = float(entry) if not isinstance(entry, bool) else math.nan
-    except (TypeError, ValueError):
-        raise SpecError(f"{path}: field '{key}' must be a number, got {entry!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise SpecError(f"{path}: field '{key}' must be a positive number, got {entry!r}")
+    value = _positive_number(entry, path, key)
     lo, hi = _HW_RANGES[key]
     if not lo <= value <= hi:
         raise SpecError(f"{path}: field '{key}' must be between {lo:g} and {hi:g}, got {entry!r}")
@@ -918,12 +924,7 @@ def _sustained(doc: dict, path: Path, peaks: dict[str, float]) -> tuple[dict, di
             if source:
                 sources[field] = source
             continue
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            raise SpecError(f"{path}: field '{field}' must be a number, got {value!r}") from None
-        if not math.isfinite(number) or number <= 0:
-            raise SpecError(f"{path}: field '{field}' must be a positive number, got {value!r}")
+        number = _positive_number(value, path, field)
         spec_field, peak_key = SUSTAINED_FIELDS[key]
         lo = _HW_RANGES[peak_key][0]
         if number < lo:
