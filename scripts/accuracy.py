@@ -30,26 +30,35 @@ from hisim_jax.specs import load_hardware, load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def datasheet_roofline_s(rows: cal.StepRows, hw) -> np.ndarray:
-    """Sum over ops of max(FLOPs / peak, bytes / HBM bandwidth) at datasheet numbers."""
-    out = []
+def datasheet_terms(rows: cal.StepRows):
+    """Per step: its requests' cached and new tokens ``(c, n)``, and the FLOPs and bytes of
+    one layer's GEMMs, one layer's attention (causal: each new token attends to its cached
+    prefix and earlier new tokens) and the LM head, at bf16."""
     for i in range(len(rows.measured_s)):
         d = jax.tree.map(lambda x, i=i: float(x[i]), rows.dims)
         m = np.asarray(rows.batches.mask[i]) > 0
         c = np.asarray(rows.batches.cache_len[i])[m]
         n = np.asarray(rows.batches.new_len[i])[m]
-        t, r = n.sum(), len(n)
-        flops = bytes_ = 0.0
-        for _name, k, nn in ops.layer_gemm_shapes(d):
-            flops += d.layers * 2 * t * k * nn
-            bytes_ += d.layers * (k * nn * 2 + t * (k + nn) * 2)
-        # causal attention: each new token attends to its cached prefix and earlier new tokens
-        attn_flops = 4 * d.q_heads * d.head_dim * np.sum(n * (c + (n + 1) / 2))
-        kv_bytes = 2 * d.kv_heads * d.head_dim * 2 * np.sum(c + n)
-        flops += d.layers * attn_flops
-        bytes_ += d.layers * kv_bytes
-        flops += 2 * r * d.hidden * d.vocab
-        bytes_ += d.hidden * d.vocab * 2
+        t = n.sum()
+        shapes = ops.layer_gemm_shapes(d)
+        gemm = (
+            sum(2 * t * k * nn for _name, k, nn in shapes),
+            sum(k * nn * 2 + t * (k + nn) * 2 for _name, k, nn in shapes),
+        )
+        attn = (
+            4 * d.q_heads * d.head_dim * np.sum(n * (c + (n + 1) / 2)),
+            2 * d.kv_heads * d.head_dim * 2 * np.sum(c + n),
+        )
+        head = (2 * len(n) * d.hidden * d.vocab, d.hidden * d.vocab * 2)
+        yield c, n, d.layers, gemm, attn, head
+
+
+def datasheet_roofline_s(rows: cal.StepRows, hw) -> np.ndarray:
+    """Sum over ops of max(FLOPs / peak, bytes / HBM bandwidth) at datasheet numbers."""
+    out = []
+    for _c, _n, layers, gemm, mixer, head in datasheet_terms(rows):
+        flops = layers * (gemm[0] + mixer[0]) + head[0]
+        bytes_ = layers * (gemm[1] + mixer[1]) + head[1]
         out.append(max(flops / hw.bf16_flops_per_s, bytes_ / hw.hbm_bytes_per_s))
     return np.asarray(out)
 
@@ -78,18 +87,9 @@ def regime_columns(rows: cal.StepRows, hw) -> dict[str, list[str]]:
     """Per step: its attention share at datasheet rates (attention over the whole step, both
     by max(FLOPs / peak, bytes / bandwidth)), its longest context and its request count."""
     out = {k: [] for k in REGIMES}
-    for i in range(len(rows.measured_s)):
-        d = jax.tree.map(lambda x, i=i: float(x[i]), rows.dims)
-        m = np.asarray(rows.batches.mask[i]) > 0
-        c = np.asarray(rows.batches.cache_len[i])[m]
-        n = np.asarray(rows.batches.new_len[i])[m]
-        t = n.sum()
-        gemm_flops = sum(2 * t * k * nn for _name, k, nn in ops.layer_gemm_shapes(d))
-        gemm_bytes = sum(k * nn * 2 + t * (k + nn) * 2 for _name, k, nn in ops.layer_gemm_shapes(d))
-        attn_flops = 4 * d.q_heads * d.head_dim * np.sum(n * (c + (n + 1) / 2))
-        kv_bytes = 2 * d.kv_heads * d.head_dim * 2 * np.sum(c + n)
-        attn_s = max(attn_flops / hw.bf16_flops_per_s, kv_bytes / hw.hbm_bytes_per_s)
-        gemm_s = max(gemm_flops / hw.bf16_flops_per_s, gemm_bytes / hw.hbm_bytes_per_s)
+    for c, n, _layers, gemm, mixer, _head in datasheet_terms(rows):
+        attn_s = max(mixer[0] / hw.bf16_flops_per_s, mixer[1] / hw.hbm_bytes_per_s)
+        gemm_s = max(gemm[0] / hw.bf16_flops_per_s, gemm[1] / hw.hbm_bytes_per_s)
         share = attn_s / (attn_s + gemm_s)
         out["attention_share"].append(
             "attn < 25%" if share < 0.25 else "attn 25-50%" if share < 0.5 else "attn >= 50%"
