@@ -293,11 +293,9 @@ class HwArrays(eqx.Module):
     copy_scale: jnp.ndarray = 1.0
 
 
-HW_FIELDS = (
-    "sm_count", "bf16_flops_per_s", "fp8_flops_per_s", "fp4_flops_per_s", "hbm_bytes_per_s",
-    "interconnect_bytes_per_s",
-)  # fmt: skip
 SCALE_FIELDS = ("gemm_bf16_scale", "gemm_fp8_scale", "hbm_scale", "copy_scale")
+# the spec's own numbers: every other field, named as in HardwareSpec
+HW_FIELDS = tuple(f for f in HwArrays.__dataclass_fields__ if f not in SCALE_FIELDS)
 
 
 def hw_arrays(spec: HardwareSpec, scales: dict[str, float] | None = None) -> HwArrays:

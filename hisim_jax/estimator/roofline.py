@@ -794,10 +794,21 @@ def read_calibration(
     as older files have it), else fa2. The file is read strictly (no key given twice, no
     NaN/Infinity) and every parameter must be a known name with a value within
     ``PARAM_RANGE``: one-line ``SpecError`` otherwise."""
+    return _params_of(*_calibration_doc(path, hardware_name, engine))
+
+
+def _calibration_doc(path, hardware_name: str, engine: str | None) -> tuple[Path, dict | None]:
+    """The calibration file ``read_calibration`` means and its parsed JSON (None: no file
+    given and the GPU has none shipped)."""
     p = Path(path) if path is not None else calibration_path(hardware_name, engine)
     if path is None and not p.is_file():
+        return p, None
+    return p, files.read_json(p, "calibration (JSON)", SpecError)
+
+
+def _params_of(p: Path, doc) -> tuple[Params, str]:
+    if doc is None:
         return Params(), "fa2"
-    doc = files.read_json(p, "calibration (JSON)", SpecError)
     values = doc.get("params") if isinstance(doc, dict) else None
     if not isinstance(values, dict):
         raise SpecError(f"{p}: field 'params' must be an object of parameter values")
@@ -827,15 +838,20 @@ TRANSFER = {
 }
 
 
-def _gpu_named_in(text: str) -> str | None:
-    """The GPU (spec stem) a calibration's ``fitted_on`` entry names: an aiconfigurator-core
-    system (``b200_sxm/vllm``) or one of hardware_specs/ (``on h100-sxm``), else None."""
-    import re
-
+def _gpu_names() -> dict[str, str]:
+    """Names a calibration's ``fitted_on`` may give a GPU by, to its spec stem: an
+    aiconfigurator-core system (``b200_sxm``) or one of hardware_specs/ (``h100-sxm``)."""
     from hisim_jax.estimator.aiconfigurator import SYSTEMS
     from hisim_jax.specs import available_hardware
 
-    names = {**SYSTEMS, **{stem: stem for stem in available_hardware()}}
+    return {**SYSTEMS, **{stem: stem for stem in available_hardware()}}
+
+
+def _gpu_named_in(text: str, names: dict[str, str]) -> str | None:
+    """The GPU (spec stem) a calibration's ``fitted_on`` entry names (``b200_sxm/vllm``,
+    ``on h100-sxm``; ``names``: ``_gpu_names``), else None."""
+    import re
+
     for name in sorted(names, key=len, reverse=True):  # gb200 before b200
         if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text):
             return names[name]
@@ -854,14 +870,21 @@ def calibration_gpus(
     p = Path(path) if path is not None else calibration_path(hardware_name, engine)
     if not p.is_file():
         return dict.fromkeys(TRANSFER)
-    doc = files.read_json(p, "calibration (JSON)", SpecError)
+    return _fitted_gpus(_calibration_doc(p, hardware_name, engine)[1])
+
+
+def _fitted_gpus(doc: dict | None) -> dict[str, str | None]:
+    """``calibration_gpus`` of a parsed calibration file (None: no file)."""
+    if not isinstance(doc, dict):
+        return dict.fromkeys(TRANSFER)
     fitted_on = doc.get("fitted_on") if isinstance(doc.get("fitted_on"), dict) else {}
+    names = _gpu_names()
     whole = doc.get("hardware")
-    whole = _gpu_named_in(whole) if isinstance(whole, str) else None
+    whole = _gpu_named_in(whole, names) if isinstance(whole, str) else None
     out = {}
     for field, (param, _key) in TRANSFER.items():
         src = fitted_on.get(param)
-        out[field] = (_gpu_named_in(src) if isinstance(src, str) else None) or whole
+        out[field] = (_gpu_named_in(src, names) if isinstance(src, str) else None) or whole
     return out
 
 
@@ -963,8 +986,9 @@ class Estimator:
             params, attention = calibration, "fa2"
             gpus = dict.fromkeys(TRANSFER)  # fitted on no GPU we know of: nothing transfers
         else:  # ``engine``: its production-kernel calibration when none is given
-            params, attention = read_calibration(calibration, self.hardware[0].name, engine)
-            gpus = calibration_gpus(calibration, self.hardware[0].name, engine)
+            p, doc = _calibration_doc(calibration, self.hardware[0].name, engine)
+            params, attention = _params_of(p, doc)
+            gpus = _fitted_gpus(doc)
         self.params = as_float_params(params)
         backend = backend or attention
         if backend not in ATTENTION_BACKENDS:
