@@ -263,14 +263,7 @@ def exact_prefill_grid(batch, heads: int, be: AttentionBackend = FA2) -> np.ndar
 
 def exact_prefill_blocks(batch, heads: int, be: AttentionBackend = FA2) -> np.ndarray:
     """Key-columns of every non-empty block of the standard kernel, in launch order
-    (m-block fastest, then request, then head)."""
-    bm, bn = be.block_m, be.block_n
-    out = []
-    for _h in range(heads):
-        for c, n in batch:
-            m_blocks = -(-n // bm)
-            for i in range(m_blocks):
-                rows_end = min((i + 1) * bm, n)
-                tiles = min(-(-(c + n) // bn), -(-(c + rows_end) // bn))
-                out.append(tiles * bn)
-    return np.asarray(out, float)
+    (m-block fastest, then request, then head): the launched grid without its empty blocks
+    (every block with a query row sees at least one key)."""
+    grid = exact_prefill_grid(batch, heads, be)
+    return grid[grid > 0]
