@@ -27,7 +27,9 @@ What it measures (``--what``, default all four):
                  engines run decode; ``--eager`` adds eager timings of the same steps
                  (``eager_ms`` columns, which ``hisim calibrate`` ignores);
 * ``device``     ``device.json`` and ``pcie.csv``: device-to-device copy ceiling (read + write
-                 bytes), an 8192^3 GEMM, pinned host<->device copies 1 MiB to 1 GiB.
+                 bytes), an 8192^3 GEMM, four large GEMMs (m, n, k >= 4096) in ``--dtype`` and
+                 fp8, pinned host<->device copies 1 MiB to 1 GiB; and ``sustained.yaml``, the
+                 ``sustained:`` block of the GPU's hardware spec built from those ceilings.
 
 Eager single-kernel tables (gemm, attention) carry a launch floor; the calibration fits it.
 ``meta.json`` records the device, software, options and anything skipped (a batch that ran out
@@ -392,8 +394,82 @@ def make_plan(archs: list[Arch], grid: Grid, dtype: str, fp8: bool, max_kv: int,
     for a in archs:
         for kind, b in step_batches(grid, max_kv, rng):
             steps.append({"model": a.name, "kind": kind, "batch": b})
-    device = {"copy_MiB": grid.copy_mib, "gemm_n": grid.device_gemm_n, "pcie_MiB": grid.pcie_mib}
+    device = {
+        "copy_MiB": grid.copy_mib,
+        "gemm_n": grid.device_gemm_n,
+        "sustained_gemm_mnk": sustained_shapes(grid.device_gemm_n),
+        "pcie_MiB": grid.pcie_mib,
+    }
     return Plan(gemm, attention, steps, device)
+
+
+def sustained_shapes(n: int) -> list[list[int]]:
+    """The large GEMMs whose best rate is the ``sustained:`` GEMM ceiling: at the full grid's
+    n = 8192 every m, n, k >= 4096, the rows ``scripts/sustained_ceilings.py`` takes from the
+    aiconfigurator tables, so a measured card and a table card get the same rule."""
+    h = max(n // 2, 1)
+    return [[h, h, h], [n, n, n], [n, 2 * n, h], [2 * n, n, n]]
+
+
+def run_sustained_gemm(torch, dev, timer: Timer, plan: Plan, dtype, dtype_name: str) -> list:
+    """``{dtype, m, n, k, ms, TFLOPs}`` for each large shape, in ``--dtype`` and, where the GPU
+    has fp8 tensor cores, per-tensor fp8 ``_scaled_mm`` (the kernel of the gemm section)."""
+    dtypes = [dtype_name] + (["fp8"] if fp8_supported(torch, dev) else [])
+    rows = []
+    for m, n, k in plan.device["sustained_gemm_mnk"]:
+        for name in dtypes:
+            a = torch.randn(m, k, device=dev, dtype=dtype)
+            b = torch.randn(n, k, device=dev, dtype=dtype)
+            if name == "fp8":
+                a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+                one = torch.ones((), device=dev)
+                fn = lambda a=a, b=b, one=one: torch._scaled_mm(  # noqa: E731
+                    a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16
+                )
+            else:
+                fn = lambda a=a, b=b: torch.nn.functional.linear(a, b)  # noqa: E731
+            ms, _, _ = timer.eager(fn)
+            tflops = 2 * m * n * k / (max(ms, 1e-9) * 1e-3) / 1e12
+            rows.append({"dtype": name, "m": m, "n": n, "k": k, "ms": _num(ms), "TFLOPs": tflops})
+            a = b = None
+    return rows
+
+
+def sustained_yaml(device: dict, when: str) -> str:
+    """The ``sustained:`` block of a hardware spec (each key a
+    ``{value, source}``) from ``device.json``: the copy ceiling as ``hbm_bytes_per_s`` (read +
+    write bytes, as the spec defines it) and the best of the large GEMMs per dtype. Keys this run
+    did not measure (fp16 instead of bf16, no fp8 tensor cores) are left out; paste the block
+    into the GPU's spec, where hisim checks each value against its datasheet peak."""
+    where = (
+        f"scripts/profile_gpu.py on {device.get('device')} ({when}, torch {device.get('torch')})"
+    )
+    entries = [
+        (
+            "hbm_bytes_per_s",
+            device["d2d_copy_GBps_read_plus_write"] * 1e9,
+            f"{where}: device-to-device copy of {device.get('copy_MiB', '?')} MiB, read + write "
+            "bytes over the median time",
+        )
+    ]
+    for name in ("bf16", "fp8"):
+        rows = [r for r in device.get("sustained_gemm", []) if r["dtype"] == name]
+        if rows:
+            best = max(rows, key=lambda r: r["TFLOPs"])
+            shapes = ", ".join("{m}x{n}x{k}".format(**r) for r in rows)
+            entries.append(
+                (
+                    f"{name}_gemm_flops_per_s",
+                    best["TFLOPs"] * 1e12,
+                    f"{where}: the best 2mnk/time of {len(rows)} {name} GEMMs "
+                    f"(m x n x k {shapes}), best at {best['m']}x{best['n']}x{best['k']}",
+                )
+            )
+    lines = ["sustained:"]
+    for key, value, source in entries:
+        # a JSON string is a YAML double-quoted scalar
+        lines.append(f"  {key}: {{value: {value:.4g}, source: {json.dumps(source)}}}")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1051,6 +1127,7 @@ def run_device(
     doc = dict(info)
     doc["d2d_copy_GBps_read_plus_write"] = copy_gbps
     doc[f"{dtype_name}_gemm_{n}_TFLOPs"] = tflops
+    doc["sustained_gemm"] = run_sustained_gemm(torch, dev, timer, plan, dtype, dtype_name)
     doc["pcie"] = pcie[-1] if pcie else None
     if cuda:
         doc["nvidia_smi_end"] = _nvidia_smi("clocks.sm,clocks.mem,temperature.gpu,power.draw")
@@ -1194,7 +1271,9 @@ def run(opts: argparse.Namespace) -> int:
         else:
             log("device: copy ceiling, GEMM ceiling, host<->device copies")
             doc, pcie = run_device(torch, dev, timer, plan, dtype, opts.dtype, info)
+            doc["copy_MiB"] = plan.device["copy_MiB"]
             write_json(out / "device.json", doc)
+            write_atomic(out / "sustained.yaml", sustained_yaml(doc, time.strftime("%Y-%m-%d")))
             write_csv(out / "pcie.csv", PCIE_COLUMNS, pcie)
             rows, target = pcie, out / "device.json"
         log(f"{section}: {len(rows)} rows -> {target} ({time.time() - t0:.1f} s)")

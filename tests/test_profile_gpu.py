@@ -183,3 +183,38 @@ def test_no_torch_without_dry_run(pg, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install torch" in err
     assert list(out.iterdir()) == []
+
+
+def test_sustained_block_loads_into_a_spec(pg, tmp_path):
+    """device.json's ceilings become a ``sustained:`` block that the spec loader reads back
+    (values, sources, the datasheet-peak check), leaving out what the run did not measure."""
+    from hisim_jax.specs import load_hardware
+
+    device = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "torch": "2.5.1",
+        "copy_MiB": 1024,
+        "d2d_copy_GBps_read_plus_write": 2970.0,
+        "sustained_gemm": [
+            {"dtype": "bf16", "m": 4096, "n": 4096, "k": 4096, "ms": 0.2, "TFLOPs": 700.0},
+            {"dtype": "bf16", "m": 8192, "n": 8192, "k": 8192, "ms": 1.4, "TFLOPs": 775.0},
+        ],
+    }
+    shipped = (Path(__file__).resolve().parents[1] / "hardware_specs" / "h100-sxm.yaml").read_text()
+    body = shipped.split("\nsustained:")[0].rstrip("\n") + "\n"
+    spec_path = tmp_path / "my-h100.yaml"
+    spec_path.write_text(body + pg.sustained_yaml(device, "2026-12-02"))
+    hw = load_hardware(spec_path)
+    assert hw.sustained_hbm_bytes_per_s == pytest.approx(2.97e12)
+    assert hw.sustained_bf16_gemm_flops_per_s == pytest.approx(7.75e14)
+    assert hw.sustained_fp8_gemm_flops_per_s == 0.0  # not measured: datasheet only
+    # an impossible measurement (above the datasheet peak) is the loader's one-line error
+    device["sustained_gemm"][1]["TFLOPs"] = 5000.0
+    spec_path.write_text(body + pg.sustained_yaml(device, "2026-12-02"))
+    with pytest.raises(ValueError, match="sustained.bf16_gemm_flops_per_s"):
+        load_hardware(spec_path)
+
+
+def test_sustained_shapes_follow_the_table_rule(pg):
+    """At the full grid every ceiling GEMM has m, n, k >= 4096 (scripts/sustained_ceilings.py)."""
+    assert all(min(s) >= 4096 for s in pg.sustained_shapes(8192))
