@@ -97,6 +97,8 @@ def test_dry_run_times_every_path_on_cpu(pg, tmp_path, capsys):
         assert len(fp8) and (fp8["m"] % 16 == 0).all() and "lm_head" not in set(fp8["op"])
     device = json.loads((out / "device.json").read_text())
     assert device["device"] == "cpu-dry-run" and device["d2d_copy_GBps_read_plus_write"] > 0
+    assert len(device["sustained_gemm"]) >= len(plan["device"]["sustained_gemm_mnk"])
+    assert (out / "sustained.yaml").read_text().startswith("sustained:\n  hbm_bytes_per_s: ")
     pcie = pd.read_csv(out / "pcie.csv")
     assert (
         tuple(pcie.columns) == pg.PCIE_COLUMNS and list(pcie["MiB"]) == plan["device"]["pcie_MiB"]
