@@ -422,13 +422,7 @@ def run_sustained_gemm(torch, dev, timer: Timer, plan: Plan, dtype, dtype_name: 
             b = torch.randn(n, k, device=dev, dtype=dtype)
             if name == "fp8":
                 a, b = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
-                one = torch.ones((), device=dev)
-                fn = lambda a=a, b=b, one=one: torch._scaled_mm(  # noqa: E731
-                    a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16
-                )
-            else:
-                fn = lambda a=a, b=b: torch.nn.functional.linear(a, b)  # noqa: E731
-            ms, _, _ = timer.eager(fn)
+            ms, _, _ = timer.eager(gemm_call(torch, a, b, name == "fp8"))
             tflops = 2 * m * n * k / (max(ms, 1e-9) * 1e-3) / 1e12
             rows.append({"dtype": name, "m": m, "n": n, "k": k, "ms": _num(ms), "TFLOPs": tflops})
             a = b = None
@@ -448,7 +442,7 @@ def sustained_yaml(device: dict, when: str) -> str:
         (
             "hbm_bytes_per_s",
             device["d2d_copy_GBps_read_plus_write"] * 1e9,
-            f"{where}: device-to-device copy of {device.get('copy_MiB', '?')} MiB, read + write "
+            f"{where}: device-to-device copy of {device['copy_MiB']} MiB, read + write "
             "bytes over the median time",
         )
     ]
@@ -932,8 +926,16 @@ def _oom(torch, e: BaseException) -> bool:
     return isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in str(e)
 
 
+def gemm_call(torch, x, w, fp8: bool):
+    """The timed GEMM ``x[m, k] @ w[n, k]^T``: ``F.linear``, or with ``fp8`` (x in e4m3, w in
+    e4m3 already transposed to ``[k, n]``) per-tensor-scaled ``torch._scaled_mm``, bf16 out."""
+    if not fp8:
+        return lambda: torch.nn.functional.linear(x, w)
+    one = torch.ones((), device=x.device)
+    return lambda: torch._scaled_mm(x, w, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
 def run_gemm(torch, dev, timer: Timer, plan: Plan, dtype) -> list[dict]:
-    F = torch.nn.functional
     rows = []
     weights: dict = {}
     for case in plan.gemm:
@@ -943,17 +945,10 @@ def run_gemm(torch, dev, timer: Timer, plan: Plan, dtype) -> list[dict]:
             weights.clear()  # one weight at a time: the lm_head of a big vocabulary is ~1 GB
             w = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
             weights[key] = w.to(torch.float8_e4m3fn).t() if case["dtype"] == "fp8" else w
-        w = weights[key]
         x = torch.randn(m, k, device=dev, dtype=dtype)
         if case["dtype"] == "fp8":
             x = x.to(torch.float8_e4m3fn)
-            one = torch.ones((), device=dev)
-            fn = lambda x=x, w=w, one=one: torch._scaled_mm(  # noqa: E731
-                x, w, scale_a=one, scale_b=one, out_dtype=torch.bfloat16
-            )
-        else:
-            fn = lambda x=x, w=w: F.linear(x, w)  # noqa: E731
-        ms, lo, hi = timer.eager(fn)
+        ms, lo, hi = timer.eager(gemm_call(torch, x, weights[key], case["dtype"] == "fp8"))
         rows.append({**case, "ms": _num(ms), "ms_min": _num(lo), "ms_max": _num(hi)})
     return rows
 
@@ -1125,6 +1120,7 @@ def run_device(
         )
         del host, devb
     doc = dict(info)
+    doc["copy_MiB"] = plan.device["copy_MiB"]
     doc["d2d_copy_GBps_read_plus_write"] = copy_gbps
     doc[f"{dtype_name}_gemm_{n}_TFLOPs"] = tflops
     doc["sustained_gemm"] = run_sustained_gemm(torch, dev, timer, plan, dtype, dtype_name)
@@ -1271,7 +1267,6 @@ def run(opts: argparse.Namespace) -> int:
         else:
             log("device: copy ceiling, GEMM ceiling, host<->device copies")
             doc, pcie = run_device(torch, dev, timer, plan, dtype, opts.dtype, info)
-            doc["copy_MiB"] = plan.device["copy_MiB"]
             write_json(out / "device.json", doc)
             write_atomic(out / "sustained.yaml", sustained_yaml(doc, time.strftime("%Y-%m-%d")))
             write_csv(out / "pcie.csv", PCIE_COLUMNS, pcie)
