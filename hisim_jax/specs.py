@@ -424,6 +424,25 @@ def sustained_ratios(fitted_on: HardwareSpec, target: HardwareSpec) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------
+# other tools' names for our GPUs
+
+# aiconfigurator-core's system names -> hardware_specs/ stems. Here, not in
+# estimator/aiconfigurator.py, because every simulation reads a calibration's ``fitted_on``
+# by these names and should not import that module (with pandas, optax and equinox) to do so.
+AICONFIGURATOR_SYSTEMS = {
+    "a100_sxm": "a100-sxm-80gb",
+    "h100_sxm": "h100-sxm",
+    "h200_sxm": "h200-sxm",
+    "b200_sxm": "b200",
+    "b300_sxm": "b300",
+    "gb200": "gb200",
+    "gb300": "gb300",
+    "l40s": "l40s",
+    "rtx_pro_6000_server": "rtx-pro-6000",
+}
+
+
+# ------------------------------------------------------------------------------------------------
 # resolution of names to files
 
 

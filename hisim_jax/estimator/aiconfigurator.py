@@ -64,20 +64,9 @@ from hisim_jax.estimator.roofline import (
     params_to_dict,
     step_features,
 )
+from hisim_jax.specs import AICONFIGURATOR_SYSTEMS as SYSTEMS
 from hisim_jax.specs import HardwareSpec, SpecError, load_hardware, load_model
 
-# aiconfigurator system name -> our hardware_specs stem
-SYSTEMS = {
-    "a100_sxm": "a100-sxm-80gb",
-    "h100_sxm": "h100-sxm",
-    "h200_sxm": "h200-sxm",
-    "b200_sxm": "b200",
-    "b300_sxm": "b300",
-    "gb200": "gb200",
-    "gb300": "gb300",
-    "l40s": "l40s",
-    "rtx_pro_6000_server": "rtx-pro-6000",
-}
 ENGINES = ("vllm", "sglang", "trtllm")
 
 GEMM_NAMES = ("gemm_flops_eff", "gemm_fp8_flops_eff", "gemm_bytes_eff", "gemm_blend")

@@ -16,11 +16,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
 from hisim_jax import files
+from hisim_jax.estimator.pytree import pytree_dataclass
 
 MIN_BUCKET = 8
 # Token counts above this lose integer exactness in float64 (and in any case mean a bug).
@@ -28,7 +28,8 @@ MAX_TOKENS = 2**53
 FIELDS = ("cache_len", "new_len")
 
 
-class Batch(eqx.Module):
+@pytree_dataclass
+class Batch:
     """``cache_len``, ``new_len``, ``mask``: float arrays of shape ``[..., R]`` (R a bucket)."""
 
     cache_len: jnp.ndarray

@@ -8,10 +8,10 @@ reference loop of ``scripts/bench_estimator.py``.
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from hisim_jax.estimator.pytree import pytree_dataclass
 from hisim_jax.specs import HardwareSpec, ModelSpec
 
 # Bytes per element as kernels stream them; 4-bit formats carry their block scales (MXFP4:
@@ -31,7 +31,8 @@ def _float(x) -> jnp.ndarray:
     return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
-class ModelDims(eqx.Module):
+@pytree_dataclass
+class ModelDims:
     """A model's dimensions per TP rank, plus dtypes, as float leaves (vmappable over models).
 
     ``q_heads``/``kv_heads``/``head_dim`` are the softmax-attention layers' (sliding and
@@ -202,7 +203,8 @@ def model_dims(
     )
 
 
-class AttnDims(eqx.Module):
+@pytree_dataclass
+class AttnDims:
     """One attention kernel's shape per rank: query heads, KV heads, the q·k and value
     dims, elements read per key per KV head (2·head_dim for K and V; MLA's latent is one
     shared 576-element vector), keys visible per query (window; 0 = all) and KV bytes."""
@@ -274,7 +276,8 @@ def as_attention(dims) -> AttnDims:
     return AttnDims(dims.q_heads, dims.kv_heads, d, d, 2.0 * d, dims.window, dims.kv_bytes)
 
 
-class HwArrays(eqx.Module):
+@pytree_dataclass
+class HwArrays:
     """The hardware numbers the estimator uses, as float leaves (vmappable over GPUs)."""
 
     sm_count: jnp.ndarray

@@ -11,6 +11,7 @@ absolute fixed costs (kernels that do little), so they transfer to GPUs never pr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +34,7 @@ from hisim_jax.estimator.batch import (
     pack_ragged,
 )
 from hisim_jax.estimator.ops import HwArrays, ModelDims
+from hisim_jax.estimator.pytree import pytree_dataclass
 from hisim_jax.paths import data_dir
 from hisim_jax.specs import HardwareSpec, ModelSpec, SpecError, load_hardware, load_model
 
@@ -44,7 +45,8 @@ _MOE_BLOCK_M = 64.0  # fused-MoE kernel M tile (SGLang/vLLM triton fused_moe def
 COPY_BW_FRACTION = 0.886
 
 
-class Params(eqx.Module):
+@pytree_dataclass
+class Params:
     """Fitted scale factors. Efficiencies are fractions of datasheet peaks; ``*_s`` are seconds."""
 
     gemm_flops_eff: jnp.ndarray = 0.72
@@ -569,9 +571,7 @@ def _mla_s(p, dims, f, hw, be, xp, needs, gemm_s, peak, bw):
     pf_needs = Needs(needs.moe, needs.comm, "prefill", needs.kinds)
     be = MLA_GRID
     # MLA kernels' own rates (see Params), not the GQA backend's fitted ones
-    p = eqx.tree_at(
-        lambda q: (q.attn_flops_eff, q.attn_bytes_eff), p, (p.mla_flops_eff, p.mla_bytes_eff)
-    )
+    p = dataclasses.replace(p, attn_flops_eff=p.mla_flops_eff, attn_bytes_eff=p.mla_bytes_eff)
     absorbed = ops.mla_decode_attention(dims, f["mla_rows"])
     dec_attn = _attention_s(p, absorbed, f["mla_dec"], hw, be, xp, any_needs)
     pf_attn = _attention_s(p, ops.mla_prefill_attention(dims), f["mla_pf"], hw, be, xp, pf_needs)
@@ -841,10 +841,9 @@ TRANSFER = {
 def _gpu_names() -> dict[str, str]:
     """Names a calibration's ``fitted_on`` may give a GPU by, to its spec stem: an
     aiconfigurator-core system (``b200_sxm``) or one of hardware_specs/ (``h100-sxm``)."""
-    from hisim_jax.estimator.aiconfigurator import SYSTEMS
-    from hisim_jax.specs import available_hardware
+    from hisim_jax.specs import AICONFIGURATOR_SYSTEMS, available_hardware
 
-    return {**SYSTEMS, **{stem: stem for stem in available_hardware()}}
+    return {**AICONFIGURATOR_SYSTEMS, **{stem: stem for stem in available_hardware()}}
 
 
 def _gpu_named_in(text: str, names: dict[str, str]) -> str | None:
