@@ -5,12 +5,15 @@ spawn to exit as ``time hisim simulate --out X`` would. Cold runs get their own 
 folder (``HISIM_CACHE_DIR``): everything is traced and compiled. Warm runs share one cache
 folder filled by an untimed run first. Cold and warm runs alternate, so a slow phase of the
 machine hits both; the medians are reported with the range. JAX's own cache variables are
-removed from the environment, so only hisim's cache folder is in play.
+removed from the environment, so only hisim's cache folder is in play. So is
+``PYTHONDONTWRITEBYTECODE`` (some sandboxes set it): with it, every run recompiles hisim's own
+~35 modules from source (~0.2 s on a 2-core VM), a cost a normal install never pays;
+``--no-bytecode`` keeps it set to measure that case.
 
 ``--api`` times the same run through the Python API as well
 (``hisim_jax.simulation.run`` + ``write_outputs`` in ``python -c``).
 
-    python scripts/bench_startup.py [--runs 5] [--api] [--json out.json]
+    python scripts/bench_startup.py [--runs 5] [--api] [--no-bytecode] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ API = (
 )
 
 
-def _env(cache: Path) -> dict[str, str]:
+def _env(cache: Path, bytecode: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # Python's default: .pyc files cached
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["HISIM_CACHE_DIR"] = str(cache)
     return env
 
@@ -48,14 +55,14 @@ def _command(mode: str, out: Path) -> list[str]:
     return [sys.executable, "-c", API, str(out)]
 
 
-def one_run(mode: str, cache: Path, root: Path) -> dict:
+def one_run(mode: str, cache: Path, root: Path, bytecode: bool = True) -> dict:
     """Spawn one run in a fresh folder under ``root``; returns wall seconds and the run's
     own ``wall_s`` (the simulation, from summary.json)."""
     work = Path(tempfile.mkdtemp(dir=root))
     out = work / "out"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        _command(mode, out), cwd=work, env=_env(cache), capture_output=True, text=True
+        _command(mode, out), cwd=work, env=_env(cache, bytecode), capture_output=True, text=True
     )
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -78,24 +85,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="cold and warm runs each [5]")
     ap.add_argument("--api", action="store_true", help="also time the Python API")
+    ap.add_argument(
+        "--no-bytecode",
+        action="store_true",
+        help="run with PYTHONDONTWRITEBYTECODE=1 (hisim's modules compiled from source each run)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    bytecode = not args.no_bytecode
 
     modes = ["cli", "api"] if args.api else ["cli"]
-    result: dict = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    result: dict = {
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "bytecode_cache": bytecode,
+    }
     with tempfile.TemporaryDirectory(prefix="hisim-startup-") as tmp:
         root = Path(tmp)
         warm_cache = root / "warm-cache"
         for mode in modes:
-            one_run(mode, warm_cache, root)  # fills the shared cache (untimed)
+            one_run(mode, warm_cache, root, bytecode)  # fills the shared cache (untimed)
         times: dict = {(m, k): [] for m in modes for k in ("cold", "warm")}
         sims: dict = {m: [] for m in modes}
         for i in range(args.runs):
             for mode in modes:
                 cold_cache = root / f"cold-cache-{mode}-{i}"
-                cold = one_run(mode, cold_cache, root)
+                cold = one_run(mode, cold_cache, root, bytecode)
                 shutil.rmtree(cold_cache, ignore_errors=True)
-                warm = one_run(mode, warm_cache, root)
+                warm = one_run(mode, warm_cache, root, bytecode)
                 times[mode, "cold"].append(cold["wall_s"])
                 times[mode, "warm"].append(warm["wall_s"])
                 sims[mode].append(warm["simulation_s"])
